@@ -1,0 +1,106 @@
+"""Readable renderings of a compiled graph: a plan (like EXPLAIN), node-link JSON, Graphviz DOT."""
+
+from __future__ import annotations
+
+import json
+
+import networkx as nx
+
+from tamis.dsl import ast
+
+
+def _chain(g: nx.DiGraph, end: str) -> list[str]:
+    """The data chain leading to `end`, first operator first."""
+    out = []
+    n = end
+    while True:
+        pred = next((p for p, _, d in g.in_edges(n, data=True) if d["flow"] == "data"), None)
+        if pred is None or g.nodes[pred]["kind"] != "op":
+            break
+        out.append(pred)
+        n = pred
+    return out[::-1]
+
+
+def _inputs(g: nx.DiGraph, n: str, flows: set[str]) -> list[str]:
+    return [p for p, _, d in g.in_edges(n, data=True) if d["flow"] in flows]
+
+
+def plan_text(g: nx.DiGraph) -> str:
+    lines = [f"recipe {g.graph.get('recipe') or '<unnamed>'}" + (f" — {g.graph['title']}" if g.graph.get("title") else "")]
+    models = [n for n in nx.topological_sort(g) if g.nodes[n]["kind"] == "model"]
+    datasets = [n for n in nx.topological_sort(g) if g.nodes[n]["kind"] == "dataset" and n != "data:pool"]
+    if models:
+        lines.append("models:")
+        for m in models:
+            a = g.nodes[m]
+            tags = [t for t, on in (("LLM", a.get("llm")), ("API", a.get("api")), ("trained", a.get("trained")),
+                                     ("depends on PFM", a.get("depends_on_pfm"))) if on]
+            if a.get("param_count"):
+                tags.append(f"{a['param_count'] / 1e9:.3g}B params")
+            src = [g.nodes[p]["label"] for p in _inputs(g, m, {"train"})]
+            lines.append(f"  {m:>5}  {a['label']}" + (f"  on {', '.join(src)}" if src else "") + (f"  [{', '.join(tags)}]" if tags else ""))
+    if datasets:
+        lines.append("datasets:")
+        for d in datasets:
+            a = g.nodes[d]
+            tags = [t for t, on in (("from pool", a.get("derives_from_pool")), ("LLM-generated", a.get("llm_generated"))) if on]
+            if a.get("multiplicity", 1) > 1:
+                tags.append(f"×{a['multiplicity']}")
+            lines.append(f"  {d:>5}  {a['label']}" + (f"  [{', '.join(tags)}]" if tags else ""))
+    selections = [n for n in g.nodes if any(d["flow"] == "selection" for _, _, d in g.out_edges(n, data=True))]
+    for s in selections:
+        lines.append(f"selection ending at {s}:")
+        lines += _plan_chain(g, _chain(g, s) + [s])
+    lines.append("pipeline (pool →):")
+    lines += _plan_chain(g, _chain(g, g.graph["output"]))
+    lines.append("  → selection")
+    return "\n".join(lines)
+
+
+def _plan_chain(g: nx.DiGraph, chain: list[str]) -> list[str]:
+    out = []
+    for n in chain:
+        a = g.nodes[n]
+        notes = []
+        if a.get("columns_out"):
+            notes.append("+" + ", ".join(a["columns_out"]))
+        if a.get("cost") == "model":
+            notes.append("model")
+        if a.get("moved"):
+            notes.append(f"moved {a['moved']}")
+        if a.get("shared_by"):
+            notes.append(f"shared ×{len(a['shared_by']) + 1}")
+        out.append(f"  {n:>5}  [step {a['step']}] {a['label']}" + (f"   ({'; '.join(notes)})" if notes else ""))
+    return out
+
+
+def _plain(v):
+    if isinstance(v, ast.Node):
+        return v.unparse() if isinstance(v, ast.Expr) else v.model_dump()
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def graph_json(g: nx.DiGraph) -> dict:
+    data = nx.node_link_data(g, edges="edges")
+    data["nodes"] = [{k: _plain(v) for k, v in n.items()} for n in data["nodes"]]
+    data["graph"] = _plain(dict(data["graph"]))
+    return data
+
+
+def graph_dot(g: nx.DiGraph) -> str:
+    shapes = {"model": "box", "dataset": "cylinder", "op": "ellipse", "output": "doublecircle"}
+    colors = {"data": "black", "model": "blue", "train": "darkgreen", "base": "gray40", "labels": "purple",
+              "side": "orange", "selection": "red"}
+    lines = ["digraph recipe {", "  rankdir=LR;", '  node [fontname="Helvetica", fontsize=10];']
+    for n, a in g.nodes(data=True):
+        label = json.dumps(a["label"])
+        lines.append(f"  {json.dumps(n)} [label={label}, shape={shapes[a['kind']]}];")
+    for u, v, d in g.edges(data=True):
+        lines.append(f"  {json.dumps(u)} -> {json.dumps(v)} [color={colors.get(d['flow'], 'black')}, label={json.dumps(d['flow'] if d['flow'] != 'data' else '')}];")
+    lines.append("}")
+    return "\n".join(lines)
