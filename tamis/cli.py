@@ -1,0 +1,160 @@
+"""The `tamis` command line: check, explain, feasibility, efficiency, report, run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from tamis.errors import TamisError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="tamis: a declarative language and compiler for LLM data-selection recipes.",
+    pretty_exceptions_enable=False,
+)
+
+RecipeArgs = Annotated[list[str], typer.Argument(help="recipe files, or names of built-in recipes (e.g. ifd)")]
+
+
+def _fail(err: TamisError) -> None:
+    typer.echo(str(err), err=True)
+    raise typer.Exit(1)
+
+
+def _compile_all(recipes: list[str]):
+    from tamis.dsl.compile import compile_file
+
+    out, errors = [], []
+    for r in recipes:
+        try:
+            out.append(compile_file(r))
+        except TamisError as err:
+            errors.append(err)
+    return out, errors
+
+
+@app.command()
+def check(recipes: RecipeArgs) -> None:
+    """Check recipes: syntax, names, types, columns, composition. Exit 1 with located errors."""
+    compiled, errors = _compile_all(recipes)
+    for err in errors:
+        typer.echo(str(err) + "\n", err=True)
+    for c in compiled:
+        typer.echo(f"{c.recipe.path}: ok ({c.graph.number_of_nodes()} nodes)")
+    if errors:
+        raise typer.Exit(1)
+
+
+@app.command()
+def explain(
+    recipe: Annotated[str, typer.Argument(help="a recipe file or built-in name")],
+    as_json: Annotated[bool, typer.Option("--json", help="node-link JSON of the optimised graph")] = False,
+    dot: Annotated[Optional[Path], typer.Option("--dot", help="write Graphviz DOT text to this file ('-' for stdout)")] = None,
+    logical: Annotated[bool, typer.Option("--logical", help="the graph before optimisation passes")] = False,
+) -> None:
+    """Print the compiled operator graph, before anything runs."""
+    from tamis.dsl.compile import compile_file
+    from tamis.dsl.explain import graph_dot, graph_json, plan_text
+
+    try:
+        c = compile_file(recipe)
+    except TamisError as err:
+        _fail(err)
+    g = c.logical if logical else c.graph
+    if dot is not None:
+        text = graph_dot(g)
+        if str(dot) == "-":
+            typer.echo(text)
+        else:
+            from tamis.report.atomic import write_text
+
+            write_text(text, dot)
+            typer.echo(f"wrote {dot}", err=True)
+        return
+    if as_json:
+        typer.echo(json.dumps(graph_json(g), indent=2))
+    else:
+        typer.echo(plan_text(g))
+
+
+@app.command()
+def feasibility(
+    recipes: RecipeArgs,
+    as_json: Annotated[bool, typer.Option("--json", help="a list of objects, one per recipe")] = False,
+    html_out: Annotated[Optional[Path], typer.Option("--html", help="write an HTML page with the table and each graph")] = None,
+) -> None:
+    """The survey's Table 3 (feasibility), derived from the recipes' graphs; ranks over the recipes given."""
+    from tamis.report import feasibility_report as fr
+
+    compiled, errors = _compile_all(recipes)
+    if errors:
+        for err in errors:
+            typer.echo(str(err) + "\n", err=True)
+        raise typer.Exit(1)
+    rows = fr.table(compiled)
+    if html_out is not None:
+        from tamis.report.atomic import write_text
+
+        write_text(fr.html_page(compiled, rows), html_out)
+        typer.echo(f"wrote {html_out}", err=True)
+    typer.echo(json.dumps(fr.as_json(rows), indent=2) if as_json else fr.markdown(rows))
+
+
+@app.command()
+def efficiency(
+    points: Annotated[Optional[list[Path]], typer.Argument(help="points files (CSV or JSON); default: the published points")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="draw the efficiency graph to FILE.png or FILE.svg")] = None,
+) -> None:
+    """The survey's efficiency comparison: PIR, SDF, signed distance to the baseline, infeasible areas."""
+    from tamis.report.efficiency_cli import run_efficiency
+
+    try:
+        typer.echo(run_efficiency(points or None, as_json=as_json, plot=plot))
+    except TamisError as err:
+        _fail(err)
+
+
+@app.command()
+def report(
+    recipes: RecipeArgs,
+    html_out: Annotated[Path, typer.Option("--html", help="the page to write")],
+    points: Annotated[Optional[list[Path]], typer.Option("--points", help="points files; default: the published points")] = None,
+) -> None:
+    """One HTML page: the feasibility table, each recipe's graph, and the efficiency graph."""
+    import tempfile
+
+    from tamis.report import feasibility_report as fr
+    from tamis.report.atomic import write_text
+    from tamis.report.efficiency import compute_efficiency, load_points
+    from tamis.report.efficiency_cli import efficiency_html_section, plot_efficiency
+
+    compiled, errors = _compile_all(recipes)
+    if errors:
+        for err in errors:
+            typer.echo(str(err) + "\n", err=True)
+        raise typer.Exit(1)
+    try:
+        result = compute_efficiency(load_points(points or None))
+    except TamisError as err:
+        _fail(err)
+    with tempfile.TemporaryDirectory() as tmp:
+        svg = Path(tmp) / "efficiency.svg"
+        plot_efficiency(result, svg)
+        section = efficiency_html_section(result, svg.read_text(encoding="utf-8"))
+    rows = fr.table(compiled)
+    write_text(fr.html_page(compiled, rows, [section]), html_out)
+    typer.echo(f"wrote {html_out}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
