@@ -1,0 +1,117 @@
+"""Atomic output writers.
+
+A run that dies (killed, out of memory, a bug in a writer) must never leave a
+half-written selection that a later step mistakes for a result, nor destroy the
+previous good file. Every writer here therefore writes a temporary file in the
+*same directory* as the target (so the final rename never crosses filesystems),
+flushes and fsyncs it, then ``os.replace``s it over the target and fsyncs the
+directory. On any exception the temporary file is removed and the target is
+untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import polars as pl
+
+__all__ = ["atomic_path", "write_bytes", "write_json", "write_jsonl", "write_parquet", "write_text"]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary path next to `path`; on success it replaces `path`.
+
+    The temporary file is created empty with mode 0o666 minus the umask (what a
+    plain ``open(path, "w")`` would give), so outputs are not left owner-only.
+    Parent directories are created.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _create_temp(target)
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    _fsync_dir(target.parent)
+
+
+def _create_temp(target: Path) -> Path:
+    """An exclusive new file; hidden, and named after the target to be recognisable."""
+    while True:
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable; not every platform allows opening a directory."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; the data file is synced
+    finally:
+        os.close(fd)
+
+
+def _write_with(path: str | Path, writer: Callable[[Path], Any]) -> Path:
+    with atomic_path(path) as tmp:
+        writer(tmp)
+    return Path(path)
+
+
+def write_jsonl(frame: pl.DataFrame, path: str | Path) -> Path:
+    """One JSON object per row (nested `messages` kept as lists of objects)."""
+    return _write_with(path, frame.write_ndjson)
+
+
+def write_parquet(frame: pl.DataFrame, path: str | Path) -> Path:
+    return _write_with(path, frame.write_parquet)
+
+
+def write_json(obj: Any, path: str | Path, *, indent: int | None = 2) -> Path:
+    """JSON with non-ASCII text kept readable; serialised *before* touching disk, so
+    an unserialisable object fails without creating anything."""
+    text = json.dumps(obj, ensure_ascii=False, indent=indent) + "\n"
+    return write_text(text, path)
+
+
+def write_text(text: str, path: str | Path) -> Path:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+    return _write_with(path, write)
+
+
+def write_bytes(data: bytes, path: str | Path) -> Path:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+
+    return _write_with(path, write)
