@@ -71,7 +71,7 @@ def explain(
         if str(dot) == "-":
             typer.echo(text)
         else:
-            from tamis.report.atomic import write_text
+            from tamis.runtime.outputs import write_text
 
             write_text(text, dot)
             typer.echo(f"wrote {dot}", err=True)
@@ -98,7 +98,7 @@ def feasibility(
         raise typer.Exit(1)
     rows = fr.table(compiled)
     if html_out is not None:
-        from tamis.report.atomic import write_text
+        from tamis.runtime.outputs import write_text
 
         write_text(fr.html_page(compiled, rows), html_out)
         typer.echo(f"wrote {html_out}", err=True)
@@ -130,7 +130,7 @@ def report(
     import tempfile
 
     from tamis.report import feasibility_report as fr
-    from tamis.report.atomic import write_text
+    from tamis.runtime.outputs import write_text
     from tamis.report.efficiency import compute_efficiency, load_points
     from tamis.report.efficiency_cli import efficiency_html_section, plot_efficiency
 
