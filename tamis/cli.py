@@ -152,6 +152,53 @@ def report(
     typer.echo(f"wrote {html_out}")
 
 
+@app.command()
+def run(
+    recipe: Annotated[str, typer.Argument(help="a recipe file or built-in name")],
+    pool: Annotated[str, typer.Option("--pool", help="candidate pool: Alpaca JSON, JSONL, Parquet or ShareGPT")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="selected rows in rank order (JSONL)")],
+    pfm: Annotated[Optional[str], typer.Option("--pfm", help="the pending fine-tune model: folder, .gguf, or cached hub name")] = None,
+    scores: Annotated[Optional[Path], typer.Option("--scores", help="every candidate's id and score columns (Parquet)")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 …")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 where the hardware is fast at it), fp32, bf16, fp16")] = "auto",
+    cache_dir: Annotated[Optional[str], typer.Option(help="cache root (default $TAMIS_CACHE_DIR or ~/.cache/tamis)")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="neither read nor write the cache")] = False,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="skip bad pool rows (counted in the report) instead of failing")] = False,
+    limit: Annotated[Optional[int], typer.Option(help="read only the first N pool rows")] = None,
+    column: Annotated[Optional[list[str]], typer.Option("--column", help="map a field: --column prompt=instruction")] = None,
+    batch_tokens: Annotated[Optional[int], typer.Option(help="padded tokens per scoring batch")] = None,
+    progress: Annotated[bool, typer.Option(help="progress bars")] = True,
+) -> None:
+    """Run a recipe over a pool: score, pick, write the selection, the scores and a run report."""
+    import json as _json
+
+    from tamis.dsl.compile import compile_file
+    from tamis.report import run_report
+    from tamis.runtime.executor import LocalExecutor, RunConfig
+    from tamis.runtime.outputs import write_json, write_jsonl, write_parquet, write_text
+
+    mapping = dict(c.split("=", 1) for c in column or [])
+    cfg = RunConfig(pool=pool, pfm=pfm, device=device, dtype=dtype, cache_dir=cache_dir, no_cache=no_cache,
+                    skip_bad=skip_bad, limit=limit, columns=mapping or None, batch_tokens=batch_tokens, progress=progress)
+    try:
+        compiled = compile_file(recipe)
+        result = LocalExecutor(compiled.graph, cfg).run()
+    except TamisError as err:
+        _fail(err)
+    write_jsonl(result.selected, output)
+    if scores is not None:
+        write_parquet(result.scores, scores)
+    report = run_report.as_dict(result, compiled.name, cfg)
+    base = output.with_suffix("")
+    write_json(report, base.with_name(base.name + ".report.json"))
+    write_text(run_report.markdown(report), base.with_name(base.name + ".report.md"))
+    typer.echo(f"selected {result.selected.height} of {report['pool_load'].get('rows_loaded')} rows in {result.seconds:.1f} s")
+    typer.echo(f"  selection: {output}")
+    if scores is not None:
+        typer.echo(f"  scores:    {scores}")
+    typer.echo(f"  report:    {base.with_name(base.name + '.report.md')} (and .json)")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

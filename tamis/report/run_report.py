@@ -1,0 +1,55 @@
+"""The run report written beside the selection: counts in/out per stage, score histograms, time per stage."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+
+def as_dict(result, recipe: str, cfg) -> dict:
+    return {
+        "recipe": recipe,
+        "pool": cfg.pool,
+        "pool_load": result.pool_report,
+        "pfm": cfg.pfm,
+        "models": result.models,
+        "selected_rows": result.selected.height,
+        "seconds": round(result.seconds, 3),
+        "stages": [asdict(s) for s in result.stages],
+    }
+
+
+def _bar(counts: list[int], width: int = 24) -> list[str]:
+    top = max(counts) or 1
+    return ["█" * max(0 if c == 0 else 1, round(c / top * width)) for c in counts]
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# tamis run: {report['recipe']}", "",
+             f"- pool: `{report['pool']}` ({report['pool_load'].get('rows_loaded')} rows loaded, "
+             f"{report['pool_load'].get('skipped', 0)} skipped)",
+             f"- PFM: `{report['pfm']}`", f"- selected: {report['selected_rows']} rows",
+             f"- total time: {report['seconds']:.1f} s", ""]
+    if report["models"]:
+        lines += ["## Models", "", "| node | model | device | dtype |", "|---|---|---|---|"]
+        for node, m in report["models"].items():
+            if "fingerprint" in m:
+                lines.append(f"| {node} | {m['label']} | {m['device']} | {m['dtype']} |")
+            else:
+                lines.append(f"| {node} | training: {m.get('rows')} rows, {m.get('method')}, "
+                             f"{'from cache' if m.get('cached') else 'trained now'} | | |")
+        lines.append("")
+    lines += ["## Stages", "", "| stage | rows in | rows out | seconds | scored | from cache | skipped (reason: rows) |",
+              "|---|---|---|---|---|---|---|"]
+    for s in report["stages"]:
+        skipped = ", ".join(f"{k}: {v}" for k, v in s["skipped"].items()) or ""
+        lines.append(f"| `{s['label']}` | {s['rows_in']} | {s['rows_out']} | {s['seconds']:.2f} | {s['scored_rows']} "
+                     f"| {s['cached_rows']} | {skipped} |")
+    for s in report["stages"]:
+        h = s.get("histogram")
+        if not h:
+            continue
+        lines += ["", f"### `{s['label']}`: distribution (n={h['n']}, nulls={h['nulls']}, mean={h['mean']:.4g})", "", "```"]
+        for lo, hi, c, bar in zip(h["edges"], h["edges"][1:], h["counts"], _bar(h["counts"])):
+            lines.append(f"{lo:>10.4g} – {hi:<10.4g} {c:>6} {bar}")
+        lines.append("```")
+    return "\n".join(lines) + "\n"

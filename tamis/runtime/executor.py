@@ -1,0 +1,321 @@
+"""The local executor: runs a compiled recipe graph over a pool on one machine.
+
+Operators run in dependency order; each node's output is computed once (shared
+sub-graphs included). Expensive scores go through the content-addressed cache in
+chunks, so a killed run resumes where it stopped. Row-picking stages and score
+algebra run in Polars.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import numpy as np
+import polars as pl
+
+from tamis.errors import ModelError, TamisError
+
+# What the local executor can run today; everything else fails at plan time, before any work.
+RUNNABLE_SCORERS = {"length", "mtld", "loss", "ppl", "ifd"}
+RUNNABLE_OPS = {"score", "let", "where", "rank", "top", "topk", "sample", "intersect", "union"}
+RUNNABLE_MODELS = {"pfm", "hf", "proxy", "warmup"}
+LM_SCORERS = {"loss", "ppl", "ifd"}
+
+
+@dataclass
+class RunConfig:
+    pool: str
+    pfm: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    cache_dir: str | None = None
+    no_cache: bool = False
+    skip_bad: bool = False
+    limit: int | None = None
+    pool_format: str = "auto"
+    columns: dict[str, str] | None = None
+    batch_tokens: int | None = None
+    chunk_rows: int = 64  # rows scored between cache writes: the most a kill can lose
+    progress: bool = True
+
+
+@dataclass
+class StageReport:
+    node: str
+    label: str
+    rows_in: int
+    rows_out: int
+    seconds: float
+    cached_rows: int = 0
+    scored_rows: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    histogram: dict[str, Any] | None = None
+
+
+@dataclass
+class RunResult:
+    selected: pl.DataFrame
+    scores: pl.DataFrame
+    stages: list[StageReport]
+    pool_report: dict
+    models: dict[str, dict]
+    seconds: float
+
+
+class PlanError(TamisError):
+    """The graph asks for something the local executor cannot run."""
+
+
+def check_runnable(g: nx.DiGraph) -> None:
+    """Fail before any work when a node has no local implementation."""
+    out = g.graph["output"]
+    needed = nx.ancestors(g, out)
+    problems = []
+    for n in needed:
+        a = g.nodes[n]
+        where = f" (line {a['line']})" if a.get("line") else ""
+        if a["kind"] == "op":
+            if a["op"] not in RUNNABLE_OPS:
+                problems.append(f"stage `{a['label']}`{where}: `{a['op']}` has no local runtime yet")
+            elif a["op"] == "score" and a["params"]["scorer"] not in RUNNABLE_SCORERS:
+                problems.append(f"stage `{a['label']}`{where}: scorer `{a['params']['scorer']}` has no local runtime yet")
+        elif a["kind"] == "model" and a["ctor"] not in RUNNABLE_MODELS:
+            problems.append(f"model `{a['label']}`{where}: `{a['ctor']}` models have no local runtime yet")
+        elif a["kind"] == "dataset" and a.get("source") not in ("pool", "warmup_sample"):
+            problems.append(f"dataset `{a['label']}`{where}: `{a['source']}` has no local runtime yet")
+    if problems:
+        raise PlanError("this recipe cannot run locally yet:\n  " + "\n  ".join(sorted(problems))
+                        + f"\nrunnable scorers: {', '.join(sorted(RUNNABLE_SCORERS))}")
+
+
+def _size_rows(size: dict, n: int) -> int:
+    if "fraction" in size:
+        return max(1, int(round(size["fraction"] * n)))
+    return min(int(size["count"]), n)
+
+
+def _histogram(values: pl.Series, bins: int = 10) -> dict[str, Any] | None:
+    v = values.drop_nulls().drop_nans() if values.dtype in (pl.Float32, pl.Float64) else values.drop_nulls()
+    if len(v) == 0:
+        return None
+    counts, edges = np.histogram(v.to_numpy(), bins=bins)
+    return {"counts": counts.tolist(), "edges": [float(e) for e in edges], "min": float(v.min()),
+            "max": float(v.max()), "mean": float(v.mean()), "n": len(v), "nulls": int(values.null_count())}
+
+
+class LocalExecutor:
+    def __init__(self, g: nx.DiGraph, cfg: RunConfig) -> None:
+        from tamis.runtime.cache import open_cache
+
+        self.g = g
+        self.cfg = cfg
+        self.cache = open_cache(cfg.cache_dir, disabled=cfg.no_cache)
+        self._frames: dict[str, pl.DataFrame] = {}
+        self._models: dict[str, Any] = {}
+        self.model_info: dict[str, dict] = {}
+        self.stages: list[StageReport] = []
+        self.scores: pl.DataFrame | None = None
+        self.pool_size = 0
+
+    # ---- entry ------------------------------------------------------------
+    def run(self) -> RunResult:
+        from tamis.runtime.data import load_pool
+
+        check_runnable(self.g)
+        started = time.perf_counter()
+        loaded = load_pool(self.cfg.pool, format=self.cfg.pool_format, columns=self.cfg.columns,
+                           skip_bad=self.cfg.skip_bad, limit=self.cfg.limit)
+        pool = loaded.frame
+        if pool.height == 0:
+            raise TamisError(f"{self.cfg.pool}: no rows to select from")
+        self.pool_size = pool.height
+        self._frames["data:pool"] = pool
+        self.scores = pool.select("id")
+        out = self.g.graph["output"]
+        for n in nx.topological_sort(self.g):
+            if n in nx.ancestors(self.g, out) and self.g.nodes[n]["kind"] == "op":
+                self._run_op(n)
+        last = next(p for p, _, d in self.g.in_edges(out, data=True) if d["flow"] == "data")
+        selected = self._frames[last] if last != "data:pool" else pool
+        return RunResult(selected, self.scores, self.stages, loaded.report.to_dict(), self.model_info,
+                         time.perf_counter() - started)
+
+    def _input(self, n: str) -> pl.DataFrame:
+        pred = next(p for p, _, d in self.g.in_edges(n, data=True) if d["flow"] == "data")
+        return self._frames[pred]
+
+    def _model_of(self, n: str) -> str | None:
+        return next((p for p, _, d in self.g.in_edges(n, data=True) if d["flow"] == "model"), None)
+
+    # ---- operators ----------------------------------------------------------
+    def _run_op(self, n: str) -> None:
+        a = self.g.nodes[n]
+        frame = self._input(n)
+        t0 = time.perf_counter()
+        report = StageReport(n, a["label"], frame.height, 0, 0.0)
+        out = getattr(self, f"_op_{a['op']}")(n, a, frame, report)
+        report.rows_out = out.height
+        report.seconds = time.perf_counter() - t0
+        self.stages.append(report)
+        self._frames[n] = out
+
+    def _op_let(self, n, a, frame, report):
+        from tamis.runtime.exprs import to_polars
+
+        out = frame.with_columns(to_polars(a["expr"]).alias(a["params"]["name"]))
+        report.histogram = _histogram(out[a["params"]["name"]]) if out[a["params"]["name"]].dtype.is_numeric() else None
+        return out
+
+    def _op_where(self, n, a, frame, report):
+        from tamis.runtime.exprs import to_polars
+
+        return frame.filter(to_polars(a["expr"]).fill_null(False))
+
+    def _sorted(self, a, frame) -> pl.DataFrame:
+        from tamis.runtime.exprs import to_polars
+
+        key = to_polars(a["expr"])
+        # nulls (skipped rows) and NaNs always last, whatever the order
+        return (frame.with_columns(key.fill_nan(None).alias("__key"))
+                .sort("__key", descending=a["params"]["order"] == "desc", nulls_last=True, maintain_order=True)
+                .drop("__key"))
+
+    def _op_rank(self, n, a, frame, report):
+        return self._sorted(a, frame)
+
+    def _op_top(self, n, a, frame, report):
+        # P% is a share of the pool (as Cherry and Superfiltering compute it), never of a hard-coded size
+        return frame.head(_size_rows(a["params"]["size"], self.pool_size))
+
+    def _op_topk(self, n, a, frame, report):
+        return self._sorted(a, frame).head(_size_rows(a["params"]["size"], self.pool_size))
+
+    def _op_sample(self, n, a, frame, report):
+        k = min(_size_rows(a["params"]["size"], self.pool_size), frame.height)
+        return frame.sample(n=k, seed=a["params"]["seed"], shuffle=True)
+
+    def _selection(self, n) -> pl.DataFrame:
+        other = next(p for p, _, d in self.g.in_edges(n, data=True) if d["flow"] == "selection")
+        return self._frames[other]
+
+    def _op_intersect(self, n, a, frame, report):
+        return frame.filter(pl.col("id").is_in(self._selection(n)["id"].implode()))
+
+    def _op_union(self, n, a, frame, report):
+        other = self._selection(n)
+        extra = other.filter(~pl.col("id").is_in(frame["id"].implode()))
+        return pl.concat([frame, extra], how="diagonal_relaxed")
+
+    def _op_score(self, n, a, frame, report):
+        p = a["params"]
+        scorer = p["scorer"]
+        main = next(iter(a["columns_out"]))
+        if scorer in LM_SCORERS:
+            cols = self._lm_score(n, a, frame, report)
+        else:
+            cols = self._text_score(scorer, p, frame).alias(main).to_frame().with_columns(frame["id"])
+        out = frame.join(cols, on="id", how="left", maintain_order="left")
+        self._record_scores(cols)
+        report.histogram = _histogram(out[main])
+        return out
+
+    def _record_scores(self, cols: pl.DataFrame) -> None:
+        new = [c for c in cols.columns if c != "id" and c not in self.scores.columns]
+        if new:
+            self.scores = self.scores.join(cols.select("id", *new), on="id", how="left", maintain_order="left")
+
+    def _text_score(self, scorer: str, p: dict, frame: pl.DataFrame) -> pl.Series:
+        from tamis.runtime import text_scorers
+
+        if scorer == "length":
+            return text_scorers.length(frame, p["field"], p["unit"])
+        return text_scorers.mtld(frame, p["field"], p["threshold"])
+
+    # ---- LM scoring with the cache -------------------------------------------------
+    def _lm_score(self, n, a, frame, report) -> pl.DataFrame:
+        from tamis.runtime.cache import fingerprint, row_content_hashes
+        from tamis.runtime.lm_scoring import score_answers
+
+        p = a["params"]
+        scorer = p["scorer"]
+        names = list(a["columns_out"])
+        main = names[0]
+        lm = self._model(self._model_of(n))
+        semantic = {"op": "score", "scorer": scorer, "form": p.get("form"), "template": p["template"],
+                    "max_length": p["max_length"], "turns": p["turns"], "model": lm.fingerprint}
+        key = fingerprint(semantic)
+        self.cache.scores.describe(key, semantic)
+        row_keys = row_content_hashes(frame)
+        by_key = dict(zip(row_keys, range(frame.height)))
+        found, missing = self.cache.scores.get(key, list(dict.fromkeys(row_keys)))
+        report.cached_rows = len(found)
+        todo = [by_key[k] for k in missing]
+        metric = scorer
+        combine = {"first": "first", "last": "last", "mean": "mean", "sum": "sum"}[p["turns"]]
+        for start in range(0, len(todo), self.cfg.chunk_rows):
+            idx = todo[start:start + self.cfg.chunk_rows]
+            chunk = frame[idx]
+            table = score_answers(lm, chunk, metric=metric, ifd_form=p.get("form") or "loss_ratio",
+                                  template=p["template"], max_length=p["max_length"], combine=combine,
+                                  batch_tokens=self.cfg.batch_tokens, progress=self.cfg.progress)
+            rows = pl.DataFrame({"id": [row_keys[i] for i in idx], "value": table.value, "cond": table.cond_loss,
+                                 "direct": table.direct_loss, "reason": table.reason},
+                                schema={"id": pl.String, "value": pl.Float64, "cond": pl.Float64,
+                                        "direct": pl.Float64, "reason": pl.String})
+            self.cache.scores.put(key, rows)  # persisted chunk by chunk: a kill loses at most one chunk
+            found.update({r["id"]: r for r in rows.iter_rows(named=True)})
+            report.scored_rows += len(idx)
+        values = [found[k] for k in row_keys]
+        out = {"id": frame["id"], main: pl.Series([v["value"] for v in values], dtype=pl.Float64)}
+        if scorer == "ifd":
+            out[f"{main}_cond"] = pl.Series([v["cond"] for v in values], dtype=pl.Float64)
+            out[f"{main}_direct"] = pl.Series([v["direct"] for v in values], dtype=pl.Float64)
+        out[f"{main}_reason"] = pl.Series([v["reason"] for v in values], dtype=pl.String)
+        reasons = [v["reason"] for v in values if v["reason"]]
+        report.skipped = {r: reasons.count(r) for r in sorted(set(reasons))}
+        return pl.DataFrame(out)
+
+    # ---- models ---------------------------------------------------------------------
+    def _model(self, node: str):
+        if node not in self._models:
+            self._models[node] = self._build_model(node)
+        return self._models[node]
+
+    def _build_model(self, node: str):
+        from tamis.runtime.models import load_causal_lm
+
+        a = self.g.nodes[node]
+        ctor = a["ctor"]
+        bases = [p for p, _, d in self.g.in_edges(node, data=True) if d["flow"] == "base"]
+        if ctor == "pfm":
+            if not self.cfg.pfm:
+                raise ModelError("this recipe uses `pfm`: pass --pfm PATH_OR_NAME (a local folder, a .gguf file, "
+                                 "or a hub name already in the local cache)")
+            lm = load_causal_lm(self.cfg.pfm, device=self.cfg.device, dtype=self.cfg.dtype)
+        elif ctor == "hf":
+            lm = load_causal_lm(a["params"]["name"], device=self.cfg.device, dtype=self.cfg.dtype,
+                                gguf_file=a["params"].get("gguf"))
+        elif ctor == "proxy":
+            # proxy(of, model): the stand-in is the second base edge's model (the non-PFM one)
+            stand_in = next(b for b in bases if self.g.nodes[b]["ctor"] != "pfm" or len(bases) == 1)
+            lm = self._model(stand_in)
+        elif ctor == "warmup":
+            lm = self._warmup(node, a, bases[0])
+        else:  # pragma: no cover - check_runnable rejects it first
+            raise PlanError(f"no runtime for model {a['label']}")
+        self.model_info[node] = {"label": a["label"], "name": lm.name, "fingerprint": lm.fingerprint,
+                                 "device": str(lm.device), "dtype": str(lm.dtype).replace("torch.", "")}
+        return lm
+
+    def _warmup(self, node: str, a: dict, base_node: str):
+        from tamis.runtime.warmup import warm_up
+
+        base = self._model(base_node)
+        pool = self._frames["data:pool"]
+        lm, info = warm_up(base, pool, a["params"], self.cache.artifacts, self.cfg, label=a["label"])
+        self.model_info[node + ":training"] = info
+        return lm
