@@ -8,20 +8,19 @@ from typing import Any
 
 import polars as pl
 
-from tamis.errors import ModelError
 
 
 def _sample_ids(base, pool: pl.DataFrame, params: dict, progress: bool) -> list[str]:
-    from tamis.runtime.warmup_sampling import cherry_subset, random_subset
+    from tamis.runtime.warmup_sampling import cherry_subset, random_subset, subset_size
 
     size = params["size"]
-    n = max(1, round(size["fraction"] * pool.height)) if "fraction" in size else min(size["count"], pool.height)
+    n = subset_size(pool.height, size["fraction"] if "fraction" in size else size["count"])
     if params["select"] == "random":
         return list(random_subset(pool["id"].to_list(), n, seed=params["seed"]))
-    clusters = max(1, min(params["clusters"], n))  # a pool smaller than the cluster count: one pick per cluster
-    per_cluster = max(1, n // clusters)
-    picked = cherry_subset(base, pool, n_clusters=clusters, per_cluster=per_cluster, seed=0)
-    return [pool["id"][i] for i in picked] if picked and isinstance(picked[0], int) else list(picked)
+    clusters = max(1, min(params["clusters"], n))  # fewer rows wanted than clusters: one pick per cluster
+    picked = cherry_subset(base, pool, n_clusters=clusters, per_cluster=max(1, n // clusters), seed=0,
+                           max_length=params["max_length"], progress=progress)
+    return [pool["id"][i] for i in picked.indices]
 
 
 def warm_up(base, pool: pl.DataFrame, params: dict, artifacts, cfg, *, label: str) -> tuple[Any, dict]:
@@ -35,49 +34,29 @@ def warm_up(base, pool: pl.DataFrame, params: dict, artifacts, cfg, *, label: st
     lora = params.get("lora")
     config = TrainConfig(
         method="lora" if lora else "full",
-        epochs=params["epochs"], lr=params["lr"], batch_size=params["batch"], max_length=params["max_length"],
-        seed=params["seed"],
+        epochs=int(params["epochs"]), learning_rate=params["lr"], batch_size=params["batch"],
+        max_length=params["max_length"], seed=params["seed"],
         **({"lora_r": lora["r"], "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"]} if lora else {}),
-        **({"lora_targets": lora["targets"]} if lora and lora.get("targets") else {}),
+        **({"target_modules": tuple(lora["targets"])} if lora and lora.get("targets") else {}),
     )
     key = fingerprint({"op": "warmup", "base": base.fingerprint, "sample": data_fingerprint(sample),
-                       "config": {k: v for k, v in vars(config).items()}})
+                       "config": config.to_json()})
     summary: dict = {"label": label, "rows": sample.height, "select": params["select"], "method": config.method,
                      "cached": artifacts.exists(key)}
     if not artifacts.exists(key):
         with artifacts.building(key) as out_dir:
             result = train_warmup(base, sample, config, Path(out_dir) / "model", progress=cfg.progress)
-            (Path(out_dir) / "summary.json").write_text(json.dumps(_plain(result), default=str))
+            (Path(out_dir) / "summary.json").write_text(json.dumps(
+                {"rows": result.n_rows, "trained_rows": result.n_trained_rows, "steps": result.steps,
+                 "epoch_losses": [e.loss for e in result.epochs], "tokens_per_second": result.tokens_per_second,
+                 "seconds": result.seconds, "skipped": result.skipped,
+                 # where the final weights lie, relative to the artifact (it is renamed into place)
+                 "final": str(Path(result.final_path).relative_to(Path(result.out_dir).parent))}))
     path = artifacts.path_for(key)
     summary.update(json.loads((path / "summary.json").read_text()))
-    model_dir = path / "model"
-    adapter = _find_adapter(model_dir)
-    if adapter is not None:
-        lm = load_causal_lm(base_source(base), device=cfg.device, dtype=cfg.dtype, adapter=adapter)
+    final = path / summary["final"]
+    if (final / "adapter_config.json").is_file():
+        lm = load_causal_lm(base.name, device=cfg.device, dtype=cfg.dtype, adapter=final)
     else:
-        lm = load_causal_lm(str(model_dir), device=cfg.device, dtype=cfg.dtype)
+        lm = load_causal_lm(str(final), device=cfg.device, dtype=cfg.dtype)
     return lm, summary
-
-
-def base_source(base) -> str:
-    if getattr(base, "source_path", None):
-        return base.source_path
-    return base.name
-
-
-def _find_adapter(model_dir: Path) -> Path | None:
-    hits = sorted(model_dir.rglob("adapter_config.json"))
-    final = [h for h in hits if "final" in h.parts] or hits
-    return final[-1].parent if final else None
-
-
-def _plain(obj):
-    if hasattr(obj, "__dataclass_fields__"):
-        return {k: _plain(getattr(obj, k)) for k in obj.__dataclass_fields__}
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
