@@ -27,8 +27,20 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -q -m ''
 
+# The demo: Table 3 derived from the nine recipe graphs, then the built-in IFD recipe
+# (Cherry-sampled warmup of the PFM, IFD scoring, selection) on real ShareGPT rows with
+# the offline SmolLM2-135M as PFM. Re-running it reuses the cache (nothing is rescored).
+DEMO_OUT ?= out/demo
+DEMO_ROWS ?= 100
+NINE := alpagasus instag nuggets superfiltering ifd less deita instruction_mining instructiongpt4
 demo: setup
-	$(VENV)/bin/tamis feasibility tamis/recipes/*.tamis
+	$(VENV)/bin/tamis feasibility $(NINE) --html $(DEMO_OUT)/feasibility.html
+	$(VENV)/bin/tamis run ifd \
+	  --pool "$$($(PY) -c 'from tamis.runtime.data import sharegpt_asset_path as p; print(p())')" \
+	  --limit $(DEMO_ROWS) --skip-bad \
+	  --pfm "$$($(PY) -c 'from tamis.runtime.models import smollm2_asset as p; print(p())')" \
+	  -o $(DEMO_OUT)/selected.jsonl --scores $(DEMO_OUT)/scores.parquet
+	@echo "feasibility page: $(DEMO_OUT)/feasibility.html"
 
 bench: setup
 	$(PY) benchmarks/ifd_throughput.py --quick

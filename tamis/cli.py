@@ -38,6 +38,15 @@ def _compile_all(recipes: list[str]):
     return out, errors
 
 
+def _compile_or_exit(recipes: list[str]):
+    compiled, errors = _compile_all(recipes)
+    if errors:
+        for err in errors:
+            typer.echo(str(err) + "\n", err=True)
+        raise typer.Exit(1)
+    return compiled
+
+
 @app.command()
 def check(recipes: RecipeArgs) -> None:
     """Check recipes: syntax, names, types, columns, composition. Exit 1 with located errors."""
@@ -91,11 +100,7 @@ def feasibility(
     """The survey's Table 3 (feasibility), derived from the recipes' graphs; ranks over the recipes given."""
     from tamis.report import feasibility_report as fr
 
-    compiled, errors = _compile_all(recipes)
-    if errors:
-        for err in errors:
-            typer.echo(str(err) + "\n", err=True)
-        raise typer.Exit(1)
+    compiled = _compile_or_exit(recipes)
     rows = fr.table(compiled)
     if html_out is not None:
         from tamis.runtime.outputs import write_text
@@ -134,11 +139,7 @@ def report(
     from tamis.report.efficiency import compute_efficiency, load_points
     from tamis.report.efficiency_cli import efficiency_html_section, plot_efficiency
 
-    compiled, errors = _compile_all(recipes)
-    if errors:
-        for err in errors:
-            typer.echo(str(err) + "\n", err=True)
-        raise typer.Exit(1)
+    compiled = _compile_or_exit(recipes)
     try:
         result = compute_efficiency(load_points(points or None))
     except TamisError as err:

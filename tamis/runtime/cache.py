@@ -34,6 +34,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import polars as pl
 
+from tamis.runtime.outputs import fsync_dir, fsync_file
+
 from tamis.errors import TamisError
 
 __all__ = [
@@ -232,12 +234,12 @@ class ScoreCache:
         tmp = folder / f".shard.tmp-{os.getpid()}-{secrets.token_hex(4)}"
         try:
             rows.write_parquet(tmp)
-            _fsync_file(tmp)
+            fsync_file(tmp)
             final = self._publish(folder, tmp)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
-        _fsync_dir(folder)
+        fsync_dir(folder)
         return final
 
     @staticmethod
@@ -332,7 +334,7 @@ class ArtifactCache:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
 
     @staticmethod
     def _publish(tmp: Path, final: Path) -> None:
@@ -370,34 +372,8 @@ def open_cache(root: str | Path | None = None, *, disabled: bool = False) -> Cac
     return Cache(ScoreCache(base, disabled=disabled), ArtifactCache(base, disabled=disabled))
 
 
-# --------------------------------------------------------------------------- fsync
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make renames durable; some platforms refuse fsync on directories, which only
-    weakens durability against power loss, not atomicity against a killed process."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
-            _fsync_file(Path(dirpath) / name)
-        _fsync_dir(Path(dirpath))
+            fsync_file(Path(dirpath) / name)
+        fsync_dir(Path(dirpath))

@@ -36,13 +36,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = _create_temp(target)
     try:
         yield tmp
-        _fsync_file(tmp)
+        fsync_file(tmp)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def _create_temp(target: Path) -> Path:
@@ -57,7 +57,7 @@ def _create_temp(target: Path) -> Path:
         return tmp
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -65,7 +65,7 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     """Make the rename itself durable; not every platform allows opening a directory."""
     try:
         fd = os.open(directory, os.O_RDONLY)
