@@ -53,3 +53,29 @@ def test_explain_text_json_dot(tmp_path):
     dot = tmp_path / "g.dot"
     res = runner.invoke(app, ["explain", "ifd", "--dot", str(dot)])
     assert res.exit_code == 0 and dot.read_text().startswith("digraph recipe {")
+
+
+def test_efficiency_command_json_and_plot(tmp_path):
+    plot = tmp_path / "eff.png"
+    res = runner.invoke(app, ["efficiency", "--json", "--plot", str(plot)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    text = json.dumps(data)
+    assert "IFD" in text and "AlpaGasus" in text
+    assert plot.stat().st_size > 10_000
+
+
+def test_efficiency_command_rejects_bad_points(tmp_path):
+    bad = tmp_path / "p.csv"
+    bad.write_text("method,sem,counterpart,group,value,selected_size,pool_size,source\nx,m,bm,same_wins,1.2,10,100,me\n")
+    res = runner.invoke(app, ["efficiency", str(bad)])
+    assert res.exit_code == 1
+    assert "row" in res.output and "group" in res.output
+
+
+def test_report_page_has_table_graphs_and_efficiency(tmp_path):
+    out = tmp_path / "r.html"
+    res = runner.invoke(app, ["report", "ifd", "alpagasus", "--html", str(out)])
+    assert res.exit_code == 0, res.output
+    page = out.read_text()
+    assert page.count("<svg") >= 3 and "Feasibility" in page and "IFD" in page
