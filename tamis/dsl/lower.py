@@ -390,7 +390,8 @@ class Lowerer:
     def _trained(self, scope, e, ctor, base: ModelInfo, data_node: str, v: dict, multiplicity: int) -> ModelInfo:
         battrs = self.g.nodes[base.node]
         lora = v.get("lora")
-        label = f"{ctor}({battrs['label']}{', lora' if lora else ''})" + (f" ×{multiplicity}" if multiplicity > 1 else "")
+        extra = (", lora" if lora else "") + (f", task={v['task']}" if v.get("task") else "")
+        label = f"{ctor}({battrs['label']}{extra})" + (f" ×{multiplicity}" if multiplicity > 1 else "")
         nid = self._model_node(scope, e, ctor, label, llm=base.llm, trained=True, depends=base.depends_on_pfm,
                                multiplicity=multiplicity, param_count=battrs.get("param_count"), params=self.plain(v),
                                lora=bool(lora))
