@@ -167,6 +167,7 @@ def run(
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="skip bad pool rows (counted in the report) instead of failing")] = False,
     limit: Annotated[Optional[int], typer.Option(help="read only the first N pool rows")] = None,
     column: Annotated[Optional[list[str]], typer.Option("--column", help="map a field: --column prompt=instruction")] = None,
+    model: Annotated[Optional[list[str]], typer.Option("--model", help="point a recipe's hf(\"NAME\") at a local path: --model gpt2=/models/gpt2")] = None,
     batch_tokens: Annotated[Optional[int], typer.Option(help="padded tokens per scoring batch")] = None,
     progress: Annotated[bool, typer.Option(help="progress bars")] = True,
 ) -> None:
@@ -179,8 +180,10 @@ def run(
     from tamis.runtime.outputs import write_json, write_jsonl, write_parquet, write_text
 
     mapping = dict(c.split("=", 1) for c in column or [])
+    model_paths = dict(m.split("=", 1) for m in model or [])
     cfg = RunConfig(pool=pool, pfm=pfm, device=device, dtype=dtype, cache_dir=cache_dir, no_cache=no_cache,
-                    skip_bad=skip_bad, limit=limit, columns=mapping or None, batch_tokens=batch_tokens, progress=progress)
+                    skip_bad=skip_bad, limit=limit, columns=mapping or None, batch_tokens=batch_tokens, progress=progress,
+                    model_paths=model_paths)
     try:
         compiled = compile_file(recipe)
         result = LocalExecutor(compiled.graph, cfg).run()

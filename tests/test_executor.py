@@ -128,3 +128,16 @@ def test_cli_run_bad_pool_names_row_and_field(tmp_path):
     assert res.exit_code == 1
     assert "row 2" in res.output and "'output'" in res.output and "row 3" in res.output
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_superfiltering_reference_runs_with_a_local_gpt2(tiny_gpt2_dir, tmp_path):
+    """`hf("gpt2")` resolves to a local folder with --model; the proxy scores with it; IFD < 1 kept, top 10%."""
+    out = tmp_path / "sel.jsonl"
+    res = runner.invoke(app, ["run", "superfiltering_reference", "--pool", str(FIX / "pool_small.jsonl"),
+                              "--model", f"gpt2={tiny_gpt2_dir}", "--pfm", tiny_gpt2_dir, "-o", str(out),
+                              "--cache-dir", str(tmp_path / "c"), "--dtype", "fp32", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    assert len(rows) <= 1 and all(r["ifd"] < 1 for r in rows)  # 10% of 8 rows rounds to 1
+    report = json.loads((tmp_path / "sel.report.json").read_text())
+    assert report["stages"][0]["label"].startswith("score ifd using proxy(hf(gpt2))")

@@ -40,6 +40,7 @@ class RunConfig:
     columns: dict[str, str] | None = None
     batch_tokens: int | None = None
     chunk_rows: int = 64  # rows scored between cache writes: the most a kill can lose
+    model_paths: dict[str, str] = field(default_factory=dict)  # hf("name") -> a local path, for offline machines
     progress: bool = True
 
 
@@ -297,8 +298,8 @@ class LocalExecutor:
                                  "or a hub name already in the local cache)")
             lm = load_causal_lm(self.cfg.pfm, device=self.cfg.device, dtype=self.cfg.dtype)
         elif ctor == "hf":
-            lm = load_causal_lm(a["params"]["name"], device=self.cfg.device, dtype=self.cfg.dtype,
-                                gguf_file=a["params"].get("gguf"))
+            name = self.cfg.model_paths.get(a["params"]["name"], a["params"]["name"])
+            lm = load_causal_lm(name, device=self.cfg.device, dtype=self.cfg.dtype, gguf_file=a["params"].get("gguf"))
         elif ctor == "proxy":
             # proxy(of, model): the stand-in is the second base edge's model (the non-PFM one)
             stand_in = next(b for b in bases if self.g.nodes[b]["ctor"] != "pfm" or len(bases) == 1)
