@@ -141,3 +141,24 @@ def test_superfiltering_reference_runs_with_a_local_gpt2(tiny_gpt2_dir, tmp_path
     assert len(rows) <= 1 and all(r["ifd"] < 1 for r in rows)  # 10% of 8 rows rounds to 1
     report = json.loads((tmp_path / "sel.report.json").read_text())
     assert report["stages"][0]["label"].startswith("score ifd using proxy(hf(gpt2))")
+
+
+@pytest.mark.parametrize("recipe", [
+    'score ifd using warmup(pfm, 50%, lora(r=4), lr=1e-3, batch=2) with max_length=128 | rank | top 2',
+    'score ifd using warmup(pfm, 4, select="cherry", clusters=2, lr=1e-3, batch=2) with max_length=128 | rank | top 2',
+])
+def test_warmup_trains_once_then_comes_from_the_cache(tiny_gpt2_dir, tmp_path, recipe):
+    cfg = RunConfig(pool=str(FIX / "pool_small.jsonl"), pfm=tiny_gpt2_dir, dtype="fp32",
+                    cache_dir=str(tmp_path / "cache"), progress=False)
+    first = _run(recipe, cfg)
+    training = next(v for k, v in first.models.items() if k.endswith(":training"))
+    assert training["cached"] is False and training["steps"] >= 1
+    # random: exactly 50% of 8 rows; Cherry: 2 per cluster, only from each cluster's 25-75% perplexity band
+    assert training["rows"] == 4 if "cherry" not in recipe else 1 <= training["rows"] <= 4
+    second = _run(recipe, cfg)
+    again = next(v for k, v in second.models.items() if k.endswith(":training"))
+    assert again["cached"] is True
+    assert second.scores.equals(first.scores)
+    # the warmed-up model scores differently from the untrained PFM
+    plain = _run('score ifd using pfm with max_length=128 | rank | top 2', cfg)
+    assert plain.scores["ifd"].to_list() != first.scores["ifd"].to_list()
