@@ -31,7 +31,7 @@ test-all: setup
 # (Cherry-sampled warmup of the PFM, IFD scoring, selection) on real ShareGPT rows with
 # the offline SmolLM2-135M as PFM. Re-running it reuses the cache (nothing is rescored).
 DEMO_OUT ?= out/demo
-DEMO_ROWS ?= 100
+DEMO_ROWS ?= 300
 NINE := alpagasus instag nuggets superfiltering ifd less deita instruction_mining instructiongpt4
 demo: setup
 	$(VENV)/bin/tamis feasibility $(NINE) --html $(DEMO_OUT)/feasibility.html

@@ -38,11 +38,12 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {node} | training: {m.get('rows')} rows, {m.get('method')}, "
                              f"{'from cache' if m.get('cached') else 'trained now'} | | |")
         lines.append("")
-    lines += ["## Stages", "", "| stage | rows in | rows out | seconds | scored | from cache | skipped (reason: rows) |",
+    lines += ["## Stages", "", "| stage | rows in | rows out | seconds (model setup) | scored | from cache | skipped (reason: rows) |",
               "|---|---|---|---|---|---|---|"]
     for s in report["stages"]:
         skipped = ", ".join(f"{k}: {v}" for k, v in s["skipped"].items()) or ""
-        lines.append(f"| `{s['label']}` | {s['rows_in']} | {s['rows_out']} | {s['seconds']:.2f} | {s['scored_rows']} "
+        setup = f" ({s['model_seconds']:.1f})" if s["model_seconds"] else ""
+        lines.append(f"| `{s['label']}` | {s['rows_in']} | {s['rows_out']} | {s['seconds']:.2f}{setup} | {s['scored_rows']} "
                      f"| {s['cached_rows']} | {skipped} |")
     for s in report["stages"]:
         h = s.get("histogram")

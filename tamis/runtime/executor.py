@@ -51,6 +51,7 @@ class StageReport:
     rows_in: int
     rows_out: int
     seconds: float
+    model_seconds: float = 0.0  # loading (and warming up) the stage's model, included in `seconds`
     cached_rows: int = 0
     scored_rows: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
@@ -245,7 +246,9 @@ class LocalExecutor:
         scorer = p["scorer"]
         names = list(a["columns_out"])
         main = names[0]
+        t0 = time.perf_counter()
         lm = self._model(self._model_of(n))
+        report.model_seconds = time.perf_counter() - t0
         semantic = {"op": "score", "scorer": scorer, "form": p.get("form"), "template": p["template"],
                     "max_length": p["max_length"], "turns": p["turns"], "model": lm.fingerprint}
         key = fingerprint(semantic)
