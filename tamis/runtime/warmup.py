@@ -29,8 +29,6 @@ def warm_up(base, pool: pl.DataFrame, params: dict, artifacts, cfg, *, label: st
     from tamis.runtime.models import load_causal_lm
     from tamis.runtime.training import TrainConfig, train_warmup
 
-    ids = _sample_ids(base, pool, params, cfg.progress)
-    sample = pool.filter(pl.col("id").is_in(ids))
     lora = params.get("lora")
     config = TrainConfig(
         method="lora" if lora else "full",
@@ -39,17 +37,22 @@ def warm_up(base, pool: pl.DataFrame, params: dict, artifacts, cfg, *, label: st
         **({"lora_r": lora["r"], "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"]} if lora else {}),
         **({"target_modules": tuple(lora["targets"])} if lora and lora.get("targets") else {}),
     )
-    key = fingerprint({"op": "warmup", "base": base.fingerprint, "sample": data_fingerprint(sample),
+    # The sample is a deterministic function of the pool, the base model and the parameters,
+    # so the key needs no sampling pass: a cached warmup costs nothing on a re-run.
+    key = fingerprint({"op": "warmup", "base": base.fingerprint, "pool": data_fingerprint(pool),
+                       "sampling": {k: params[k] for k in ("size", "select", "clusters", "seed")},
                        "config": config.to_json()})
-    summary: dict = {"label": label, "rows": sample.height, "select": params["select"], "method": config.method,
+    summary: dict = {"label": label, "select": params["select"], "method": config.method,
                      "cached": artifacts.exists(key)}
     if not artifacts.exists(key):
+        ids = _sample_ids(base, pool, params, cfg.progress)
+        sample = pool.filter(pl.col("id").is_in(ids))
         with artifacts.building(key) as out_dir:
             result = train_warmup(base, sample, config, Path(out_dir) / "model", progress=cfg.progress)
             (Path(out_dir) / "summary.json").write_text(json.dumps(
                 {"rows": result.n_rows, "trained_rows": result.n_trained_rows, "steps": result.steps,
-                 "epoch_losses": [e.loss for e in result.epochs], "tokens_per_second": result.tokens_per_second,
-                 "seconds": result.seconds, "skipped": result.skipped,
+                 "sample_ids": ids, "epoch_losses": [e.loss for e in result.epochs],
+                 "tokens_per_second": result.tokens_per_second, "seconds": result.seconds, "skipped": result.skipped,
                  # where the final weights lie, relative to the artifact (it is renamed into place)
                  "final": str(Path(result.final_path).relative_to(Path(result.out_dir).parent))}))
     path = artifacts.path_for(key)
