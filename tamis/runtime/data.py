@@ -39,7 +39,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal, Mapping
 
 import polars as pl
 
@@ -899,3 +899,12 @@ def _import_yaml() -> Any:
     except ModuleNotFoundError as e:
         raise MissingAssetError("chatterbot_pairs needs PyYAML: pip install pyyaml") from e
     return yaml
+
+
+def rows_of(examples: Any, caller: str, error: type[Exception] = TamisError) -> list[Mapping[str, Any]]:
+    """Rows as mappings, from a Polars frame or a sequence of mappings (what the runtime's functions accept)."""
+    if hasattr(examples, "iter_rows"):  # a Polars frame
+        return list(examples.iter_rows(named=True))
+    if isinstance(examples, Mapping):
+        raise error(f"{caller} takes a sequence of rows (or a frame), not a single mapping")
+    return list(examples)

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from tamis.errors import ModelError
+from tamis.runtime.data import rows_of
 from tamis.runtime.models import LoadedLM, dtype_name
 from tamis.runtime.templates import (
     Combine,
@@ -203,12 +204,9 @@ def score_answers(
     return _table(lm, tmpl, metric, ifd_form, max_length, combine, turns, engine.stats)
 
 
+
 def _rows(examples: Any) -> list[Mapping[str, Any]]:
-    if hasattr(examples, "iter_rows"):  # a Polars frame
-        return list(examples.iter_rows(named=True))
-    if isinstance(examples, Mapping):
-        raise ModelError("score_answers takes a sequence of rows (or a frame), not a single mapping")
-    return list(examples)
+    return rows_of(examples, "score_answers", ModelError)
 
 
 # --------------------------------------------------------------------------- planning (tokens only)
@@ -279,7 +277,7 @@ class _Plan:
         return len(self.spans) - 1
 
 
-class _Encoder:
+class AnswerEncoder:
     """Tokenises like the references' ``tokenizer.encode(text, truncation=True, max_length=m)``.
 
     Truncation drops content tokens from the end and keeps the tokenizer's special tokens,
@@ -317,7 +315,7 @@ def _plan(lm: LoadedLM, rows: Sequence[Mapping[str, Any]], tmpl: Template, max_l
     header = chat_assistant_header(lm.tokenizer) if tmpl.is_chat else None
     texts = [answer_texts(tmpl, row, lm.tokenizer, assistant_header=header) for row in rows]
     flat = [t for ts in texts for t in ts]
-    enc = _Encoder(lm.tokenizer, tmpl.add_special_tokens)
+    enc = AnswerEncoder(lm.tokenizer, tmpl.add_special_tokens)
     prompts = enc.encode_many([t.prompt for t in flat])
     wholes = enc.encode_many([t.prompt + t.answer for t in flat])
     prefixes = {p: enc.full(ids) for p, ids in zip(*_unique_encoded(enc, [t.direct_prefix for t in flat]))}
@@ -341,7 +339,7 @@ def _plan(lm: LoadedLM, rows: Sequence[Mapping[str, Any]], tmpl: Template, max_l
     return plan
 
 
-def _unique_encoded(enc: _Encoder, texts: list[str]) -> tuple[list[str], list[list[int]]]:
+def _unique_encoded(enc: AnswerEncoder, texts: list[str]) -> tuple[list[str], list[list[int]]]:
     unique = sorted(set(texts))
     return unique, enc.encode_many(unique) if unique else []
 
@@ -351,7 +349,7 @@ def _plan_answer(
     row_index: int,
     carriers: list[int],
     text: ScoringText,
-    enc: _Encoder,
+    enc: AnswerEncoder,
     prompt_content: list[int],
     whole_content: list[int],
     direct_prefix_ids: list[int],
@@ -413,7 +411,7 @@ def _skip_reason(
 
 def _header_ids(lm: LoadedLM, tmpl: Template) -> list[list[int]]:
     """Token ids of the template's shared headers (as they begin a full encoding)."""
-    enc = _Encoder(lm.tokenizer, tmpl.add_special_tokens)
+    enc = AnswerEncoder(lm.tokenizer, tmpl.add_special_tokens)
     heads = tmpl.static_headers()
     if tmpl.is_chat:
         heads = [chat_static_header(lm.tokenizer)]
@@ -510,7 +508,7 @@ class _Engine:
     def __init__(self, lm: LoadedLM, budget: int, share_prefix: bool) -> None:
         self.lm = lm
         self.budget = budget
-        self.base, self.head, self.softcap = _split_model(lm)
+        self.base, self.head, self.softcap = split_model(lm)
         self.cache_kw = _cache_keyword(self.base)
         self.share_prefix = share_prefix and _supports_plain_cache(lm)
         # A batch's fixed cost in token-equivalents: on a CPU a padded token costs about
@@ -715,7 +713,7 @@ def _progress_bar(total: int, enabled: bool) -> Any:
 _VERIFIED: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
 
 
-def _split_model(lm: LoadedLM) -> tuple[Any, Any, float | None]:
+def split_model(lm: LoadedLM) -> tuple[Any, Any, float | None]:
     """(base model, LM head, logit soft-cap) — checked once against the model's own logits."""
     model = lm.model
     base = getattr(model, "base_model", None)

@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from tamis.errors import ModelError, TamisError
+from tamis.runtime.data import rows_of
 from tamis.runtime.models import LoadedLM, dtype_name
 from tamis.runtime.templates import Template, answer_texts, get_template
 
@@ -282,10 +283,10 @@ def encode_training_examples(
     references locate the answer. A row whose answer is cut by `max_length` trains on the
     part that fits (without EOS); a row with no answer token left is skipped and counted.
     """
-    from tamis.runtime.lm_scoring import _Encoder  # the scorer's exact encoding (see module note)
+    from tamis.runtime.lm_scoring import AnswerEncoder  # the scorer's exact encoding (see module note)
 
     tmpl = get_template(template)
-    enc = _Encoder(lm.tokenizer, tmpl.add_special_tokens)
+    enc = AnswerEncoder(lm.tokenizer, tmpl.add_special_tokens)
     eos = _eos_id(lm.tokenizer) if append_eos else None
     per_row = [answer_texts(tmpl, row, lm.tokenizer) for row in rows]
     flat = [t for ts in per_row for t in ts]
@@ -347,12 +348,9 @@ def _eos_id(tokenizer: Any) -> int:
     return int(eos)
 
 
+
 def _rows(examples: Any) -> list[Mapping[str, Any]]:
-    if hasattr(examples, "iter_rows"):  # a Polars frame
-        return list(examples.iter_rows(named=True))
-    if isinstance(examples, Mapping):
-        raise TrainingError("train_warmup takes a sequence of rows (or a frame), not a single mapping")
-    return list(examples)
+    return rows_of(examples, "train_warmup", TrainingError)
 
 
 # --------------------------------------------------------------------------- batching
@@ -462,9 +460,9 @@ def _base_and_head(model: Any) -> tuple[Any, Any, float | None]:
 def _verify_architecture(lm: LoadedLM) -> None:
     """Fail before training on a model whose logits are not head(last hidden state): the
     scorer's check (run once per model), so training and scoring agree on what they support."""
-    from tamis.runtime.lm_scoring import _split_model
+    from tamis.runtime.lm_scoring import split_model
 
-    _split_model(lm)
+    split_model(lm)
 
 
 # --------------------------------------------------------------------------- schedule

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from tamis.errors import ModelError, TamisError
+from tamis.runtime.data import rows_of
 from tamis.runtime.models import LoadedLM
 from tamis.runtime.templates import Template, answer_texts, get_template
 
@@ -205,12 +206,9 @@ def band_and_spread(
     return out
 
 
+
 def _rows(examples: Any) -> list[Mapping[str, Any]]:
-    if hasattr(examples, "iter_rows"):  # a Polars frame
-        return list(examples.iter_rows(named=True))
-    if isinstance(examples, Mapping):
-        raise SamplingError("cherry_subset takes a sequence of rows (or a frame), not a single mapping")
-    return list(examples)
+    return rows_of(examples, "cherry_subset", SamplingError)
 
 
 def _instruction_text(tmpl: Template, row: Mapping[str, Any], tokenizer: Any, index: int) -> str:
@@ -246,10 +244,10 @@ def instruction_embeddings_and_perplexity(
     tokens (padding masked out), the perplexity is ``exp(mean CE)`` of every token
     predicted from the one before (NaN for a one-token text).
     """
-    from tamis.runtime.lm_scoring import _Encoder, _split_model
+    from tamis.runtime.lm_scoring import AnswerEncoder, split_model
 
-    base, head, softcap = _split_model(lm)
-    enc = _Encoder(lm.tokenizer, add_special_tokens)
+    base, head, softcap = split_model(lm)
+    enc = AnswerEncoder(lm.tokenizer, add_special_tokens)
     seqs = [enc.truncated(c, max_length) for c in enc.encode_many(list(texts))]
     if any(len(s) == 0 for s in seqs):
         raise ModelError("an instruction encodes to no tokens at all; cannot embed it")
