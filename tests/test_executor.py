@@ -162,3 +162,43 @@ def test_warmup_trains_once_then_comes_from_the_cache(tiny_gpt2_dir, tmp_path, r
     # the warmed-up model scores differently from the untrained PFM
     plain = _run('score ifd using pfm with max_length=128 | rank | top 2', cfg)
     assert plain.scores["ifd"].to_list() != first.scores["ifd"].to_list()
+
+
+def test_runnable_hybrid_end_to_end(tiny_gpt2_dir, tmp_path):
+    """superfiltered_ifd: proxy IFD pre-filter → warmup PFM IFD + MTLD → blended rank; counts add up stage by stage."""
+    out = tmp_path / "sel.jsonl"
+    res = runner.invoke(app, ["run", "superfiltered_ifd", "--pool", str(FIX / "pool_small.jsonl"),
+                              "--model", f"gpt2={tiny_gpt2_dir}", "--pfm", tiny_gpt2_dir, "-o", str(out),
+                              "--scores", str(tmp_path / "s.parquet"), "--cache-dir", str(tmp_path / "c"),
+                              "--dtype", "fp32", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "sel.report.json").read_text())
+    stages = report["stages"]
+    for before, after in zip(stages, stages[1:]):
+        assert after["rows_in"] == before["rows_out"]
+    assert stages[2]["rows_out"] <= 4  # top 50% of the 8-row pool
+    scores = pl.read_parquet(tmp_path / "s.parquet")
+    assert {"weak_ifd", "ifd", "mtld"} <= set(scores.columns) and scores.height == 8
+    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    assert all(r["ifd"] < 1 and r["weak_ifd"] < 1 for r in rows)
+    blends = [r["blend"] for r in rows]
+    assert blends == sorted(blends, reverse=True)
+
+
+@pytest.mark.slow
+def test_builtin_ifd_recipe_on_smollm2_and_sharegpt(tmp_path):
+    """The demo path: Cherry-sampled warmup of the real SmolLM2, IFD with Cherry's template and rules, top 10%."""
+    from tamis.runtime.data import sharegpt_asset_path
+    from tamis.runtime.models import smollm2_asset
+
+    out = tmp_path / "sel.jsonl"
+    res = runner.invoke(app, ["run", "ifd", "--pool", str(sharegpt_asset_path()), "--limit", "60", "--skip-bad",
+                              "--pfm", smollm2_asset(), "-o", str(out), "--cache-dir", str(tmp_path / "c"),
+                              "--no-progress"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "sel.report.json").read_text())
+    score = report["stages"][0]
+    assert score["scored_rows"] + score["cached_rows"] >= 59 and score["histogram"]["n"] > 10
+    assert set(score["skipped"]) <= {"answer truncated at max_length", "prompt reaches max_length", "empty answer"}
+    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    assert len(rows) == 6 and all(0 < r["ifd"] < 1 for r in rows)
