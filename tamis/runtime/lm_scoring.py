@@ -570,14 +570,7 @@ class _Engine:
         return [(headers[h] if h >= 0 else [], members) for h, members in sorted(by_header.items())]
 
     def _back_off(self, longest: int) -> None:
-        if self.lm.device.type == "cuda":
-            torch.cuda.empty_cache()
-        if self.budget <= longest:
-            raise ModelError(
-                f"out of memory on {self.lm.device} with a single sequence of {longest} tokens; "
-                "lower max_length or use a smaller model"
-            )
-        self.budget //= 2
+        self.budget = halved_budget(self.lm.device, self.budget, longest, "lower max_length or use a smaller model")
         self.stats.oom_retries += 1
 
     # ---- one batch
@@ -711,6 +704,15 @@ def _progress_bar(total: int, enabled: bool) -> Any:
 
 
 _VERIFIED: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+
+
+def halved_budget(device: torch.device, budget: int, longest: int, advice: str) -> int:
+    """The token budget after a CUDA out-of-memory error: half, unless one sequence alone does not fit."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if budget <= longest:
+        raise ModelError(f"out of memory on {device} with a single sequence of {longest} tokens; {advice}")
+    return budget // 2
 
 
 def split_model(lm: LoadedLM) -> tuple[Any, Any, float | None]:

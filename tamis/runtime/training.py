@@ -61,6 +61,7 @@ import torch.nn.functional as F
 
 from tamis.errors import ModelError, TamisError
 from tamis.runtime.data import rows_of
+from tamis.runtime.lm_scoring import halved_budget
 from tamis.runtime.models import LoadedLM, dtype_name
 from tamis.runtime.templates import Template, answer_texts, get_template
 
@@ -750,14 +751,8 @@ def _optimizer_step(
 
 
 def _back_off(lm: LoadedLM, run: _Run, longest: int) -> None:
-    if lm.device.type == "cuda":
-        torch.cuda.empty_cache()
-    if run.budget <= longest:
-        raise ModelError(
-            f"out of memory on {lm.device} training on a single sequence of {longest} tokens; "
-            "lower max_length, enable gradient_checkpointing, or use a smaller model"
-        )
-    run.budget //= 2
+    run.budget = halved_budget(lm.device, run.budget, longest,
+                               "lower max_length, enable gradient_checkpointing, or use a smaller model")
     run.oom_retries += 1
 
 
