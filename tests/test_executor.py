@@ -202,3 +202,26 @@ def test_builtin_ifd_recipe_on_smollm2_and_sharegpt(tmp_path):
     assert set(score["skipped"]) <= {"answer truncated at max_length", "prompt reaches max_length", "empty answer"}
     rows = [json.loads(l) for l in out.read_text().splitlines()]
     assert len(rows) == 6 and all(0 < r["ifd"] < 1 for r in rows)
+
+
+@pytest.mark.slow
+def test_multi_turn_conversations_combine_per_turn_scores(tmp_path):
+    """ShareGPT conversations under the chat template: every assistant turn is scored given its history."""
+    from tamis.runtime.models import smollm2_asset
+
+    cfg = RunConfig(pool=str(FIX / "sharegpt_small.json"), pfm=smollm2_asset(), cache_dir=str(tmp_path / "c"),
+                    progress=False)
+    by = {}
+    for how in ("first", "mean", "last"):
+        res = _run(f'score ifd using pfm with template="chat", turns="{how}" | rank | top 100%', cfg)
+        by[how] = dict(zip(res.scores["id"], res.scores["ifd"]))
+    pool = pl.read_json(FIX / "sharegpt_small.json")
+    turns = {r["id"]: sum(t["from"] == "gpt" for t in r["conversations"]) for r in pool.iter_rows(named=True)}
+    for cid, n in turns.items():
+        if n == 1:
+            assert by["first"][cid] == pytest.approx(by["mean"][cid]) == pytest.approx(by["last"][cid])
+        else:
+            assert by["first"][cid] != pytest.approx(by["last"][cid])
+            lo, hi = sorted((by["first"][cid], by["last"][cid]))
+            if n == 2:  # the mean of two turns lies between them
+                assert lo <= by["mean"][cid] <= hi
