@@ -21,8 +21,9 @@ from tamis.errors import ModelError, TamisError
 
 # What the local executor can run today; everything else fails at plan time, before any work.
 RUNNABLE_SCORERS = {"length", "mtld", "loss", "ppl", "ifd"}
-RUNNABLE_OPS = {"score", "let", "where", "rank", "top", "topk", "sample", "intersect", "union"}
-RUNNABLE_MODELS = {"pfm", "hf", "proxy", "warmup"}
+RUNNABLE_OPS = {"score", "let", "where", "rank", "top", "topk", "sample", "intersect", "union", "diverse"}
+RUNNABLE_SAMPLERS = {"repr_filter", "kcenter"}
+RUNNABLE_MODELS = {"pfm", "hf", "proxy", "warmup", "encoder"}
 LM_SCORERS = {"loss", "ppl", "ifd"}
 
 
@@ -85,6 +86,8 @@ def check_runnable(g: nx.DiGraph) -> None:
                 problems.append(f"stage `{a['label']}`{where}: `{a['op']}` has no local runtime yet")
             elif a["op"] == "score" and a["params"]["scorer"] not in RUNNABLE_SCORERS:
                 problems.append(f"stage `{a['label']}`{where}: scorer `{a['params']['scorer']}` has no local runtime yet")
+            elif a["op"] == "diverse" and a["params"]["sampler"] not in RUNNABLE_SAMPLERS:
+                problems.append(f"stage `{a['label']}`{where}: sampler `{a['params']['sampler']}` has no local runtime yet")
         elif a["kind"] == "model" and a["ctor"] not in RUNNABLE_MODELS:
             problems.append(f"model `{a['label']}`{where}: `{a['ctor']}` models have no local runtime yet")
         elif a["kind"] == "dataset" and a.get("source") not in ("pool", "warmup_sample"):
@@ -98,6 +101,12 @@ def _size_rows(size: dict, n: int) -> int:
     if "fraction" in size:
         return max(1, int(round(size["fraction"] * n)))
     return min(int(size["count"]), n)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _histogram(values: pl.Series, bins: int = 10) -> dict[str, Any] | None:
@@ -211,6 +220,27 @@ class LocalExecutor:
         other = self._selection(n)
         extra = other.filter(~pl.col("id").is_in(frame["id"].implode()))
         return pl.concat([frame, extra], how="diagonal_relaxed")
+
+    def _op_diverse(self, n, a, frame, report):
+        from tamis.runtime import embeddings, samplers
+
+        p = a["params"]
+        budget = _size_rows(p["budget"], self.pool_size)
+        texts = embeddings.sample_texts(frame)
+        node = self._model_of(n)
+        t0 = time.perf_counter()
+        if self.g.nodes[node]["ctor"] == "encoder":
+            device = "cuda" if self.cfg.device in ("auto", "cuda") and _cuda() else "cpu"
+            emb = embeddings.encode(self.g.nodes[node]["params"]["name"], texts, self.cfg.model_paths, device,
+                                    progress=self.cfg.progress)
+        else:
+            emb = embeddings.llm_last_token(self._model(node), texts)
+        report.model_seconds = time.perf_counter() - t0
+        if p["sampler"] == "repr_filter":
+            keep = samplers.repr_filter(emb, budget, p["threshold"])
+        else:
+            keep = samplers.kcenter(emb, budget)
+        return frame[keep]
 
     def _op_score(self, n, a, frame, report):
         p = a["params"]

