@@ -8,7 +8,7 @@ import pytest
 
 from tamis.dsl.compile import compile_text
 from tamis.runtime.executor import LocalExecutor, RunConfig
-from tamis.runtime.samplers import kcenter, repr_filter
+from tamis.runtime.samplers import facility_location, kcenter, repr_filter
 
 
 def _unit(*rows):
@@ -71,3 +71,49 @@ def test_kcenter_with_an_llm_embedder(chatter_pool, tmp_path):
                                   progress=False)).run()
     assert res.selected.height == 5
     assert res.selected["id"].n_unique() == 5
+
+
+def _plain_greedy(sims: np.ndarray, budget: int) -> list[int]:
+    covered, chosen = np.zeros(len(sims)), []
+    for _ in range(budget):
+        gains = [np.maximum(sims[:, j] - covered, 0).sum() if j not in chosen else -1 for j in range(len(sims))]
+        j = int(np.argmax(gains))
+        chosen.append(j)
+        covered = np.maximum(covered, sims[:, j])
+    return chosen
+
+
+def test_facility_location_lazy_greedy_equals_plain_greedy():
+    from tamis.runtime.samplers import facility_location, similarity_kernel
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(60, 8)).astype(np.float32)
+    for metric in ("euclidean", "cosine"):
+        sims = similarity_kernel(emb, metric)
+        assert facility_location(emb, 10, metric) == _plain_greedy(sims, 10)
+    # the kernel is submodlib's: exp(-euclidean distance / dimension)
+    k = similarity_kernel(emb[:2])
+    assert k[0, 1] == pytest.approx(np.exp(-np.linalg.norm(emb[0] - emb[1]) / 8), rel=1e-6)
+
+
+def test_facility_location_picks_one_per_cluster_first():
+    pts = np.array([[0, 0], [0.1, 0], [0, 0.1], [10, 10], [10.1, 10], [20, 0]], dtype=np.float32)
+    picked = facility_location(pts, 3, "euclidean")
+    assert {0, 1, 2} & set(picked) and {3, 4} & set(picked) and 5 in picked
+
+
+def test_superfiltering_d_runs_end_to_end(chatter_pool, tmp_path):
+    from conftest import make_gpt2_tokenizer, make_tiny_gpt2
+
+    from tamis.dsl.compile import compile_file
+
+    make_tiny_gpt2().save_pretrained(tmp_path / "m", safe_serialization=True)
+    make_gpt2_tokenizer().save_pretrained(tmp_path / "m")
+    cfg = RunConfig(pool=str(chatter_pool), pfm=str(tmp_path / "m"), dtype="fp32", no_cache=True, progress=False,
+                    model_paths={"gpt2": str(tmp_path / "m")})
+    res = LocalExecutor(compile_file("superfiltering_d").graph, cfg).run()
+    labels = [s.label for s in res.stages]
+    assert labels[-1].startswith("diverse facility_location(2%)")
+    top = next(s for s in res.stages if "top 20%" in s.label)
+    assert top.rows_out <= 40 and res.selected.height == 4  # 2% of the 200-row pool
+    assert set(res.selected["id"]) <= set(res.scores.filter(pl.col("ifd") < 1)["id"])

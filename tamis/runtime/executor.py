@@ -22,7 +22,7 @@ from tamis.errors import ModelError, TamisError
 # What the local executor can run today; everything else fails at plan time, before any work.
 RUNNABLE_SCORERS = {"length", "mtld", "loss", "ppl", "ifd"}
 RUNNABLE_OPS = {"score", "let", "where", "rank", "top", "topk", "sample", "intersect", "union", "diverse"}
-RUNNABLE_SAMPLERS = {"repr_filter", "kcenter"}
+RUNNABLE_SAMPLERS = {"repr_filter", "kcenter", "facility_location"}
 RUNNABLE_MODELS = {"pfm", "hf", "proxy", "warmup", "encoder"}
 LM_SCORERS = {"loss", "ppl", "ifd"}
 
@@ -238,6 +238,8 @@ class LocalExecutor:
         report.model_seconds = time.perf_counter() - t0
         if p["sampler"] == "repr_filter":
             keep = samplers.repr_filter(emb, budget, p["threshold"])
+        elif p["sampler"] == "facility_location":
+            keep = samplers.facility_location(emb, budget, p["metric"])
         else:
             keep = samplers.kcenter(emb, budget)
         return frame[keep]

@@ -39,3 +39,42 @@ def kcenter(emb: np.ndarray, budget: int) -> list[int]:
         chosen.append(nxt)
         dist = np.minimum(dist, np.linalg.norm(emb - emb[nxt], axis=1))
     return chosen
+
+
+def similarity_kernel(emb: np.ndarray, metric: str = "euclidean") -> np.ndarray:
+    """Dense pairwise similarities as submodlib's `create_kernel(X, "dense", metric)` builds them:
+    euclidean → exp(-distance / dimension); cosine → cosine similarity."""
+    x = emb.astype(np.float64)
+    if metric == "cosine":
+        unit = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        return unit @ unit.T
+    sq = np.sum(x * x, axis=1)
+    dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0.0))
+    return np.exp(-dist / x.shape[1])
+
+
+def facility_location(emb: np.ndarray, budget: int, metric: str = "euclidean") -> list[int]:
+    """Lazy-greedy maximisation of f(S) = Σ_i max_{j∈S} s_ij (Superfiltering-D's selection).
+
+    Lazy greedy returns what plain greedy returns (gains only shrink as S grows); ties go to
+    the lower index. The kernel is dense: n² similarities.
+    """
+    import heapq
+
+    n = emb.shape[0]
+    if n == 0 or budget <= 0:
+        return []
+    sims = similarity_kernel(emb, metric)
+    covered = np.zeros(n)  # max similarity of each row to the chosen set so far
+    heap = [(-float(np.maximum(sims[:, j], 0.0).sum()), j) for j in range(n)]  # upper bounds on each gain
+    heapq.heapify(heap)
+    chosen: list[int] = []
+    while heap and len(chosen) < min(budget, n):
+        neg_bound, j = heapq.heappop(heap)
+        gain = float(np.maximum(sims[:, j] - covered, 0.0).sum())
+        if heap and gain < -heap[0][0] - 1e-12:  # stale bound: re-insert with the fresh gain
+            heapq.heappush(heap, (-gain, j))
+            continue
+        chosen.append(j)
+        covered = np.maximum(covered, sims[:, j])
+    return chosen
