@@ -47,10 +47,10 @@ def similarity_kernel(emb: np.ndarray, metric: str = "euclidean") -> np.ndarray:
     x = emb.astype(np.float64)
     if metric == "cosine":
         unit = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-        return unit @ unit.T
+        return (unit @ unit.T).astype(np.float32)
     sq = np.sum(x * x, axis=1)
     dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0.0))
-    return np.exp(-dist / x.shape[1])
+    return np.exp(-dist / x.shape[1]).astype(np.float32)  # float32: 10k rows need 400 MB, not 800
 
 
 def facility_location(emb: np.ndarray, budget: int, metric: str = "euclidean") -> list[int]:
@@ -65,7 +65,7 @@ def facility_location(emb: np.ndarray, budget: int, metric: str = "euclidean") -
     if n == 0 or budget <= 0:
         return []
     sims = similarity_kernel(emb, metric)
-    covered = np.zeros(n)  # max similarity of each row to the chosen set so far
+    covered = np.zeros(n, dtype=np.float32)  # max similarity of each row to the chosen set so far
     heap = [(-float(np.maximum(sims[:, j], 0.0).sum()), j) for j in range(n)]  # upper bounds on each gain
     heapq.heapify(heap)
     chosen: list[int] = []
