@@ -39,7 +39,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -127,7 +127,7 @@ def reference_cherry_ifd(lm: LoadedLM, rows: list[dict[str, str]], max_length: i
     then slices the answer's losses, skips the samples its rules reject, and divides the
     two mean losses.
     """
-    tok, model = lm.tokenizer, lm.model
+    tok = lm.tokenizer
     out = RefResult([], [], [])
     for row in rows:
         started, tokens_before = time.perf_counter(), out.tokens

@@ -172,7 +172,6 @@ def run(
     progress: Annotated[bool, typer.Option(help="progress bars")] = True,
 ) -> None:
     """Run a recipe over a pool: score, pick, write the selection, the scores and a run report."""
-    import json as _json
 
     from tamis.dsl.compile import compile_file
     from tamis.report import run_report

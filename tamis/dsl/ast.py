@@ -77,9 +77,6 @@ class Call(Expr):
         parts = [a.unparse() for a in self.args] + [k.unparse() for k in self.kwargs]
         return f"{self.func}({', '.join(parts)})"
 
-    def kwarg(self, name: str) -> Kwarg | None:
-        return next((k for k in self.kwargs if k.name == name), None)
-
 
 class ListExpr(Expr):
     items: tuple[Expr, ...] = ()
@@ -88,13 +85,19 @@ class ListExpr(Expr):
         return "[" + ", ".join(i.unparse() for i in self.items) + "]"
 
 
-class BinOp(Expr):
-    op: Literal["+", "-", "*", "/"]
+class _Infix(Expr):
+    """A parenthesised binary operation: arithmetic or boolean."""
+
+    op: str
     left: Expr
     right: Expr
 
     def unparse(self) -> str:
         return f"({self.left.unparse()} {self.op} {self.right.unparse()})"
+
+
+class BinOp(_Infix):
+    op: Literal["+", "-", "*", "/"]
 
 
 class Compare(Expr):
@@ -106,13 +109,8 @@ class Compare(Expr):
         return f"{self.left.unparse()} {self.op} {self.right.unparse()}"
 
 
-class BoolOp(Expr):
+class BoolOp(_Infix):
     op: Literal["and", "or"]
-    left: Expr
-    right: Expr
-
-    def unparse(self) -> str:
-        return f"({self.left.unparse()} {self.op} {self.right.unparse()})"
 
 
 class Not(Expr):

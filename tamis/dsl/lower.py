@@ -409,9 +409,6 @@ class Lowerer:
         return ModelInfo(nid, llm=False, trained=True, depends_on_pfm=labels.depends_on_pfm, fit=True,
                          features=tuple(v["features"]))
 
-    def model_lora(self, scope, e, v):  # pragma: no cover - rejected in model()
-        raise AssertionError
-
     # ---- datasets ---------------------------------------------------------------------
     def data(self, scope: Scope, e: ast.Expr) -> DataInfo:
         if isinstance(e, ast.Name):
@@ -697,7 +694,7 @@ class Lowerer:
                                       hint=did_you_mean(x.id, state.columns) or f"columns here: {', '.join(state.columns)}")
                 if col.dataset is not None:
                     raise scope.error(f"column {x.id!r} holds scores of dataset {col.dataset}, not of these rows",
-                                      x.span, hint=f"use it inside influence(...) or win_rate(...)")
+                                      x.span, hint="use it inside influence(...) or win_rate(...)")
                 cols.append(x.id)
                 return col.type
             if isinstance(x, ast.Call):

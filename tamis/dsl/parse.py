@@ -6,7 +6,6 @@ import ast as pyast
 from functools import lru_cache
 from importlib import resources
 
-import lark
 from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 

@@ -9,8 +9,8 @@ algebra run in Polars.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import networkx as nx
@@ -103,12 +103,6 @@ def _size_rows(size: dict, n: int) -> int:
     return min(int(size["count"]), n)
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def _histogram(values: pl.Series, bins: int = 10) -> dict[str, Any] | None:
     v = values.drop_nulls().drop_nans() if values.dtype in (pl.Float32, pl.Float64) else values.drop_nulls()
     if len(v) == 0:
@@ -147,8 +141,9 @@ class LocalExecutor:
         self._frames["data:pool"] = pool
         self.scores = pool.select("id")
         out = self.g.graph["output"]
+        needed = nx.ancestors(self.g, out)
         for n in nx.topological_sort(self.g):
-            if n in nx.ancestors(self.g, out) and self.g.nodes[n]["kind"] == "op":
+            if n in needed and self.g.nodes[n]["kind"] == "op":
                 self._run_op(n)
         last = next(p for p, _, d in self.g.in_edges(out, data=True) if d["flow"] == "data")
         selected = self._frames[last] if last != "data:pool" else pool
@@ -230,8 +225,10 @@ class LocalExecutor:
         node = self._model_of(n)
         t0 = time.perf_counter()
         if self.g.nodes[node]["ctor"] == "encoder":
-            device = "cuda" if self.cfg.device in ("auto", "cuda") and _cuda() else "cpu"
-            emb = embeddings.encode(self.g.nodes[node]["params"]["name"], texts, self.cfg.model_paths, device,
+            from tamis.runtime.models import resolve_device
+
+            emb = embeddings.encode(self.g.nodes[node]["params"]["name"], texts, self.cfg.model_paths,
+                                    str(resolve_device(self.cfg.device)),
                                     progress=self.cfg.progress)
         else:
             emb = embeddings.llm_last_token(self._model(node), texts)
@@ -276,8 +273,7 @@ class LocalExecutor:
 
         p = a["params"]
         scorer = p["scorer"]
-        names = list(a["columns_out"])
-        main = names[0]
+        main = next(iter(a["columns_out"]))
         t0 = time.perf_counter()
         lm = self._model(self._model_of(n))
         report.model_seconds = time.perf_counter() - t0
@@ -290,13 +286,11 @@ class LocalExecutor:
         found, missing = self.cache.scores.get(key, list(dict.fromkeys(row_keys)))
         report.cached_rows = len(found)
         todo = [by_key[k] for k in missing]
-        metric = scorer
-        combine = {"first": "first", "last": "last", "mean": "mean", "sum": "sum"}[p["turns"]]
         for start in range(0, len(todo), self.cfg.chunk_rows):
             idx = todo[start:start + self.cfg.chunk_rows]
             chunk = frame[idx]
-            table = score_answers(lm, chunk, metric=metric, ifd_form=p.get("form") or "loss_ratio",
-                                  template=p["template"], max_length=p["max_length"], combine=combine,
+            table = score_answers(lm, chunk, metric=scorer, ifd_form=p.get("form") or "loss_ratio",
+                                  template=p["template"], max_length=p["max_length"], combine=p["turns"],
                                   batch_tokens=self.cfg.batch_tokens, progress=self.cfg.progress)
             rows = pl.DataFrame({"id": [row_keys[i] for i in idx], "value": table.value, "cond": table.cond_loss,
                                  "direct": table.direct_loss, "reason": table.reason},
@@ -311,8 +305,8 @@ class LocalExecutor:
             out[f"{main}_cond"] = pl.Series([v["cond"] for v in values], dtype=pl.Float64)
             out[f"{main}_direct"] = pl.Series([v["direct"] for v in values], dtype=pl.Float64)
         out[f"{main}_reason"] = pl.Series([v["reason"] for v in values], dtype=pl.String)
-        reasons = [v["reason"] for v in values if v["reason"]]
-        report.skipped = {r: reasons.count(r) for r in sorted(set(reasons))}
+        reasons = Counter(v["reason"] for v in values if v["reason"])
+        report.skipped = dict(sorted(reasons.items()))
         return pl.DataFrame(out)
 
     # ---- models ---------------------------------------------------------------------
