@@ -509,7 +509,7 @@ class _Engine:
         self.lm = lm
         self.budget = budget
         self.base, self.head, self.softcap = split_model(lm)
-        self.cache_kw = _cache_keyword(self.base)
+        self.cache_kw = cache_keyword(self.base)
         self.share_prefix = share_prefix and _supports_plain_cache(lm)
         # A batch's fixed cost in token-equivalents: on a CPU a padded token costs about
         # as much as a real one and a forward call little, so batches follow lengths
@@ -746,7 +746,7 @@ def _verify_split(lm: LoadedLM, base: Any, head: Any, softcap: float | None) -> 
         )
 
 
-def _cache_keyword(base: Any) -> str:
+def cache_keyword(base: Any) -> str:
     import inspect
 
     params = inspect.signature(base.forward).parameters

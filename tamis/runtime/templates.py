@@ -53,6 +53,7 @@ __all__ = [
     "chat_static_header",
     "combine_values",
     "get_template",
+    "render_chat",
 ]
 
 Rules = Literal["cherry", "superfiltering", "strict"]
@@ -186,7 +187,7 @@ def answer_texts(
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
-        prompt = _render_chat(tokenizer, messages[:i], add_generation_prompt=True)
+        prompt = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
         out.append(ScoringText(prompt, msg["content"], header, len(out)))
     return out
 
@@ -206,7 +207,8 @@ def _messages(row: Mapping[str, Any]) -> list[dict[str, str]]:
     return [{"role": "user", "content": user}, {"role": "assistant", "content": _text(row, "output")}]
 
 
-def _render_chat(tokenizer: Any, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool) -> str:
+def render_chat(tokenizer: Any, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool) -> str:
+    """`messages` rendered as text by the tokenizer's own chat template."""
     if not getattr(tokenizer, "chat_template", None):
         raise ModelError("template 'chat' needs a tokenizer with a chat template; this one has none (use 'alpaca' or 'bare')")
     return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
@@ -215,8 +217,8 @@ def _render_chat(tokenizer: Any, messages: Sequence[Mapping[str, str]], *, add_g
 def chat_assistant_header(tokenizer: Any) -> str:
     """What the chat template appends for a generation prompt, e.g. "<|im_start|>assistant\\n"."""
     probe = [{"role": "user", "content": "x"}]
-    with_prompt = _render_chat(tokenizer, probe, add_generation_prompt=True)
-    without = _render_chat(tokenizer, probe, add_generation_prompt=False)
+    with_prompt = render_chat(tokenizer, probe, add_generation_prompt=True)
+    without = render_chat(tokenizer, probe, add_generation_prompt=False)
     if not with_prompt.startswith(without) or with_prompt == without:
         raise ModelError("cannot find the assistant header in this chat template (generation prompt is not a suffix)")
     return with_prompt[len(without):]
@@ -226,7 +228,7 @@ def chat_static_header(tokenizer: Any) -> str:
     """What every chat prompt that opens with a user turn begins with (often a default
     system prompt): the rendering of a probe conversation up to the user's text."""
     probe = "\x00tamis-probe\x00"
-    text = _render_chat(tokenizer, [{"role": "user", "content": probe}], add_generation_prompt=True)
+    text = render_chat(tokenizer, [{"role": "user", "content": probe}], add_generation_prompt=True)
     return text.split(probe, 1)[0]
 
 
