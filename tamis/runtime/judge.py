@@ -35,7 +35,10 @@ from tamis.runtime.lm_scoring import cache_keyword
 from tamis.runtime.models import LoadedLM
 from tamis.runtime.templates import render_chat
 
-__all__ = ["JUDGE_PROMPTS", "JudgePrompt", "RatingTable", "first_lines", "parse_first_line_score", "rate"]
+__all__ = ["JUDGE_DECODING", "JUDGE_PROMPTS", "JudgePrompt", "RatingTable", "first_lines", "parse_first_line_score", "rate"]
+
+# Part of every cached rating's key: bump it when the decoding changes what a judge says.
+JUDGE_DECODING = "greedy-first-line-v1"
 
 # Reasons a row gets no rating (shared wording, so reports can count them).
 R_NOT_A_NUMBER = "judge's first line is not a number"

@@ -1,0 +1,160 @@
+"""The AlpaGasus rating: its prompt, its parse, greedy first-line decoding, and `tamis run`."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+from conftest import POOL_SMALL, judge_reply
+from typer.testing import CliRunner
+
+from tamis.cli import app
+from tamis.dsl.compile import compile_text
+from tamis.runtime.executor import LocalExecutor, PlanError, RunConfig
+from tamis.runtime.judge import (
+    ALPAGASUS,
+    R_NOT_A_NUMBER,
+    R_NOT_FINITE,
+    R_TOO_LONG,
+    first_lines,
+    parse_first_line_score,
+    rate,
+)
+from tamis.runtime.models import load_causal_lm
+
+ROWS = [json.loads(line) for line in POOL_SMALL.read_text().splitlines()]
+
+
+@pytest.mark.parametrize(("review", "want"), [
+    ("4.5\nThe response is accurate.", (4.5, None)),
+    ("5", (5.0, None)),
+    (" 3 \nok", (3.0, None)),  # float() strips spaces, as get_scores.py's does
+    ("4_5\n", (45.0, None)),  # Python's float accepts digit separators; the reference keeps 45
+    ("Score: 4\nok", (None, R_NOT_A_NUMBER)),  # get_scores.py reads the first line only
+    ("\n5", (None, R_NOT_A_NUMBER)),  # an empty first line
+    ("", (None, R_NOT_A_NUMBER)),
+    ("nan\n", (None, R_NOT_FINITE)),
+])
+def test_first_line_parse_is_get_scores_py(review, want):
+    assert parse_first_line_score(review) == want
+
+
+def test_messages_are_chatgpt_rating_py_s():
+    system, user = ALPAGASUS.messages({"instruction": "Name a colour.", "input": "", "output": "Blue."})
+    assert system == {"role": "system", "content": "We would like to request your feedback on the performance of AI "
+                      "assistant in response to the instruction and the given input displayed following."}
+    assert user["role"] == "user"
+    assert user["content"].startswith("###Instruction:\nName a colour.\n\n### Input:\n\n\n### Response:\nBlue.\n\n"
+                                       "Please rate according to the accuracy of the response")
+    assert user["content"].endswith("avoiding any potential bias. \n\n")
+
+
+def test_ratings_from_a_judge_that_writes_numbers(tiny_judge):
+    lm = load_causal_lm(tiny_judge, dtype="fp32", device="cpu")
+    table = rate(lm, ROWS, progress=False)
+    assert table.value == [judge_reply(i)[1] for i in range(len(ROWS))]
+    assert table.reason == [None] * len(ROWS)
+    assert table.first_line == [judge_reply(i)[0].split("\n")[0] for i in range(len(ROWS))]
+    # every row stopped at its newline: "5\n" is 2 tokens, "1.5\n" is 3 (the reference would go on to EOS)
+    assert table.new_tokens == sum(len(lm.tokenizer(judge_reply(i)[0].split("\n")[0] + "\n")["input_ids"])
+                                   for i in range(len(ROWS)))
+
+
+def test_batched_first_lines_equal_greedy_generation_one_row_at_a_time(tiny_judge):
+    """Rows the judge never saw (so it rambles): the batched, early-stopping decoder gives the
+    first line of transformers' own greedy `generate` on each row alone, at any batch size."""
+    import torch
+
+    lm = load_causal_lm(tiny_judge, dtype="fp32", device="cpu")
+    rows = [dict(r, output=r["output"] + extra) for r in ROWS[:5] for extra in ("", " Indeed.")][1::2]
+    convs = [ALPAGASUS.messages(r) for r in rows]
+    wide, _, _ = first_lines(lm, convs, max_tokens=24, progress=False)
+    narrow, _, _ = first_lines(lm, convs, max_tokens=24, batch_tokens=1, progress=False)
+    assert wide == narrow
+    for conv, line in zip(convs, wide):
+        ids = lm.tokenizer.apply_chat_template(conv, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.inference_mode():
+            out = lm.model.generate(**ids, max_new_tokens=24, do_sample=False, pad_token_id=lm.tokenizer.eos_token_id)
+        said = lm.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert line == said.split("\n")[0]
+
+
+def test_a_prompt_longer_than_the_judge_context_is_skipped_with_a_reason(tiny_judge):
+    lm = load_causal_lm(tiny_judge, dtype="fp32", device="cpu")
+    long_row = {"instruction": "Repeat.", "input": "", "output": "word " * 1100}  # > 1024 positions
+    table = rate(lm, [long_row, ROWS[0]], progress=False)
+    assert table.value == [None, 5.0] and table.reason == [R_TOO_LONG, None]
+
+
+def test_no_chat_template_is_a_clear_error(tiny_gpt2_dir):
+    from tamis.errors import ModelError
+
+    lm = load_causal_lm(tiny_gpt2_dir, dtype="fp32", device="cpu")
+    with pytest.raises(ModelError, match="no chat template, so it cannot serve as a judge"):
+        rate(lm, ROWS[:1], progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_dir(tmp_path_factory) -> str:
+    from conftest import make_gpt2_tokenizer, make_tiny_gpt2
+
+    out = tmp_path_factory.mktemp("tiny_gpt2_plain")
+    make_tiny_gpt2().save_pretrained(out, safe_serialization=True)
+    make_gpt2_tokenizer().save_pretrained(out)
+    return str(out)
+
+
+ALPAGASUS_RECIPE = 'score rating using api("gpt-3.5-turbo") | where rating >= 4.5 | rank by rating desc'
+
+
+def test_an_api_model_needs_a_local_binding_before_any_work():
+    with pytest.raises(PlanError, match=r"--model gpt-3\.5-turbo=PATH"):
+        LocalExecutor(compile_text(ALPAGASUS_RECIPE).graph, RunConfig(pool="does-not-matter.jsonl")).run()
+
+
+def test_alpagasus_runs_with_a_local_judge_and_resumes_from_the_cache(tiny_judge, tmp_path):
+    cfg = RunConfig(pool=str(POOL_SMALL), model_paths={"gpt-3.5-turbo": tiny_judge}, dtype="fp32",
+                    cache_dir=str(tmp_path / "cache"), chunk_rows=3, progress=False)
+    first = LocalExecutor(compile_text(ALPAGASUS_RECIPE).graph, cfg).run()
+    assert first.selected["id"].to_list() == [r["id"] for i, r in enumerate(ROWS) if i % 2 == 0]
+    assert first.scores["rating"].to_list() == [judge_reply(i)[1] for i in range(len(ROWS))]
+    assert first.scores["rating_said"].to_list() == [judge_reply(i)[0].split("\n")[0] for i in range(len(ROWS))]
+    score_stage = next(s for s in first.stages if s.label.startswith("score"))
+    assert (score_stage.scored_rows, score_stage.cached_rows) == (8, 0)
+    again = LocalExecutor(compile_text(ALPAGASUS_RECIPE).graph, cfg).run()
+    score_stage = next(s for s in again.stages if s.label.startswith("score"))
+    assert (score_stage.scored_rows, score_stage.cached_rows) == (0, 8)
+    assert again.selected.equals(first.selected)
+
+
+def test_the_builtin_alpagasus_recipe_through_the_cli(tiny_judge, tmp_path):
+    out = tmp_path / "picked.jsonl"
+    res = CliRunner().invoke(app, ["run", "alpagasus", "--pool", str(POOL_SMALL), "--model", f"gpt-3.5-turbo={tiny_judge}",
+                                   "-o", str(out), "--no-cache", "--dtype", "fp32", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    picked = pl.read_ndjson(out)
+    assert picked["id"].to_list() == ["row-0", "row-2", "row-4", "row-6"]
+    assert picked["rating"].to_list() == [5.0] * 4
+
+
+@pytest.mark.slow
+def test_smollm2_as_judge_first_lines_equal_generate(smollm2):
+    """The real judge: SmolLM2 writes no number on the first line for these rows (so every
+    rating is null, as the reference's -1), and the batched early-stopping decoder's first
+    lines are exactly those of `generate` with the reference's 256 new tokens, row by row."""
+    import torch
+
+    from tamis.runtime.data import load_pool
+    from tamis.runtime.models import smollm2_asset  # noqa: F401  (the fixture already checked it)
+
+    rows = load_pool(str(POOL_SMALL)).frame.to_dicts()[:4]
+    table = rate(smollm2, rows, progress=False)
+    for row, line, value, reason in zip(rows, table.first_line, table.value, table.reason):
+        ids = smollm2.tokenizer.apply_chat_template(ALPAGASUS.messages(row), add_generation_prompt=True,
+                                                    return_tensors="pt", return_dict=True)
+        with torch.inference_mode():
+            out = smollm2.model.generate(**ids, max_new_tokens=256, do_sample=False)
+        review = smollm2.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert line == review.split("\n")[0]
+        assert (value, reason) == parse_first_line_score(review)
