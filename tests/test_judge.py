@@ -158,3 +158,27 @@ def test_smollm2_as_judge_first_lines_equal_generate(smollm2):
         review = smollm2.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
         assert line == review.split("\n")[0]
         assert (value, reason) == parse_first_line_score(review)
+
+
+@pytest.mark.parametrize("recipe", ["ifd_alpagasus_blend", "ifd_and_alpagasus"])
+def test_the_api_hybrids_run_end_to_end(recipe, tiny_judge, tmp_path):
+    """Warmup training, IFD and the judge's rating in one run (the tiny judge doubles as PFM)."""
+    out = tmp_path / "picked.jsonl"
+    res = CliRunner().invoke(app, ["run", recipe, "--pool", str(POOL_SMALL), "--pfm", tiny_judge,
+                                   "--model", f"gpt-3.5-turbo={tiny_judge}", "-o", str(out), "--scores",
+                                   str(tmp_path / "all.parquet"), "--cache-dir", str(tmp_path / "cache"),
+                                   "--dtype", "fp32", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    picked = pl.read_ndjson(out)
+    scores = pl.read_parquet(tmp_path / "all.parquet")
+    assert scores["rating"].to_list() == [judge_reply(i)[1] for i in range(len(ROWS))]
+    assert scores["ifd"].null_count() < len(ROWS)
+    # only rows the judge rated highly survive either hybrid's rating filter
+    high = {r["id"] for i, r in enumerate(ROWS) if i % 2 == 0}
+    assert set(picked["id"]) <= high
+    if recipe == "ifd_alpagasus_blend":
+        assert picked.height == 1  # top 10% of the 8-row pool
+        assert picked["blend"].to_list() == sorted(picked["blend"].to_list(), reverse=True)
+    else:  # IFD's top 10% of 8 rows is its single highest IFD below 1; kept only if the judge liked it
+        ifd = scores.filter(pl.col("ifd") < 1).sort("ifd", descending=True)
+        assert picked["id"].to_list() == [i for i in ifd["id"].head(1) if i in high]
