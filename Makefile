@@ -44,6 +44,7 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/ifd_throughput.py --quick
+	$(PY) benchmarks/judge_throughput.py --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -167,7 +167,8 @@ def run(
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="skip bad pool rows (counted in the report) instead of failing")] = False,
     limit: Annotated[Optional[int], typer.Option(help="read only the first N pool rows")] = None,
     column: Annotated[Optional[list[str]], typer.Option("--column", help="map a field: --column prompt=instruction")] = None,
-    model: Annotated[Optional[list[str]], typer.Option("--model", help="point a recipe's hf(\"NAME\") at a local path: --model gpt2=/models/gpt2")] = None,
+    model: Annotated[Optional[list[str]], typer.Option("--model", help="serve a recipe's hf(\"NAME\") or api(\"NAME\") from a local path: --model gpt2=/models/gpt2")] = None,
+    api_base: Annotated[Optional[str], typer.Option("--api-base", help="OpenAI-compatible endpoint for api(\"NAME\") models (default $OPENAI_BASE_URL; key from $OPENAI_API_KEY)")] = None,
     batch_tokens: Annotated[Optional[int], typer.Option(help="padded tokens per scoring batch")] = None,
     progress: Annotated[bool, typer.Option(help="progress bars")] = True,
 ) -> None:
@@ -178,11 +179,11 @@ def run(
     from tamis.runtime.executor import LocalExecutor, RunConfig
     from tamis.runtime.outputs import write_json, write_jsonl, write_parquet, write_text
 
-    mapping = dict(c.split("=", 1) for c in column or [])
-    model_paths = dict(m.split("=", 1) for m in model or [])
+    mapping = _pairs("--column", column, "--column prompt=instruction")
+    model_paths = _pairs("--model", model, "--model gpt-3.5-turbo=/models/judge")
     cfg = RunConfig(pool=pool, pfm=pfm, device=device, dtype=dtype, cache_dir=cache_dir, no_cache=no_cache,
                     skip_bad=skip_bad, limit=limit, columns=mapping or None, batch_tokens=batch_tokens, progress=progress,
-                    model_paths=model_paths)
+                    model_paths=model_paths, api_base=api_base)
     try:
         compiled = compile_file(recipe)
         result = LocalExecutor(compiled.graph, cfg).run()
@@ -200,6 +201,17 @@ def run(
     if scores is not None:
         typer.echo(f"  scores:    {scores}")
     typer.echo(f"  report:    {base.with_name(base.name + '.report.md')} (and .json)")
+
+
+def _pairs(flag: str, values: Optional[list[str]], example: str) -> dict[str, str]:
+    """NAME=VALUE options as a dict; anything else is a usage error that shows the form."""
+    out: dict[str, str] = {}
+    for v in values or []:
+        name, sep, value = v.partition("=")
+        if not sep or not name or not value:
+            raise typer.BadParameter(f"{v!r} is not NAME=VALUE, e.g. {example}", param_hint=flag)
+        out[name] = value
+    return out
 
 
 def main() -> None:  # pragma: no cover

@@ -182,3 +182,30 @@ def test_the_api_hybrids_run_end_to_end(recipe, tiny_judge, tmp_path):
     else:  # IFD's top 10% of 8 rows is its single highest IFD below 1; kept only if the judge liked it
         ifd = scores.filter(pl.col("ifd") < 1).sort("ifd", descending=True)
         assert picked["id"].to_list() == [i for i in ifd["id"].head(1) if i in high]
+
+
+def test_a_parked_straggler_resumes_to_the_same_first_line(tiny_judge):
+    """Three rows the judge answers in 2-3 tokens and one it rambles on: once three are
+    done, the fourth is parked with what it wrote; resumed alone (re-reading its partial
+    reply as prompt) it ends with the first line `generate` gives."""
+    import torch
+
+    from tamis.runtime.judge import _decode_batch, _Row
+
+    lm = load_causal_lm(tiny_judge, dtype="fp32", device="cpu")
+    rambler = dict(ROWS[1], output=ROWS[1]["output"] + " Indeed.")
+    convs = [ALPAGASUS.messages(r) for r in (ROWS[0], ROWS[2], ROWS[4], rambler)]
+    prompts = [lm.tokenizer.apply_chat_template(c, add_generation_prompt=True, return_dict=True)["input_ids"]
+               for c in convs]
+    rows = [_Row(list(p), 24) for p in prompts]
+    _decode_batch(lm, rows, may_park=True)
+    assert [r.done for r in rows] == [True, True, True, False]
+    parked = rows[3]
+    assert 0 < len(parked.written) < 24 and parked.left == 24 - len(parked.written)
+    _decode_batch(lm, [parked], may_park=False)
+    assert parked.done
+    ids = torch.tensor([prompts[3]])
+    with torch.inference_mode():
+        out = lm.model.generate(input_ids=ids, max_new_tokens=24, do_sample=False, pad_token_id=lm.tokenizer.eos_token_id)
+    said = lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert lm.tokenizer.decode(parked.written, skip_special_tokens=True).split("\n")[0] == said.split("\n")[0]

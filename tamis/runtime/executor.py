@@ -42,7 +42,8 @@ class RunConfig:
     columns: dict[str, str] | None = None
     batch_tokens: int | None = None
     chunk_rows: int = 64  # rows scored between cache writes: the most a kill can lose
-    model_paths: dict[str, str] = field(default_factory=dict)  # hf("name") -> a local path, for offline machines
+    model_paths: dict[str, str] = field(default_factory=dict)  # hf/api("name") -> a local path, for offline machines
+    api_base: str | None = None  # OpenAI-compatible endpoint for api("name") models without a local binding
     progress: bool = True
 
 
@@ -74,9 +75,9 @@ class PlanError(TamisError):
     """The graph asks for something the local executor cannot run."""
 
 
-def check_runnable(g: nx.DiGraph, model_paths: dict[str, str] | None = None) -> None:
+def check_runnable(g: nx.DiGraph, cfg: "RunConfig | None" = None) -> None:
     """Fail before any work when a node has no local implementation, or names an API
-    model that no local model serves (`model_paths`: the --model NAME=PATH bindings)."""
+    model that neither a local model (--model NAME=PATH) nor an endpoint serves."""
     out = g.graph["output"]
     needed = nx.ancestors(g, out)
     problems = []
@@ -92,15 +93,23 @@ def check_runnable(g: nx.DiGraph, model_paths: dict[str, str] | None = None) -> 
                 problems.append(f"stage `{a['label']}`{where}: sampler `{a['params']['sampler']}` has no local runtime yet")
         elif a["kind"] == "model" and a["ctor"] not in RUNNABLE_MODELS:
             problems.append(f"model `{a['label']}`{where}: `{a['ctor']}` models have no local runtime yet")
-        elif a["kind"] == "model" and a["ctor"] == "api" and a["params"]["name"] not in (model_paths or {}):
+        elif a["kind"] == "model" and a["ctor"] == "api" and _binding(a, cfg) is None:
             name = a["params"]["name"]
-            problems.append(f"model `{a['label']}`{where}: this machine calls no API; serve it with a local chat "
-                            f"model: --model {name}=PATH")
+            problems.append(f"model `{a['label']}`{where}: nothing serves it; bind a local chat model with "
+                            f"--model {name}=PATH, or name an OpenAI-compatible endpoint with --api-base URL "
+                            "(or $OPENAI_BASE_URL; the key comes from $OPENAI_API_KEY)")
         elif a["kind"] == "dataset" and a.get("source") not in ("pool", "warmup_sample"):
             problems.append(f"dataset `{a['label']}`{where}: `{a['source']}` has no local runtime yet")
     if problems:
         raise PlanError("this recipe cannot run locally yet:\n  " + "\n  ".join(sorted(problems))
                         + f"\nrunnable scorers: {', '.join(sorted(RUNNABLE_SCORERS))}")
+
+
+def _binding(model_node: dict, cfg: "RunConfig | None"):
+    from tamis.runtime.api_client import judge_binding
+
+    p = model_node["params"]
+    return judge_binding(p["name"], p.get("base_url"), cfg.model_paths if cfg else {}, cfg.api_base if cfg else None)
 
 
 def _size_rows(size: dict, n: int) -> int:
@@ -136,7 +145,7 @@ class LocalExecutor:
     def run(self) -> RunResult:
         from tamis.runtime.data import load_pool
 
-        check_runnable(self.g, self.cfg.model_paths)
+        check_runnable(self.g, self.cfg)
         started = time.perf_counter()
         loaded = load_pool(self.cfg.pool, format=self.cfg.pool_format, columns=self.cfg.columns,
                            skip_bad=self.cfg.skip_bad, limit=self.cfg.limit)
@@ -371,8 +380,17 @@ class LocalExecutor:
         elif ctor == "hf":
             name = self.cfg.model_paths.get(a["params"]["name"], a["params"]["name"])
             lm = load_causal_lm(name, device=self.cfg.device, dtype=self.cfg.dtype, gguf_file=a["params"].get("gguf"))
-        elif ctor == "api":  # served by the local model bound to its name (check_runnable made sure there is one)
-            lm = load_causal_lm(self.cfg.model_paths[a["params"]["name"]], device=self.cfg.device, dtype=self.cfg.dtype)
+        elif ctor == "api":  # check_runnable made sure something serves it
+            binding = _binding(a, self.cfg)
+            if binding.local_path:
+                lm = load_causal_lm(binding.local_path, device=self.cfg.device, dtype=self.cfg.dtype)
+            else:
+                from tamis.runtime.api_client import ChatEndpoint
+
+                endpoint = ChatEndpoint(binding.base_url, binding.name)
+                self.model_info[node] = {"label": a["label"], "name": endpoint.name, "fingerprint": endpoint.fingerprint,
+                                         "device": "remote", "dtype": "remote"}
+                return endpoint
         elif ctor == "proxy":
             # proxy(of, model): the stand-in is the second base edge's model (the non-PFM one)
             stand_in = next(b for b in bases if self.g.nodes[b]["ctor"] != "pfm" or len(bases) == 1)

@@ -24,14 +24,17 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from tamis.errors import ModelError
+from tamis.runtime.api_client import ChatEndpoint
 from tamis.runtime.data import rows_of
-from tamis.runtime.lm_scoring import cache_keyword
+from tamis.runtime.lm_scoring import cache_keyword, supports_plain_cache
 from tamis.runtime.models import LoadedLM
 from tamis.runtime.templates import render_chat
 
@@ -98,12 +101,12 @@ class RatingTable:
     value: list[float | None]
     reason: list[str | None]
     first_line: list[str | None]  # what the judge wrote before its first newline
-    new_tokens: int  # tokens generated in all
+    new_tokens: int | None  # tokens generated in all (None from an endpoint)
     seconds: float
 
 
 def rate(
-    lm: LoadedLM,
+    judge: "LoadedLM | ChatEndpoint",
     examples: Any,
     *,
     prompt: str = "alpagasus",
@@ -111,7 +114,8 @@ def rate(
     batch_tokens: int | None = None,
     progress: bool = True,
 ) -> RatingTable:
-    """Rate every row's response with the judge `lm` (greedy, first line, see the module note)."""
+    """Rate every row's response with `judge`: a local chat model (greedy, first line, see
+    the module note) or an OpenAI-compatible endpoint (`tamis.runtime.api_client`)."""
     if prompt not in JUDGE_PROMPTS:
         raise ModelError(f"unknown judge prompt {prompt!r}: use one of {', '.join(JUDGE_PROMPTS)}")
     if max_tokens < 1:
@@ -119,8 +123,11 @@ def rate(
     rows = rows_of(examples, "rate", ModelError)
     started = time.perf_counter()
     conversations = [JUDGE_PROMPTS[prompt].messages(row) for row in rows]
-    lines, new_tokens, too_long = first_lines(lm, conversations, max_tokens=max_tokens,
-                                              batch_tokens=batch_tokens, progress=progress)
+    if isinstance(judge, ChatEndpoint):
+        lines, new_tokens, too_long = _endpoint_first_lines(judge, conversations, max_tokens, progress)
+    else:
+        lines, new_tokens, too_long = first_lines(judge, conversations, max_tokens=max_tokens,
+                                                  batch_tokens=batch_tokens, progress=progress)
     values: list[float | None] = []
     reasons: list[str | None] = []
     for line, skipped in zip(lines, too_long):
@@ -134,6 +141,15 @@ def rate(
 # --------------------------------------------------------------------------- generation
 
 
+def _endpoint_first_lines(endpoint: ChatEndpoint, conversations: list[list[dict[str, str]]], max_tokens: int,
+                          progress: bool) -> tuple[list[str], None, list[bool]]:
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(conversations), unit="row", desc="judging", disable=not progress) as bar:
+        replies = endpoint.complete_many(conversations, max_tokens=max_tokens, stop=["\n"], progress=bar.update)
+    return [r.split("\n")[0] for r in replies], None, [False] * len(replies)
+
+
 def first_lines(
     lm: LoadedLM,
     conversations: Sequence[Sequence[Mapping[str, str]]],
@@ -145,98 +161,181 @@ def first_lines(
     """Greedy replies of the judge, each cut at its first newline.
 
     Returns (first lines, new tokens generated, whether each prompt was too long for the
-    judge's context and so not run).
+    judge's context and so not run). Rows are decoded in batches of similar length; a
+    batch whose rows are three-quarters done *parks* the rest (they re-enter the queue
+    with what they have written so far, see `_Row`), so a few long-winded rows are decoded
+    together instead of one by one.
     """
     tok = lm.tokenizer
     if not getattr(tok, "chat_template", None):
         raise ModelError(f"{lm.name} has no chat template, so it cannot serve as a judge (use an instruction-tuned chat model)")
     texts = [render_chat(tok, c, add_generation_prompt=True) for c in conversations]
     ids = list(tok(texts, add_special_tokens=False)["input_ids"]) if texts else []
-    context = getattr(lm.model.config, "max_position_embeddings", None)
-    too_long = [context is not None and len(x) >= context for x in ids]
-    lines = [""] * len(ids)
-    # KV cache ≈ budget × layers × 2 × kv width; decoding is bound by reading the weights, so
-    # wide batches are what make it fast
-    budget = batch_tokens or (131072 if lm.device.type == "cuda" else 16384)
-    order = sorted((i for i in range(len(ids)) if not too_long[i]), key=lambda i: -len(ids[i]))
+    context = getattr(lm.model.config, "max_position_embeddings", None) or 10**9
+    too_long = [len(x) >= context for x in ids]
+    rows = {i: _Row(list(ids[i]), min(max_tokens, context - len(ids[i]))) for i in range(len(ids)) if not too_long[i]}
+    # KV cache ≈ budget × layers × 2 × kv width; decoding is bound by memory traffic, so a
+    # moderate batch is as fast per row as a wide one on CPU
+    budget = batch_tokens or (131072 if lm.device.type == "cuda" else 8192)
+    queue = sorted(rows, key=lambda i: -rows[i].length)
+    # per-row caches are left-padded into a batch; a sliding-window cache cannot be
+    max_batch = 64 if supports_plain_cache(lm) else 1
     new_tokens = 0
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(order), unit="row", desc="judging", disable=not progress, smoothing=0.1)
-    start = 0
-    while start < len(order):
-        # rows in a batch share the longest prompt's length (left padding) plus the new tokens
-        longest = len(ids[order[start]])
-        limit = max_tokens if context is None else min(max_tokens, context - longest)
-        per_row = longest + limit
-        size = max(1, min(64, budget // per_row))
-        batch = order[start:start + size]
+    bar = tqdm(total=len(rows), unit="row", desc="judging", disable=not progress, smoothing=0.1)
+    while queue:
+        # rows in a batch share the longest row's length (left padding) plus its new tokens
+        per_row = rows[queue[0]].length + max(rows[i].left for i in queue[:max_batch])
+        size = max(1, min(max_batch, budget // per_row))
+        batch, queue = queue[:size], queue[size:]
         try:
-            got, generated = _generate_batch(lm, [ids[i] for i in batch], limit)
+            new_tokens += _decode_batch(lm, [rows[i] for i in batch], may_park=bool(queue))
         except torch.OutOfMemoryError:
             if lm.device.type != "cuda" or budget <= per_row:
-                raise ModelError(f"out of memory judging a {longest}-token prompt on {lm.device}; "
+                raise ModelError(f"out of memory judging a {per_row}-token row on {lm.device}; "
                                  "pass a smaller --batch-tokens or use a smaller judge") from None
             torch.cuda.empty_cache()
             budget //= 2
+            queue = batch + queue
             continue
-        for i, line in zip(batch, got):
-            lines[i] = line
-        new_tokens += generated
-        bar.update(len(batch))
-        start += len(batch)
+        parked = [i for i in batch if not rows[i].done]
+        bar.update(len(batch) - len(parked))
+        queue = sorted(queue + parked, key=lambda i: -rows[i].length)
     bar.close()
+    lines = [tok.decode(rows[i].written, skip_special_tokens=True).split("\n")[0] if i in rows else ""
+             for i in range(len(ids))]
     return lines, new_tokens, too_long
 
 
-def _generate_batch(lm: LoadedLM, prompts: list[list[int]], max_new: int) -> tuple[list[str], int]:
-    """Greedy-decode a left-padded batch until every row has a newline, EOS or `max_new` tokens.
+@dataclass
+class _Row:
+    """One reply being decoded: its prompt, the tokens written so far, how many more it may write."""
 
-    A row that is done leaves the batch (its cache rows are dropped), so one long-winded
-    row does not keep the others decoding.
+    prompt: list[int]
+    left: int
+    written: list[int] = field(default_factory=list)
+    done: bool = False
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.written)
+
+
+def _decode_batch(lm: LoadedLM, rows: list[_Row], may_park: bool) -> int:
+    """Greedy-decode a batch; each row stops at a newline, EOS or its token limit.
+
+    Each row's text is first run alone (no padding, so the causal attention fast path),
+    and the caches are left-padded into one batch for decoding. A row that is done leaves
+    the batch (its cache rows are dropped), so it costs nothing more. With `may_park`, once
+    three-quarters of the batch are done the rest stop early and come back later with what
+    they have written (re-reading it as prompt gives the same next tokens as decoding on);
+    that lets stragglers of several batches share one. Returns the tokens generated.
     """
     tok = lm.tokenizer
     eos = _eos_ids(lm)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos)
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for r, p in enumerate(prompts):
-        input_ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[r, width - len(p):] = 1
-    input_ids, mask = input_ids.to(lm.device), mask.to(lm.device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    pieces: list[list[int]] = [[] for _ in prompts]
-    active = list(range(len(prompts)))  # batch row -> prompt index
-    cache = None
     cache_arg = cache_keyword(lm.model)
+    park_at = len(rows) // 4 if may_park else 0
     generated = 0
     with torch.inference_mode():
-        for _ in range(max_new):
-            out = lm.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                           use_cache=True, logits_to_keep=1, **{cache_arg: cache})
-            cache = out.past_key_values
-            nxt = out.logits[:, -1, :].float().argmax(-1).cpu().tolist()
+        texts = [r.prompt + r.written for r in rows]
+        capacity = max(len(t) for t in texts) + max(r.left for r in rows)
+        nxt, cache, mask, positions = _prefill_each(lm, texts, capacity)
+        active = list(range(len(rows)))  # batch row -> index into rows
+        while True:
             generated += len(active)
             keep: list[int] = []
             for r, t in enumerate(nxt):
-                if t in eos:
-                    continue
-                pieces[active[r]].append(t)
-                if "\n" not in tok.decode([t]):
+                row = rows[active[r]]
+                row.left -= 1
+                if t not in eos:
+                    row.written.append(t)
+                if t in eos or "\n" in tok.decode([t]) or row.left <= 0:
+                    row.done = True
+                else:
                     keep.append(r)
-            if not keep:
-                break
-            step = torch.tensor([nxt[r] for r in keep], dtype=torch.long, device=lm.device)[:, None]
+            if len(keep) <= park_at:
+                return generated  # the rest (if any) are parked: not done, they go back to the queue
             if len(keep) < len(active):
                 index = torch.tensor(keep, device=lm.device)
                 cache.batch_select_indices(index)
                 mask, positions = mask[index], positions[index]
                 active = [active[r] for r in keep]
-            input_ids = step
+            step = torch.tensor([nxt[r] for r in keep], dtype=torch.long, device=lm.device)[:, None]
             mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-            positions = positions[:, -1:] + 1
-    return [tok.decode(p, skip_special_tokens=True).split("\n")[0] for p in pieces], generated
+            positions = positions + 1
+            out = lm.model(input_ids=step, attention_mask=mask, position_ids=positions,
+                           use_cache=True, logits_to_keep=1, **{cache_arg: cache})
+            cache = out.past_key_values
+            nxt = out.logits[:, -1, :].float().argmax(-1).cpu().tolist()
+
+
+def _prefill_each(lm: LoadedLM, texts: list[list[int]], capacity: int) -> tuple[list[int], Any, torch.Tensor, torch.Tensor]:
+    """(first greedy tokens, the batch's cache, attention mask, last positions): each text run
+    alone, the caches left-padded to the longest (padding masked out)."""
+    firsts, per_row = [], []
+    for t in texts:
+        out = lm.model(input_ids=torch.tensor([t], device=lm.device), use_cache=True, logits_to_keep=1)
+        firsts.append(int(out.logits[0, -1].float().argmax()))
+        per_row.append([(layer.keys, layer.values) for layer in out.past_key_values.layers])
+    width = max(len(t) for t in texts)
+    layers = []
+    for i in range(len(per_row[0])):
+        k0, v0 = per_row[0][i]
+        keys = k0.new_zeros((len(texts), k0.shape[1], width, k0.shape[3]))
+        values = v0.new_zeros((len(texts), v0.shape[1], width, v0.shape[3]))
+        for b, kv in enumerate(per_row):
+            n = kv[i][0].shape[2]
+            keys[b, :, width - n:] = kv[i][0][0]
+            values[b, :, width - n:] = kv[i][1][0]
+        layers.append((keys, values))
+    per_row.clear()
+    cache = DynamicCache()
+    cache.layers = [_GrowingLayer(k, v, capacity) for k, v in layers]
+    mask = torch.zeros((len(texts), width), dtype=torch.long, device=lm.device)
+    for b, t in enumerate(texts):
+        mask[b, width - len(t):] = 1
+    positions = torch.tensor([[len(t) - 1] for t in texts], dtype=torch.long, device=lm.device)
+    return firsts, cache, mask, positions
+
+
+class _GrowingLayer(DynamicLayer):
+    """A decoding cache layer with room reserved up front, so appending a token writes one
+    slot instead of copying the whole cache (transformers' layer concatenates, which made
+    every step cost as much as copying the batch's cache)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
+        super().__init__()
+        b, h, n, _ = keys.shape
+        self._k = keys.new_empty((b, h, max(capacity, n), keys.shape[3]))
+        self._v = values.new_empty((b, values.shape[1], max(capacity, n), values.shape[3]))
+        self._k[:, :, :n] = keys
+        self._v[:, :, :n] = values
+        self._n = n
+        self.lazy_initialization(keys, values)
+        self._expose()
+
+    def _expose(self) -> None:
+        self.keys, self.values = self._k[:, :, :self._n], self._v[:, :, :self._n]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        m = key_states.shape[2]
+        if self._n + m > self._k.shape[2]:  # out of room (not expected): grow by doubling
+            grow = max(self._k.shape[2], m)
+            self._k = torch.cat([self._k, self._k.new_empty(self._k.shape[:2] + (grow, self._k.shape[3]))], dim=2)
+            self._v = torch.cat([self._v, self._v.new_empty(self._v.shape[:2] + (grow, self._v.shape[3]))], dim=2)
+        self._k[:, :, self._n:self._n + m] = key_states
+        self._v[:, :, self._n:self._n + m] = value_states
+        self._n += m
+        self._expose()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self._n
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._k, self._v = self._k[indices], self._v[indices]
+        self._expose()
 
 
 def _eos_ids(lm: LoadedLM) -> set[int]:

@@ -510,7 +510,7 @@ class _Engine:
         self.budget = budget
         self.base, self.head, self.softcap = split_model(lm)
         self.cache_kw = cache_keyword(self.base)
-        self.share_prefix = share_prefix and _supports_plain_cache(lm)
+        self.share_prefix = share_prefix and supports_plain_cache(lm)
         # A batch's fixed cost in token-equivalents: on a CPU a padded token costs about
         # as much as a real one and a forward call little, so batches follow lengths
         # closely; on a GPU each call costs thousands of tokens' worth, so batches grow.
@@ -757,7 +757,7 @@ def cache_keyword(base: Any) -> str:
     raise ModelError(f"{type(base).__name__}.forward takes no key/value cache argument")
 
 
-def _supports_plain_cache(lm: LoadedLM) -> bool:
+def supports_plain_cache(lm: LoadedLM) -> bool:
     """Header sharing needs a plain (non-sliding) cache in every layer."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
