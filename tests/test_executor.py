@@ -48,8 +48,8 @@ def test_percent_is_of_the_pool_not_of_the_remaining_rows():
 
 
 def test_unrunnable_recipe_fails_before_any_work():
-    with pytest.raises(PlanError, match="scorer `complexity` has no local runtime"):
-        _run('score complexity using hf("x") | rank by complexity | top 1', RunConfig(pool="does-not-matter.jsonl"))
+    with pytest.raises(PlanError, match="scorer `tags` has no local runtime"):
+        _run('score tags using hf("x"), length | rank by length | top 1', RunConfig(pool="does-not-matter.jsonl"))
 
 
 def test_ifd_run_matches_scoring_each_row_alone(tiny_gpt2_dir, tmp_path):

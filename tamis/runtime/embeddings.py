@@ -47,22 +47,30 @@ def encode(name: str, texts: list[str], model_paths: dict[str, str], device: str
     return emb.astype(np.float32)
 
 
-@torch.inference_mode()
 def llm_last_token(lm, texts: list[str], max_length: int = 2048, batch_size: int = 8) -> np.ndarray:
     """DEITA's embedding: the final layer's hidden state at the last real token, L2-normalised."""
+    tok = lm.tokenizer
+    ids = [tok(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
+    vec = last_token_states(lm, ids, batch_size)
+    return torch.nn.functional.normalize(vec, dim=-1).cpu().numpy().astype(np.float32)
+
+
+@torch.inference_mode()
+def last_token_states(lm, ids: list[list[int]], batch_size: int = 8, progress: bool = False) -> torch.Tensor:
+    """The final hidden state (after the model's last norm) at each sequence's last token, float32."""
+    from tqdm.auto import tqdm
+
     from tamis.runtime.lm_scoring import split_model
 
     base, _, _ = split_model(lm)
-    tok = lm.tokenizer
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # length-sorted batches pad less
-    out = np.zeros((len(texts), lm.model.config.hidden_size), dtype=np.float32)
-    for start in range(0, len(order), batch_size):
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # length-sorted batches pad less
+    out = torch.zeros((len(ids), lm.model.config.hidden_size), dtype=torch.float32, device=lm.device)
+    for start in tqdm(range(0, len(order), batch_size), unit="batch", desc="encoding", disable=not progress):
         idx = order[start:start + batch_size]
-        enc = [tok(texts[i], truncation=True, max_length=max_length)["input_ids"] for i in idx]
+        enc = [ids[i] for i in idx]
         width = max(len(e) for e in enc)
-        ids = torch.tensor([e + [e[-1]] * (width - len(e)) for e in enc], device=lm.device)  # right padding: causal, exact
-        hidden = base(input_ids=ids).last_hidden_state
+        batch = torch.tensor([e + [e[-1]] * (width - len(e)) for e in enc], device=lm.device)  # right padding: causal, exact
+        hidden = base(input_ids=batch).last_hidden_state
         last = torch.tensor([len(e) - 1 for e in enc], device=lm.device)
-        vec = hidden[torch.arange(len(idx), device=lm.device), last].float()
-        out[idx] = torch.nn.functional.normalize(vec, dim=-1).cpu().numpy()
+        out[torch.tensor(idx, device=lm.device)] = hidden[torch.arange(len(idx), device=lm.device), last].float()
     return out

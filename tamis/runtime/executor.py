@@ -20,12 +20,13 @@ import polars as pl
 from tamis.errors import ModelError, TamisError
 
 # What the local executor can run today; everything else fails at plan time, before any work.
-RUNNABLE_SCORERS = {"length", "mtld", "loss", "ppl", "ifd", "rating"}
+RUNNABLE_SCORERS = {"length", "mtld", "loss", "ppl", "ifd", "rating", "complexity", "quality"}
 RUNNABLE_OPS = {"score", "let", "where", "rank", "top", "topk", "sample", "intersect", "union", "diverse"}
 RUNNABLE_SAMPLERS = {"repr_filter", "kcenter", "facility_location"}
 RUNNABLE_MODELS = {"pfm", "hf", "proxy", "warmup", "encoder", "api"}
 LM_SCORERS = {"loss", "ppl", "ifd"}
 JUDGE_SCORERS = {"rating"}
+DIGIT_SCORERS = {"complexity", "quality"}
 
 
 @dataclass
@@ -264,6 +265,8 @@ class LocalExecutor:
             cols = self._lm_score(n, a, frame, report)
         elif scorer in JUDGE_SCORERS:
             cols = self._judge_score(n, a, frame, report)
+        elif scorer in DIGIT_SCORERS:
+            cols = self._digit_score(n, a, frame, report)
         else:
             cols = self._text_score(scorer, p, frame).alias(main).to_frame().with_columns(frame["id"])
         out = frame.join(cols, on="id", how="left", maintain_order="left")
@@ -359,6 +362,26 @@ class LocalExecutor:
             f"{main}_reason": pl.Series([v["reason"] for v in values], dtype=pl.String),
             f"{main}_said": pl.Series([v["first_line"] for v in values], dtype=pl.String),
         })
+
+    def _digit_score(self, n, a, frame, report) -> pl.DataFrame:
+        from tamis.runtime.digit_scorers import DIGIT_TEMPLATES, digit_scores
+
+        p = a["params"]
+        scorer = p["scorer"]
+        main = next(iter(a["columns_out"]))
+        t0 = time.perf_counter()
+        lm = self._model(self._model_of(n))
+        report.model_seconds = time.perf_counter() - t0
+        semantic = {"op": "score", "scorer": scorer, "template": DIGIT_TEMPLATES[scorer],
+                    "max_length": p["max_length"], "model": lm.fingerprint}
+
+        def compute(chunk: pl.DataFrame) -> dict:
+            got = digit_scores(lm, chunk, scorer, max_length=p["max_length"], progress=self.cfg.progress)
+            return {"value": got.value, "reason": got.reason}
+
+        values = self._cached_rows(semantic, frame, report, {"value": pl.Float64, "reason": pl.String}, compute)
+        return pl.DataFrame({"id": frame["id"], main: pl.Series([v["value"] for v in values], dtype=pl.Float64),
+                             f"{main}_reason": pl.Series([v["reason"] for v in values], dtype=pl.String)})
 
     # ---- models ---------------------------------------------------------------------
     def _model(self, node: str):
