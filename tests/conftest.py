@@ -81,6 +81,15 @@ def tiny_lm(gpt2_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> str:
+    """The tiny GPT-2 (real GPT-2 BPE) saved as a safetensors folder, as a user's --pfm would be (read-only)."""
+    out = tmp_path_factory.mktemp("tiny_gpt2")
+    make_tiny_gpt2().save_pretrained(out, safe_serialization=True)
+    make_gpt2_tokenizer().save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     """LoadedLM: the offline SmolLM2-135M-Instruct, CPU fp32 (marks the test slow)."""
     from tamis.errors import ModelError

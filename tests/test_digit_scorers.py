@@ -66,17 +66,7 @@ def test_a_tokenizer_without_digit_tokens_is_refused(tiny_lm):
         digit_ids(NoDigits())
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> str:
-    from conftest import make_gpt2_tokenizer, make_tiny_gpt2
-
-    out = tmp_path_factory.mktemp("tiny_scorer")
-    make_tiny_gpt2().save_pretrained(out, safe_serialization=True)
-    make_gpt2_tokenizer().save_pretrained(out)
-    return str(out)
-
-
-def test_deita_released_runs_end_to_end(tiny_dir, tiny_lm, tmp_path):
+def test_deita_released_runs_end_to_end(tiny_gpt2_dir, tiny_lm, tmp_path):
     """Both scorers and the repr filter's embedder bound to the tiny model: the selection is
     the rows ranked by complexity × quality, as computed here directly."""
     out = tmp_path / "sel.jsonl"
@@ -84,7 +74,7 @@ def test_deita_released_runs_end_to_end(tiny_dir, tiny_lm, tmp_path):
     args = ["run", "deita_released", "--pool", str(POOL_SMALL), "-o", str(out), "--scores", str(tmp_path / "all.parquet"),
             "--cache-dir", str(tmp_path / "c"), "--dtype", "fp32", "--no-progress"]
     for m in models:
-        args += ["--model", f"{m}={tiny_dir}"]
+        args += ["--model", f"{m}={tiny_gpt2_dir}"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     scores = pl.read_parquet(tmp_path / "all.parquet")

@@ -18,17 +18,6 @@ FIX = Path(__file__).parent / "fixtures" / "data"
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def tiny_gpt2_dir(tmp_path_factory) -> str:
-    """The conftest's tiny GPT-2 (real GPT-2 BPE) saved as a safetensors folder, as a user's --pfm would be."""
-    from conftest import make_gpt2_tokenizer, make_tiny_gpt2
-
-    out = tmp_path_factory.mktemp("tiny_gpt2")
-    make_tiny_gpt2().save_pretrained(out, safe_serialization=True)
-    make_gpt2_tokenizer().save_pretrained(out)
-    return str(out)
-
-
 def _run(text: str, cfg: RunConfig):
     return LocalExecutor(compile_text(text).graph, cfg).run()
 

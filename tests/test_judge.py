@@ -95,16 +95,6 @@ def test_no_chat_template_is_a_clear_error(tiny_gpt2_dir):
         rate(lm, ROWS[:1], progress=False)
 
 
-@pytest.fixture(scope="module")
-def tiny_gpt2_dir(tmp_path_factory) -> str:
-    from conftest import make_gpt2_tokenizer, make_tiny_gpt2
-
-    out = tmp_path_factory.mktemp("tiny_gpt2_plain")
-    make_tiny_gpt2().save_pretrained(out, safe_serialization=True)
-    make_gpt2_tokenizer().save_pretrained(out)
-    return str(out)
-
-
 ALPAGASUS_RECIPE = 'score rating using api("gpt-3.5-turbo") | where rating >= 4.5 | rank by rating desc'
 
 

@@ -311,15 +311,20 @@ class LocalExecutor:
         report.skipped = dict(sorted(Counter(v["reason"] for v in values if v["reason"]).items()))
         return values
 
+    def _stage_model(self, n: str, report: StageReport):
+        """The model a stage uses, built (or warmed up) on first use; that time is the stage's model_seconds."""
+        t0 = time.perf_counter()
+        model = self._model(self._model_of(n))
+        report.model_seconds = time.perf_counter() - t0
+        return model
+
     def _lm_score(self, n, a, frame, report) -> pl.DataFrame:
         from tamis.runtime.lm_scoring import score_answers
 
         p = a["params"]
         scorer = p["scorer"]
         main = next(iter(a["columns_out"]))
-        t0 = time.perf_counter()
-        lm = self._model(self._model_of(n))
-        report.model_seconds = time.perf_counter() - t0
+        lm = self._stage_model(n, report)
         semantic = {"op": "score", "scorer": scorer, "form": p.get("form"), "template": p["template"],
                     "max_length": p["max_length"], "turns": p["turns"], "model": lm.fingerprint}
 
@@ -343,9 +348,7 @@ class LocalExecutor:
 
         p = a["params"]
         main = next(iter(a["columns_out"]))
-        t0 = time.perf_counter()
-        lm = self._model(self._model_of(n))
-        report.model_seconds = time.perf_counter() - t0
+        lm = self._stage_model(n, report)
         semantic = {"op": "score", "scorer": "rating", "prompt": p["prompt"], "max_tokens": p["max_tokens"],
                     "decoding": JUDGE_DECODING, "model": lm.fingerprint}
 
@@ -369,9 +372,7 @@ class LocalExecutor:
         p = a["params"]
         scorer = p["scorer"]
         main = next(iter(a["columns_out"]))
-        t0 = time.perf_counter()
-        lm = self._model(self._model_of(n))
-        report.model_seconds = time.perf_counter() - t0
+        lm = self._stage_model(n, report)
         semantic = {"op": "score", "scorer": scorer, "template": DIGIT_TEMPLATES[scorer],
                     "max_length": p["max_length"], "model": lm.fingerprint}
 
