@@ -180,7 +180,6 @@ def first_lines(
     queue = sorted(rows, key=lambda i: -rows[i].length)
     # per-row caches are left-padded into a batch; a sliding-window cache cannot be
     max_batch = 64 if supports_plain_cache(lm) else 1
-    new_tokens = 0
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(rows), unit="row", desc="judging", disable=not progress, smoothing=0.1)
@@ -190,19 +189,19 @@ def first_lines(
         size = max(1, min(max_batch, budget // per_row))
         batch, queue = queue[:size], queue[size:]
         try:
-            new_tokens += _decode_batch(lm, [rows[i] for i in batch], may_park=bool(queue))
+            _decode_batch(lm, [rows[i] for i in batch], may_park=bool(queue))
         except torch.OutOfMemoryError:
             if lm.device.type != "cuda" or budget <= per_row:
                 raise ModelError(f"out of memory judging a {per_row}-token row on {lm.device}; "
                                  "pass a smaller --batch-tokens or use a smaller judge") from None
             torch.cuda.empty_cache()
             budget //= 2
-            queue = batch + queue
-            continue
+            # rows finished before the error stay finished; the rest resume from what they wrote
         parked = [i for i in batch if not rows[i].done]
         bar.update(len(batch) - len(parked))
         queue = sorted(queue + parked, key=lambda i: -rows[i].length)
     bar.close()
+    new_tokens = sum(r.limit - r.left for r in rows.values())
     lines = [tok.decode(rows[i].written, skip_special_tokens=True).split("\n")[0] if i in rows else ""
              for i in range(len(ids))]
     return lines, new_tokens, too_long
@@ -216,13 +215,17 @@ class _Row:
     left: int
     written: list[int] = field(default_factory=list)
     done: bool = False
+    limit: int = field(init=False)  # `left` at the start: limit - left tokens were generated
+
+    def __post_init__(self) -> None:
+        self.limit = self.left
 
     @property
     def length(self) -> int:
         return len(self.prompt) + len(self.written)
 
 
-def _decode_batch(lm: LoadedLM, rows: list[_Row], may_park: bool) -> int:
+def _decode_batch(lm: LoadedLM, rows: list[_Row], may_park: bool) -> None:
     """Greedy-decode a batch; each row stops at a newline, EOS or its token limit.
 
     Each row's text is first run alone (no padding, so the causal attention fast path),
@@ -230,20 +233,18 @@ def _decode_batch(lm: LoadedLM, rows: list[_Row], may_park: bool) -> int:
     the batch (its cache rows are dropped), so it costs nothing more. With `may_park`, once
     three-quarters of the batch are done the rest stop early and come back later with what
     they have written (re-reading it as prompt gives the same next tokens as decoding on);
-    that lets stragglers of several batches share one. Returns the tokens generated.
+    that lets stragglers of several batches share one.
     """
     tok = lm.tokenizer
     eos = _eos_ids(lm)
     cache_arg = cache_keyword(lm.model)
     park_at = len(rows) // 4 if may_park else 0
-    generated = 0
     with torch.inference_mode():
         texts = [r.prompt + r.written for r in rows]
         capacity = max(len(t) for t in texts) + max(r.left for r in rows)
         nxt, cache, mask, positions = _prefill_each(lm, texts, capacity)
         active = list(range(len(rows)))  # batch row -> index into rows
         while True:
-            generated += len(active)
             keep: list[int] = []
             for r, t in enumerate(nxt):
                 row = rows[active[r]]
@@ -255,7 +256,7 @@ def _decode_batch(lm: LoadedLM, rows: list[_Row], may_park: bool) -> int:
                 else:
                     keep.append(r)
             if len(keep) <= park_at:
-                return generated  # the rest (if any) are parked: not done, they go back to the queue
+                return  # the rest (if any) are parked: not done, they go back to the queue
             if len(keep) < len(active):
                 index = torch.tensor(keep, device=lm.device)
                 cache.batch_select_indices(index)
