@@ -1,4 +1,4 @@
-"""Judge-model scores: AlpaGasus' accuracy rating, from a local chat model.
+"""Judge-model scores: AlpaGasus' accuracy rating, from a local chat model or an endpoint.
 
 AlpaGasus (gpt4life/alpagasus: ``rating/chatgpt_rating.py``, ``get_scores.py``,
 ``filter.py``) sends every row to gpt-3.5-turbo as a system message and a user message
@@ -6,15 +6,18 @@ AlpaGasus (gpt4life/alpagasus: ``rating/chatgpt_rating.py``, ``get_scores.py``,
 most 256 new tokens; the score is ``float(review.split('\\n')[0])``, or -1 when that
 raises; ``filter.py`` keeps the rows scored at least 4.5.
 
-Here the same two messages go to a judge that runs on this machine (an `api("…")` model
-bound to a local chat model with ``--model NAME=PATH``, or any `hf(...)`/`pfm` model):
+Here the same two messages go to an OpenAI-compatible endpoint (`tamis.runtime.api_client`),
+or to a judge that runs on this machine (an `api("…")` model bound to a local chat model
+with ``--model NAME=PATH``, or any `hf(...)`/`pfm` model). Locally:
 
 * **Greedy decoding** (temperature 0) through the judge's own chat template.
 * **Stops at the end of the first line.** The score depends on the first line only, so
   each row stops generating as soon as a newline appears (or at end-of-sequence, or after
   `max_tokens`, the reference's 256). The tokens the reference would go on to generate
   cannot change the score; this is most of the time saved.
-* **Batched** by prompt length with left padding, under a token budget.
+* **Batched** by length under a token budget: each prompt runs alone, then the rows
+  decode together from left-padded caches; finished rows leave the batch, and
+  long-winded ones are parked and regrouped (`first_lines`).
 * A review whose first line is not a number gets a **null** value with a reason (the
   reference's -1), so ``where rating >= 4.5`` drops exactly the rows ``filter.py`` drops.
   The first line is kept beside the score, so a user can see what the judge said.
