@@ -35,6 +35,7 @@ from tamis.runtime.data import rows_of
 from tamis.runtime.embeddings import last_token_states
 from tamis.runtime.lm_scoring import split_model
 from tamis.runtime.models import LoadedLM
+from tamis.runtime.templates import row_text, user_query
 
 __all__ = ["DIGIT_TEMPLATES", "DigitScores", "digit_ids", "digit_scores"]
 
@@ -70,13 +71,6 @@ def digit_ids(tokenizer: Any) -> list[int]:
     return ids
 
 
-def _query(row: Any) -> str:
-    """The user query: the instruction, and the input after a blank line when there is one."""
-    instruction = "" if row.get("instruction") is None else str(row["instruction"])
-    extra = "" if row.get("input") is None else str(row["input"])
-    return f"{instruction}\n\n{extra}" if extra else instruction
-
-
 @torch.inference_mode()
 def digit_scores(lm: LoadedLM, examples: Any, kind: Kind, *, max_length: int = 2048, batch_size: int = 8,
                  progress: bool = False) -> DigitScores:
@@ -87,8 +81,7 @@ def digit_scores(lm: LoadedLM, examples: Any, kind: Kind, *, max_length: int = 2
     started = time.perf_counter()
     tok = lm.tokenizer
     digits = digit_ids(tok)
-    texts = [DIGIT_TEMPLATES[kind].format(instruction=_query(r), output="" if r.get("output") is None else str(r["output"]))
-             for r in rows]
+    texts = [DIGIT_TEMPLATES[kind].format(instruction=user_query(r), output=row_text(r, "output")) for r in rows]
     ids = list(tok(texts)["input_ids"]) if texts else []
     fits = [i for i, x in enumerate(ids) if len(x) <= max_length]
     values: list[float | None] = [None] * len(rows)

@@ -54,6 +54,8 @@ __all__ = [
     "combine_values",
     "get_template",
     "render_chat",
+    "row_text",
+    "user_query",
 ]
 
 Rules = Literal["cherry", "superfiltering", "strict"]
@@ -176,9 +178,9 @@ def answer_texts(
     when the caller has it already (it renders the template twice).
     """
     if not template.is_chat:
-        instruction = _text(row, "instruction")
-        prompt = template.prompt(instruction, _text(row, "input"))
-        return [ScoringText(prompt, _text(row, "output"), template.direct_prefix or "", 0)]
+        instruction = row_text(row, "instruction")
+        prompt = template.prompt(instruction, row_text(row, "input"))
+        return [ScoringText(prompt, row_text(row, "output"), template.direct_prefix or "", 0)]
     if tokenizer is None:
         raise ModelError("the chat template needs the model's tokenizer")
     messages = _messages(row)
@@ -192,19 +194,23 @@ def answer_texts(
     return out
 
 
-def _text(row: Mapping[str, Any], key: str) -> str:
+def row_text(row: Mapping[str, Any], key: str) -> str:
+    """A row's text field, "" when it is absent or null."""
     value = row.get(key)
     return "" if value is None else str(value)
+
+
+def user_query(row: Mapping[str, Any]) -> str:
+    """What the user asked: the instruction, and the input after a blank line when there is one."""
+    instruction, extra = row_text(row, "instruction"), row_text(row, "input")
+    return f"{instruction}\n\n{extra}" if extra else instruction
 
 
 def _messages(row: Mapping[str, Any]) -> list[dict[str, str]]:
     msgs = row.get("messages")
     if msgs:
         return [{"role": str(m["role"]), "content": "" if m["content"] is None else str(m["content"])} for m in msgs]
-    user = _text(row, "instruction")
-    if _text(row, "input"):
-        user = f"{user}\n\n{_text(row, 'input')}"
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": _text(row, "output")}]
+    return [{"role": "user", "content": user_query(row)}, {"role": "assistant", "content": row_text(row, "output")}]
 
 
 def render_chat(tokenizer: Any, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool) -> str:
