@@ -39,7 +39,7 @@ from tamis.runtime.api_client import ChatEndpoint
 from tamis.runtime.data import rows_of
 from tamis.runtime.lm_scoring import cache_keyword, supports_plain_cache
 from tamis.runtime.models import LoadedLM
-from tamis.runtime.templates import render_chat
+from tamis.runtime.templates import render_chat, row_text
 
 __all__ = ["JUDGE_DECODING", "JUDGE_PROMPTS", "JudgePrompt", "RatingTable", "first_lines", "parse_first_line_score", "rate"]
 
@@ -62,7 +62,7 @@ class JudgePrompt:
     request: str  # appended after the row
 
     def messages(self, row: Mapping[str, Any]) -> list[dict[str, str]]:
-        fields = {k: "" if row.get(k) is None else str(row.get(k)) for k in ("instruction", "input", "output")}
+        fields = {k: row_text(row, k) for k in ("instruction", "input", "output")}
         return [{"role": "system", "content": self.system},
                 {"role": "user", "content": self.row_template.format_map(fields) + self.request}]
 
@@ -276,26 +276,24 @@ def _decode_batch(lm: LoadedLM, rows: list[_Row], may_park: bool) -> None:
 
 def _prefill_each(lm: LoadedLM, texts: list[list[int]], capacity: int) -> tuple[list[int], Any, torch.Tensor, torch.Tensor]:
     """(first greedy tokens, the batch's cache, attention mask, last positions): each text run
-    alone, the caches left-padded to the longest (padding masked out)."""
-    firsts, per_row = [], []
-    for t in texts:
+    alone, its cache written left-padded (padding zeroed and masked out) into buffers with
+    room for `capacity` tokens."""
+    width = max(len(t) for t in texts)
+    firsts: list[int] = []
+    buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for b, t in enumerate(texts):
         out = lm.model(input_ids=torch.tensor([t], device=lm.device), use_cache=True, logits_to_keep=1)
         firsts.append(int(out.logits[0, -1].float().argmax()))
-        per_row.append([(layer.keys, layer.values) for layer in out.past_key_values.layers])
-    width = max(len(t) for t in texts)
-    layers = []
-    for i in range(len(per_row[0])):
-        k0, v0 = per_row[0][i]
-        keys = k0.new_zeros((len(texts), k0.shape[1], width, k0.shape[3]))
-        values = v0.new_zeros((len(texts), v0.shape[1], width, v0.shape[3]))
-        for b, kv in enumerate(per_row):
-            n = kv[i][0].shape[2]
-            keys[b, :, width - n:] = kv[i][0][0]
-            values[b, :, width - n:] = kv[i][1][0]
-        layers.append((keys, values))
-    per_row.clear()
+        for i, layer in enumerate(out.past_key_values.layers):
+            if b == 0:
+                room = (len(texts), max(capacity, width))
+                buffers.append(tuple(x.new_zeros((room[0], x.shape[1], room[1], x.shape[3]))
+                                     for x in (layer.keys, layer.values)))
+            n = layer.keys.shape[2]
+            buffers[i][0][b, :, width - n:width] = layer.keys[0]
+            buffers[i][1][b, :, width - n:width] = layer.values[0]
     cache = DynamicCache()
-    cache.layers = [_GrowingLayer(k, v, capacity) for k, v in layers]
+    cache.layers = [_GrowingLayer(k, v, width) for k, v in buffers]
     mask = torch.zeros((len(texts), width), dtype=torch.long, device=lm.device)
     for b, t in enumerate(texts):
         mask[b, width - len(t):] = 1
@@ -308,14 +306,10 @@ class _GrowingLayer(DynamicLayer):
     slot instead of copying the whole cache (transformers' layer concatenates, which made
     every step cost as much as copying the batch's cache)."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, filled: int) -> None:
+        """`keys`/`values`: the whole buffers, of which the first `filled` positions hold the cache."""
         super().__init__()
-        b, h, n, _ = keys.shape
-        self._k = keys.new_empty((b, h, max(capacity, n), keys.shape[3]))
-        self._v = values.new_empty((b, values.shape[1], max(capacity, n), values.shape[3]))
-        self._k[:, :, :n] = keys
-        self._v[:, :, :n] = values
-        self._n = n
+        self._k, self._v, self._n = keys, values, filled
         self.lazy_initialization(keys, values)
         self._expose()
 
