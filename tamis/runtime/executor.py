@@ -288,9 +288,10 @@ class LocalExecutor:
 
     # ---- model scores, through the cache -------------------------------------------
     def _cached_rows(self, semantic: dict, frame: pl.DataFrame, report: StageReport, schema: dict,
-                     compute) -> list[dict]:
-        """Each row's result columns, from the cache where present; `compute(chunk)` gives
-        the rest chunk by chunk (a dict of lists in `schema`), each persisted as it is done."""
+                     compute, names: dict[str, str]) -> pl.DataFrame:
+        """`frame`'s ids and result columns (renamed by `names`: result column → stage column),
+        from the cache where present; `compute(chunk)` gives the rest chunk by chunk (a dict of
+        lists in `schema`, which has a "reason" column), each persisted as it is done."""
         from tamis.runtime.cache import fingerprint, row_content_hashes
 
         key = fingerprint(semantic)
@@ -309,7 +310,8 @@ class LocalExecutor:
             report.scored_rows += len(idx)
         values = [found[k] for k in row_keys]
         report.skipped = dict(sorted(Counter(v["reason"] for v in values if v["reason"]).items()))
-        return values
+        return pl.DataFrame({"id": frame["id"], **{name: pl.Series([v[col] for v in values], dtype=schema[col])
+                                                   for col, name in names.items()}})
 
     def _stage_model(self, n: str, report: StageReport):
         """The model a stage uses, built (or warmed up) on first use; that time is the stage's model_seconds."""
@@ -334,14 +336,10 @@ class LocalExecutor:
                                   batch_tokens=self.cfg.batch_tokens, progress=self.cfg.progress)
             return {"value": table.value, "cond": table.cond_loss, "direct": table.direct_loss, "reason": table.reason}
 
-        values = self._cached_rows(semantic, frame, report, {"value": pl.Float64, "cond": pl.Float64,
-                                                             "direct": pl.Float64, "reason": pl.String}, compute)
-        out = {"id": frame["id"], main: pl.Series([v["value"] for v in values], dtype=pl.Float64)}
-        if scorer == "ifd":
-            out[f"{main}_cond"] = pl.Series([v["cond"] for v in values], dtype=pl.Float64)
-            out[f"{main}_direct"] = pl.Series([v["direct"] for v in values], dtype=pl.Float64)
-        out[f"{main}_reason"] = pl.Series([v["reason"] for v in values], dtype=pl.String)
-        return pl.DataFrame(out)
+        names = {"value": main, **({"cond": f"{main}_cond", "direct": f"{main}_direct"} if scorer == "ifd" else {}),
+                 "reason": f"{main}_reason"}
+        return self._cached_rows(semantic, frame, report, {"value": pl.Float64, "cond": pl.Float64,
+                                                           "direct": pl.Float64, "reason": pl.String}, compute, names)
 
     def _judge_score(self, n, a, frame, report) -> pl.DataFrame:
         from tamis.runtime.judge import JUDGE_DECODING, rate
@@ -357,14 +355,9 @@ class LocalExecutor:
                          batch_tokens=self.cfg.batch_tokens, progress=self.cfg.progress)
             return {"value": table.value, "reason": table.reason, "first_line": table.first_line}
 
-        values = self._cached_rows(semantic, frame, report, {"value": pl.Float64, "reason": pl.String,
-                                                             "first_line": pl.String}, compute)
-        return pl.DataFrame({
-            "id": frame["id"],
-            main: pl.Series([v["value"] for v in values], dtype=pl.Float64),
-            f"{main}_reason": pl.Series([v["reason"] for v in values], dtype=pl.String),
-            f"{main}_said": pl.Series([v["first_line"] for v in values], dtype=pl.String),
-        })
+        return self._cached_rows(semantic, frame, report, {"value": pl.Float64, "reason": pl.String,
+                                                           "first_line": pl.String}, compute,
+                                 {"value": main, "reason": f"{main}_reason", "first_line": f"{main}_said"})
 
     def _digit_score(self, n, a, frame, report) -> pl.DataFrame:
         from tamis.runtime.digit_scorers import DIGIT_TEMPLATES, digit_scores
@@ -380,9 +373,8 @@ class LocalExecutor:
             got = digit_scores(lm, chunk, scorer, max_length=p["max_length"], progress=self.cfg.progress)
             return {"value": got.value, "reason": got.reason}
 
-        values = self._cached_rows(semantic, frame, report, {"value": pl.Float64, "reason": pl.String}, compute)
-        return pl.DataFrame({"id": frame["id"], main: pl.Series([v["value"] for v in values], dtype=pl.Float64),
-                             f"{main}_reason": pl.Series([v["reason"] for v in values], dtype=pl.String)})
+        return self._cached_rows(semantic, frame, report, {"value": pl.Float64, "reason": pl.String}, compute,
+                                 {"value": main, "reason": f"{main}_reason"})
 
     # ---- models ---------------------------------------------------------------------
     def _model(self, node: str):
