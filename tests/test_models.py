@@ -22,12 +22,9 @@ ROWS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, gpt2_tokenizer) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    make_tiny_gpt2().save_pretrained(folder)
-    gpt2_tokenizer.save_pretrained(folder)
-    return folder
+@pytest.fixture
+def tiny_folder(tiny_gpt2_dir) -> Path:
+    return Path(tiny_gpt2_dir)
 
 
 # --------------------------------------------------------------------------- device and dtype

@@ -61,13 +61,9 @@ def test_repr_filter_on_real_text_keeps_no_pair_above_threshold(chatter_pool):
     assert sel["length"][0] == res.scores["length"].max()
 
 
-def test_kcenter_with_an_llm_embedder(chatter_pool, tmp_path):
-    from conftest import make_gpt2_tokenizer, make_tiny_gpt2
-
-    make_tiny_gpt2().save_pretrained(tmp_path / "m", safe_serialization=True)
-    make_gpt2_tokenizer().save_pretrained(tmp_path / "m")
+def test_kcenter_with_an_llm_embedder(chatter_pool, tiny_gpt2_dir):
     res = LocalExecutor(compile_text("score length | rank | diverse kcenter(budget=5) using pfm").graph,
-                        RunConfig(pool=str(chatter_pool), pfm=str(tmp_path / "m"), dtype="fp32", no_cache=True,
+                        RunConfig(pool=str(chatter_pool), pfm=tiny_gpt2_dir, dtype="fp32", no_cache=True,
                                   progress=False)).run()
     assert res.selected.height == 5
     assert res.selected["id"].n_unique() == 5
@@ -102,15 +98,11 @@ def test_facility_location_picks_one_per_cluster_first():
     assert {0, 1, 2} & set(picked) and {3, 4} & set(picked) and 5 in picked
 
 
-def test_superfiltering_d_runs_end_to_end(chatter_pool, tmp_path):
-    from conftest import make_gpt2_tokenizer, make_tiny_gpt2
-
+def test_superfiltering_d_runs_end_to_end(chatter_pool, tiny_gpt2_dir):
     from tamis.dsl.compile import compile_file
 
-    make_tiny_gpt2().save_pretrained(tmp_path / "m", safe_serialization=True)
-    make_gpt2_tokenizer().save_pretrained(tmp_path / "m")
-    cfg = RunConfig(pool=str(chatter_pool), pfm=str(tmp_path / "m"), dtype="fp32", no_cache=True, progress=False,
-                    model_paths={"gpt2": str(tmp_path / "m")})
+    cfg = RunConfig(pool=str(chatter_pool), pfm=tiny_gpt2_dir, dtype="fp32", no_cache=True, progress=False,
+                    model_paths={"gpt2": tiny_gpt2_dir})
     res = LocalExecutor(compile_file("superfiltering_d").graph, cfg).run()
     labels = [s.label for s in res.stages]
     assert labels[-1].startswith("diverse facility_location(2%)")

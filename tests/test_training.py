@@ -63,13 +63,10 @@ def own_lm() -> LoadedLM:
     return LoadedLM(make_tiny_gpt2(), make_gpt2_tokenizer(), torch.device("cpu"), torch.float32, "tiny", "tiny-fp")
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory) -> Path:
-    """The tiny GPT-2 saved as a model folder, so load_causal_lm can load it (and adapters on it)."""
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    make_tiny_gpt2().save_pretrained(folder, safe_serialization=True)
-    make_gpt2_tokenizer().save_pretrained(folder)
-    return folder
+@pytest.fixture
+def tiny_folder(tiny_gpt2_dir) -> Path:
+    """The shared tiny GPT-2 folder (read-only: adapters and trained copies go elsewhere)."""
+    return Path(tiny_gpt2_dir)
 
 
 def _logits(lm: LoadedLM, text: str = "### Instruction:\nCount to 3 in words.") -> torch.Tensor:
