@@ -199,3 +199,32 @@ def test_a_parked_straggler_resumes_to_the_same_first_line(tiny_judge):
         out = lm.model.generate(input_ids=ids, max_new_tokens=24, do_sample=False, pad_token_id=lm.tokenizer.eos_token_id)
     said = lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     assert lm.tokenizer.decode(parked.written, skip_special_tokens=True).split("\n")[0] == said.split("\n")[0]
+
+
+def test_a_sliding_window_judge_decodes_as_generate_does(gpt2_tokenizer):
+    """A model whose cache is not plain (sliding-window attention) is decoded one row at a
+    time; its first lines still equal `generate`'s, with replies that run past the window."""
+    import copy
+
+    import torch
+    from conftest import TINY_CHAT_TEMPLATE
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from tamis.runtime.lm_scoring import supports_plain_cache
+    from tamis.runtime.models import LoadedLM
+
+    tok = copy.deepcopy(gpt2_tokenizer)
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=50257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=96, max_position_embeddings=1024)
+    lm = LoadedLM(MistralForCausalLM(config).eval(), tok, torch.device("cpu"), torch.float32, "sw", "sw")
+    assert not supports_plain_cache(lm)
+    convs = [ALPAGASUS.messages(r) for r in ROWS[:3]]
+    got, _, _ = first_lines(lm, convs, max_tokens=20, progress=False)
+    assert len(set(got)) == 3  # the rows' own text (inside the window) shapes each reply
+    for conv, line in zip(convs, got):
+        ids = tok.apply_chat_template(conv, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.inference_mode():
+            out = lm.model.generate(**ids, max_new_tokens=20, do_sample=False, pad_token_id=tok.eos_token_id)
+        assert line == tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).split("\n")[0]
