@@ -30,11 +30,11 @@ import shutil
 import tempfile
 import weakref
 from pathlib import Path, PurePath
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import polars as pl
 
-from tamis.runtime.outputs import fsync_dir, fsync_file
+from tamis.runtime.outputs import atomic_dir, fsync_dir, fsync_file
 
 from tamis.errors import TamisError
 
@@ -318,32 +318,11 @@ class ArtifactCache:
     def exists(self, key: str) -> bool:
         return self.path_for(key).is_dir()
 
-    @contextlib.contextmanager
-    def building(self, key: str) -> Iterator[Path]:
-        """Yield an empty temporary directory to build into; on success it becomes
-        `path_for(key)`. On any exception it is deleted and nothing appears. If another
-        process finished the same key first, its (equivalent) artifact is kept."""
-        final = self.path_for(key)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".tmp-{key}-{os.getpid()}-{secrets.token_hex(4)}"
-        tmp.mkdir()
-        try:
-            yield tmp
-            _fsync_tree(tmp)
-            self._publish(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        fsync_dir(final.parent)
-
-    @staticmethod
-    def _publish(tmp: Path, final: Path) -> None:
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not final.is_dir():
-                raise
-            shutil.rmtree(tmp)  # lost a race to an identical build: keep the winner's
+    def building(self, key: str) -> contextlib.AbstractContextManager[Path]:
+        """A context yielding an empty temporary directory to build into; on success it
+        becomes `path_for(key)`. On any exception it is deleted and nothing appears. If
+        another process finished the same key first, its (equivalent) artifact is kept."""
+        return atomic_dir(self.path_for(key), keep_existing=True)
 
     def remove(self, key: str) -> None:
         path = self.path_for(key)
@@ -370,10 +349,3 @@ def open_cache(root: str | Path | None = None, *, disabled: bool = False) -> Cac
     """The cache for a run: `root` or the default root; `disabled` for --no-cache."""
     base = Path(root) if root is not None else default_cache_root()
     return Cache(ScoreCache(base, disabled=disabled), ArtifactCache(base, disabled=disabled))
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            fsync_file(Path(dirpath) / name)
-        fsync_dir(Path(dirpath))

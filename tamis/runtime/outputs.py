@@ -15,12 +15,13 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import polars as pl
 
-__all__ = ["atomic_path", "write_bytes", "write_json", "write_jsonl", "write_parquet", "write_text"]
+__all__ = ["atomic_dir", "atomic_path", "fsync_tree", "write_bytes", "write_json", "write_jsonl", "write_parquet", "write_text"]
 
 
 @contextlib.contextmanager
@@ -43,6 +44,40 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
         raise
     fsync_dir(target.parent)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path, *, keep_existing: bool = False) -> Iterator[Path]:
+    """Yield a fresh hidden sibling directory of `final` to build into; on success it is
+    fsynced and renamed to `final` (an empty directory there is replaced). On any exception
+    it is deleted and nothing appears. `keep_existing`: if a non-empty `final` appeared
+    meanwhile (another process built the same thing), keep that one and drop ours."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        if final.is_dir() and not any(final.iterdir()):
+            final.rmdir()  # rename cannot replace a directory, even an empty one
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (keep_existing and final.is_dir()):
+                raise
+            shutil.rmtree(tmp)  # lost a race to an identical build: keep the winner's
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(final.parent)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under `root`."""
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            fsync_file(Path(dirpath) / name)
+        fsync_dir(Path(dirpath))
 
 
 def _create_temp(target: Path) -> Path:

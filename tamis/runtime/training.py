@@ -48,8 +48,6 @@ import dataclasses
 import json
 import math
 import os
-import secrets
-import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -63,6 +61,7 @@ from tamis.errors import ModelError, TamisError
 from tamis.runtime.data import rows_of
 from tamis.runtime.lm_scoring import halved_budget
 from tamis.runtime.models import LoadedLM, dtype_name
+from tamis.runtime.outputs import atomic_dir
 from tamis.runtime.templates import Template, answer_texts, get_template
 
 __all__ = [
@@ -490,17 +489,8 @@ def _atomic_dir(out_dir: Path) -> Iterator[Path]:
     """
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise TrainingError(f"{out_dir} already exists and is not empty; refusing to overwrite a training output")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
+    with atomic_dir(out_dir) as tmp:
         yield tmp
-        if out_dir.is_dir():
-            out_dir.rmdir()  # empty by the check above; rename cannot replace a directory
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # --------------------------------------------------------------------------- the trainer
