@@ -758,7 +758,8 @@ def cache_keyword(base: Any) -> str:
 
 
 def supports_plain_cache(lm: LoadedLM) -> bool:
-    """Header sharing needs a plain (non-sliding) cache in every layer."""
+    """Whether every layer caches plainly (no sliding window): header sharing and the judge's
+    left-padded decode batches need that."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
