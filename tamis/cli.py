@@ -196,6 +196,9 @@ def run(
     base = output.with_suffix("")
     write_json(report, base.with_name(base.name + ".report.json"))
     write_text(run_report.markdown(report), base.with_name(base.name + ".report.md"))
+    for stage in result.stages:
+        for note in stage.notes:
+            typer.echo(f"note: `{stage.label}`: {note}", err=True)
     typer.echo(f"selected {result.selected.height} of {report['pool_load'].get('rows_loaded')} rows in {result.seconds:.1f} s")
     typer.echo(f"  selection: {output}")
     if scores is not None:

@@ -7,6 +7,7 @@ written whatever the passes do.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Callable
 
@@ -19,9 +20,15 @@ _NON_SEMANTIC = {"label", "recipe", "line", "column", "step", "pick", "expr"}
 
 
 def _signature(g: nx.DiGraph, n: str, sigs: dict[str, str]) -> str:
+    """A fixed-size digest of what `n` computes and of its inputs' digests.
+
+    A digest, not the text: embedding each input's signature verbatim made a chain's
+    keys grow (and re-escape) with every stage, so compile time doubled per stage.
+    """
     attrs = {k: v for k, v in g.nodes[n].items() if k not in _NON_SEMANTIC}
     inputs = sorted((d["flow"], sigs[p]) for p, _, d in g.in_edges(n, data=True))
-    return json.dumps([attrs, inputs], sort_keys=True, default=str)
+    text = json.dumps([attrs, inputs], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def merge_shared_subgraphs(g: nx.DiGraph) -> nx.DiGraph:

@@ -45,6 +45,9 @@ def markdown(report: dict) -> str:
         setup = f" ({s['model_seconds']:.1f})" if s["model_seconds"] else ""
         lines.append(f"| `{s['label']}` | {s['rows_in']} | {s['rows_out']} | {s['seconds']:.2f}{setup} | {s['scored_rows']} "
                      f"| {s['cached_rows']} | {skipped} |")
+    notes = [(s["label"], n) for s in report["stages"] for n in s.get("notes", [])]
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- `{label}`: {n}" for label, n in notes]
     for s in report["stages"]:
         h = s.get("histogram")
         if not h:

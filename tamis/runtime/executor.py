@@ -60,6 +60,7 @@ class StageReport:
     scored_rows: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     histogram: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)  # what a user should know (a budget left unfilled, …)
 
 
 @dataclass
@@ -119,8 +120,15 @@ def _size_rows(size: dict, n: int) -> int:
     return min(int(size["count"]), n)
 
 
+# Columns the executor adds for itself. Their names hold a character no recipe name can
+# (names are [A-Za-z_][A-Za-z0-9_]*), so a user's `let` can never collide with one.
+RANK_KEY = "⟨rank key⟩"
+INTERNAL_COLUMNS = (RANK_KEY,)
+
+
 def _histogram(values: pl.Series, bins: int = 10) -> dict[str, Any] | None:
-    v = values.drop_nulls().drop_nans() if values.dtype in (pl.Float32, pl.Float64) else values.drop_nulls()
+    # ±inf and NaN (from `let x / 0`, `log(0)`) are left out of the histogram, like nulls
+    v = values.drop_nulls().filter(values.drop_nulls().is_finite()) if values.dtype.is_float() else values.drop_nulls()
     if len(v) == 0:
         return None
     counts, edges = np.histogram(v.to_numpy(), bins=bins)
@@ -163,6 +171,7 @@ class LocalExecutor:
                 self._run_op(n)
         last = next(p for p, _, d in self.g.in_edges(out, data=True) if d["flow"] == "data")
         selected = self._frames[last] if last != "data:pool" else pool
+        selected = selected.drop([c for c in INTERNAL_COLUMNS if c in selected.columns])
         return RunResult(selected, self.scores, self.stages, loaded.report.to_dict(), self.model_info,
                          time.perf_counter() - started)
 
@@ -200,21 +209,33 @@ class LocalExecutor:
     def _sorted(self, a, frame) -> pl.DataFrame:
         from tamis.runtime.exprs import to_polars
 
+        # the key stays beside the rows (nulls and NaNs as null, sorted last) so that a later
+        # `top` can tell rows with no key, which it never picks
         key = to_polars(a["expr"])
-        # nulls (skipped rows) and NaNs always last, whatever the order
-        return (frame.with_columns(key.fill_nan(None).alias("__key"))
-                .sort("__key", descending=a["params"]["order"] == "desc", nulls_last=True, maintain_order=True)
-                .drop("__key"))
+        return (frame.with_columns(key.cast(pl.Float64).fill_nan(None).alias(RANK_KEY))
+                .sort(RANK_KEY, descending=a["params"]["order"] == "desc", nulls_last=True, maintain_order=True))
 
     def _op_rank(self, n, a, frame, report):
         return self._sorted(a, frame)
 
-    def _op_top(self, n, a, frame, report):
+    def _top(self, a, frame, report) -> pl.DataFrame:
+        """The first rows in rank order, never one whose ranking key is null (a skipped score,
+        a blend with a null part): better a short selection, said aloud, than a wrong one."""
         # P% is a share of the pool (as Cherry and Superfiltering compute it), never of a hard-coded size
-        return frame.head(_size_rows(a["params"]["size"], self.pool_size))
+        want = _size_rows(a["params"]["size"], self.pool_size)
+        keyed = frame.filter(pl.col(RANK_KEY).is_not_null()) if RANK_KEY in frame.columns else frame
+        out = keyed.head(want)
+        if out.height < want and keyed.height < frame.height:
+            unkeyed = frame.height - keyed.height
+            report.notes.append(f"budget {want} rows, {out.height} picked: {unkeyed} row(s) with a null ranking key "
+                                "(a skipped score, or an expression over one) are never picked")
+        return out
+
+    def _op_top(self, n, a, frame, report):
+        return self._top(a, frame, report)
 
     def _op_topk(self, n, a, frame, report):
-        return self._sorted(a, frame).head(_size_rows(a["params"]["size"], self.pool_size))
+        return self._top(a, self._sorted(a, frame), report)
 
     def _op_sample(self, n, a, frame, report):
         k = min(_size_rows(a["params"]["size"], self.pool_size), frame.height)
