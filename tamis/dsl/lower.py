@@ -375,7 +375,8 @@ class Lowerer:
         self._trainable(scope, e, base, "warmup")
         sample = self.node("dataset", f"warmup sample ({_size_text(v['size'])}, {v['select']})", scope, e.span,
                            source="warmup_sample", derives_from_pool=True, multiplicity=1, llm_generated=False,
-                           params={"size": v["size"], "select": v["select"], "seed": v["seed"], "clusters": v["clusters"]})
+                           params={"size": v["size"], "select": v["select"], "seed": v["seed"], "clusters": v["clusters"],
+                                   "max_length": v["max_length"]})
         self.edge(self.pool(), sample, "data")
         if v["select"] == "cherry":
             self.edge(base.node, sample, "model")  # Cherry's sampling embeds with the base model

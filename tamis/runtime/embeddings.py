@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -34,6 +37,49 @@ def resolve_encoder_path(name: str, model_paths: dict[str, str]) -> str:
         return str(Path(name).expanduser())
     raise ModelError(f"encoder {name!r} is not a local folder and tamis never downloads; "
                      f"point it at one with --model {name}=/path/to/model")
+
+
+@dataclass
+class EncoderModel:
+    """An `encoder("…")` model: a small non-LLM model in a local folder, loaded on first use.
+
+    Plug-in scorers that declare `model="encoder"` receive one: `path` is the folder (load any
+    transformers class from it), `encode(texts)` gives its sentence embeddings.
+    """
+
+    name: str
+    path: str
+    device: str
+    fingerprint: str
+    _st: Any = field(default=None, repr=False)
+
+    @classmethod
+    def bind(cls, name: str, model_paths: dict[str, str], device: str) -> "EncoderModel":
+        path = resolve_encoder_path(name, model_paths)
+        root = Path(path)
+        parts = [str(root.resolve())] + [f"{f.relative_to(root)}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
+                                         for f in sorted(root.rglob("*")) if f.is_file()]
+        return cls(name, path, device, hashlib.blake2b("|".join(parts).encode(), digest_size=16).hexdigest())
+
+    def sentence_transformer(self):
+        if self._st is None:
+            from sentence_transformers import SentenceTransformer
+
+            self._st = SentenceTransformer(self.path, device=self.device, local_files_only=True)
+        return self._st
+
+    def encode(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        """L2-normalised sentence embeddings (the encoder's own pooling: mean pooling for MiniLM)."""
+        emb = self.sentence_transformer().encode(texts, batch_size=batch_size, show_progress_bar=progress,
+                                                 convert_to_numpy=True, normalize_embeddings=True)
+        return emb.astype(np.float32)
+
+
+def embed(model, texts: list[str], progress: bool = False) -> np.ndarray:
+    """L2-normalised embeddings of `texts` from an encoder, or from an LLM's last-token state (DEITA)."""
+    if isinstance(model, EncoderModel):
+        return model.encode(texts, progress=progress)
+    return llm_last_token(model, texts)
 
 
 def encode(name: str, texts: list[str], model_paths: dict[str, str], device: str = "cpu",

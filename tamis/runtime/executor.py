@@ -17,16 +17,13 @@ import networkx as nx
 import numpy as np
 import polars as pl
 
-from tamis.errors import ModelError, TamisError
+from tamis.dsl import registry as reg
+from tamis.errors import TamisError
+from tamis.ops.kernel import BuildEnv, ExecOptions, Kernel, Lazy, kernel_for, kernels
 
-# What the local executor can run today; everything else fails at plan time, before any work.
-RUNNABLE_SCORERS = {"length", "mtld", "loss", "ppl", "ifd", "rating", "complexity", "quality"}
-RUNNABLE_OPS = {"score", "let", "where", "rank", "top", "topk", "sample", "intersect", "union", "diverse"}
-RUNNABLE_SAMPLERS = {"repr_filter", "kcenter", "facility_location"}
-RUNNABLE_MODELS = {"pfm", "hf", "proxy", "warmup", "encoder", "api"}
-LM_SCORERS = {"loss", "ppl", "ifd"}
-JUDGE_SCORERS = {"rating"}
-DIGIT_SCORERS = {"complexity", "quality"}
+# The engine's own stages: the language's row algebra. Everything a stage computes (scorers,
+# samplers, expression functions, models, datasets) comes from the kernel table.
+STAGES = {"score", "let", "where", "rank", "top", "topk", "sample", "intersect", "union", "diverse"}
 
 
 @dataclass
@@ -46,6 +43,10 @@ class RunConfig:
     model_paths: dict[str, str] = field(default_factory=dict)  # hf/api("name") -> a local path, for offline machines
     api_base: str | None = None  # OpenAI-compatible endpoint for api("name") models without a local binding
     progress: bool = True
+
+    def options(self) -> ExecOptions:
+        return ExecOptions(device=self.device, dtype=self.dtype, batch_tokens=self.batch_tokens, progress=self.progress,
+                           pfm=self.pfm, model_paths=dict(self.model_paths), api_base=self.api_base)
 
 
 @dataclass
@@ -78,40 +79,54 @@ class PlanError(TamisError):
 
 
 def check_runnable(g: nx.DiGraph, cfg: "RunConfig | None" = None) -> None:
-    """Fail before any work when a node has no local implementation, or names an API
-    model that neither a local model (--model NAME=PATH) nor an endpoint serves."""
-    out = g.graph["output"]
-    needed = nx.ancestors(g, out)
+    """Fail before any work when a node has no kernel, or a model's plan check fails (an
+    `api` model that neither a local model (--model NAME=PATH) nor an endpoint serves)."""
+    from tamis.runtime.exprs import calls_in
+
+    options = cfg.options() if cfg else ExecOptions()
+    needed = nx.ancestors(g, g.graph["output"])
     problems = []
     for n in needed:
         a = g.nodes[n]
         where = f" (line {a['line']})" if a.get("line") else ""
         if a["kind"] == "op":
-            if a["op"] not in RUNNABLE_OPS:
-                problems.append(f"stage `{a['label']}`{where}: `{a['op']}` has no local runtime yet")
-            elif a["op"] == "score" and a["params"]["scorer"] not in RUNNABLE_SCORERS:
-                problems.append(f"stage `{a['label']}`{where}: scorer `{a['params']['scorer']}` has no local runtime yet")
-            elif a["op"] == "diverse" and a["params"]["sampler"] not in RUNNABLE_SAMPLERS:
-                problems.append(f"stage `{a['label']}`{where}: sampler `{a['params']['sampler']}` has no local runtime yet")
-        elif a["kind"] == "model" and a["ctor"] not in RUNNABLE_MODELS:
-            problems.append(f"model `{a['label']}`{where}: `{a['ctor']}` models have no local runtime yet")
-        elif a["kind"] == "model" and a["ctor"] == "api" and _binding(a, cfg) is None:
-            name = a["params"]["name"]
-            problems.append(f"model `{a['label']}`{where}: nothing serves it; bind a local chat model with "
-                            f"--model {name}=PATH, or name an OpenAI-compatible endpoint with --api-base URL "
-                            "(or $OPENAI_BASE_URL; the key comes from $OPENAI_API_KEY)")
-        elif a["kind"] == "dataset" and a.get("source") not in ("pool", "warmup_sample"):
+            missing = _missing_kernel(a)
+            if missing:
+                problems.append(f"stage `{a['label']}`{where}: {missing} has no local runtime yet")
+            for call in calls_in(a.get("expr")):
+                if kernel_for("function", call) is None:
+                    problems.append(f"stage `{a['label']}`{where}: function `{call}` has no local runtime yet")
+        elif a["kind"] == "model":
+            k = kernel_for("model", a["ctor"])
+            if k is None:
+                problems.append(f"model `{a['label']}`{where}: `{a['ctor']}` models have no local runtime yet")
+            elif k.plan_check and (why := k.plan_check(a["params"], options)):
+                problems.append(f"model `{a['label']}`{where}: {why}")
+        elif a["kind"] == "dataset" and kernel_for("data", a.get("source")) is None:
             problems.append(f"dataset `{a['label']}`{where}: `{a['source']}` has no local runtime yet")
     if problems:
         raise PlanError("this recipe cannot run locally yet:\n  " + "\n  ".join(sorted(problems))
-                        + f"\nrunnable scorers: {', '.join(sorted(RUNNABLE_SCORERS))}")
+                        + f"\nrunnable scorers: {', '.join(sorted(kernels('scorer')))}")
 
 
-def _binding(model_node: dict, cfg: "RunConfig | None"):
-    from tamis.runtime.api_client import judge_binding
+def _missing_kernel(a: dict) -> str | None:
+    """What an operator node lacks to run, as a phrase, or None."""
+    if a["op"] not in STAGES:
+        return f"`{a['op']}`"
+    if a["op"] == "score" and kernel_for("scorer", a["params"]["scorer"]) is None:
+        return f"scorer `{a['params']['scorer']}`"
+    if a["op"] == "diverse" and kernel_for("sampler", a["params"]["sampler"]) is None:
+        return f"sampler `{a['params']['sampler']}`"
+    return None
 
-    p = model_node["params"]
-    return judge_binding(p["name"], p.get("base_url"), cfg.model_paths if cfg else {}, cfg.api_base if cfg else None)
+
+def node_kernel(a: dict) -> Kernel | None:
+    """The kernel an operator node runs (a scorer or a sampler), if any: for `explain`."""
+    if a.get("op") == "score":
+        return kernel_for("scorer", a["params"]["scorer"])
+    if a.get("op") == "diverse":
+        return kernel_for("sampler", a["params"]["sampler"])
+    return None
 
 
 def _size_rows(size: dict, n: int) -> int:
@@ -254,45 +269,44 @@ class LocalExecutor:
         return pl.concat([frame, extra], how="diagonal_relaxed")
 
     def _op_diverse(self, n, a, frame, report):
-        from tamis.runtime import embeddings, samplers
-
         p = a["params"]
+        spec = reg.SAMPLERS[p["sampler"]]
+        k = kernel_for("sampler", p["sampler"])
         budget = _size_rows(p["budget"], self.pool_size)
-        texts = embeddings.sample_texts(frame)
-        node = self._model_of(n)
-        t0 = time.perf_counter()
-        if self.g.nodes[node]["ctor"] == "encoder":
-            from tamis.runtime.models import resolve_device
-
-            emb = embeddings.encode(self.g.nodes[node]["params"]["name"], texts, self.cfg.model_paths,
-                                    str(resolve_device(self.cfg.device)),
-                                    progress=self.cfg.progress)
-        else:
-            emb = embeddings.llm_last_token(self._model(node), texts)
-        report.model_seconds = time.perf_counter() - t0
-        if p["sampler"] == "repr_filter":
-            keep = samplers.repr_filter(emb, budget, p["threshold"])
-        elif p["sampler"] == "facility_location":
-            keep = samplers.facility_location(emb, budget, p["metric"])
-        else:
-            keep = samplers.kcenter(emb, budget)
+        if spec.needs_ranked and RANK_KEY in frame.columns:  # it visits in rank order: unranked rows are no candidates
+            keyed = frame.filter(pl.col(RANK_KEY).is_not_null())
+            if keyed.height < frame.height:
+                report.notes.append(f"{frame.height - keyed.height} row(s) with a null ranking key are never visited")
+            frame = keyed
+        model = self._stage_model(n, report) if self._model_of(n) else None
+        params = {q.name: p[q.name] for q in spec.params if q.name != "budget" and q.name in p}
+        keep = call_sampler(k, frame, model, budget, params, self.cfg.options())
         return frame[keep]
 
     def _op_score(self, n, a, frame, report):
         p = a["params"]
-        scorer = p["scorer"]
+        spec = reg.SCORERS[p["scorer"]]
+        k = kernel_for("scorer", p["scorer"])
         main = next(iter(a["columns_out"]))
-        if scorer in LM_SCORERS:
-            cols = self._lm_score(n, a, frame, report)
-        elif scorer in JUDGE_SCORERS:
-            cols = self._judge_score(n, a, frame, report)
-        elif scorer in DIGIT_SCORERS:
-            cols = self._digit_score(n, a, frame, report)
+        params = {q.name: p[q.name] for q in spec.params if q.name in p}
+        model = self._stage_model(n, report) if self._model_of(n) else None
+        options = self.cfg.options()
+        names = {col: main + suffix for col, suffix in k.names.items()}
+
+        def compute(chunk: pl.DataFrame) -> dict:
+            return call_scorer(k, chunk, model, params, options)
+
+        if k.cached:
+            cols = self._cached_rows(k.cache_key(params, getattr(model, "fingerprint", None)), frame, report,
+                                     dict(k.schema), compute, names)
         else:
-            cols = self._text_score(scorer, p, frame).alias(main).to_frame().with_columns(frame["id"])
+            got = compute(frame)
+            cols = pl.DataFrame({"id": frame["id"], **{name: pl.Series(got[col], dtype=k.schema[col])
+                                                       for col, name in names.items()}})
+            report.scored_rows = frame.height
         out = frame.join(cols, on="id", how="left", maintain_order="left")
         self._record_scores(cols)
-        report.histogram = _histogram(out[main])
+        report.histogram = _histogram(out[main]) if out[main].dtype.is_numeric() else None
         return out
 
     def _record_scores(self, cols: pl.DataFrame) -> None:
@@ -300,19 +314,12 @@ class LocalExecutor:
         if new:
             self.scores = self.scores.join(cols.select("id", *new), on="id", how="left", maintain_order="left")
 
-    def _text_score(self, scorer: str, p: dict, frame: pl.DataFrame) -> pl.Series:
-        from tamis.runtime import text_scorers
-
-        if scorer == "length":
-            return text_scorers.length(frame, p["field"], p["unit"])
-        return text_scorers.mtld(frame, p["field"], p["threshold"])
-
-    # ---- model scores, through the cache -------------------------------------------
+    # ---- scores through the cache ---------------------------------------------------
     def _cached_rows(self, semantic: dict, frame: pl.DataFrame, report: StageReport, schema: dict,
                      compute, names: dict[str, str]) -> pl.DataFrame:
         """`frame`'s ids and result columns (renamed by `names`: result column → stage column),
         from the cache where present; `compute(chunk)` gives the rest chunk by chunk (a dict of
-        lists in `schema`, which has a "reason" column), each persisted as it is done."""
+        lists in `schema`), each persisted as it is done."""
         from tamis.runtime.cache import fingerprint, row_content_hashes
 
         key = fingerprint(semantic)
@@ -330,10 +337,12 @@ class LocalExecutor:
             found.update({r["id"]: r for r in rows.iter_rows(named=True)})
             report.scored_rows += len(idx)
         values = [found[k] for k in row_keys]
-        report.skipped = dict(sorted(Counter(v["reason"] for v in values if v["reason"]).items()))
+        if "reason" in schema:
+            report.skipped = dict(sorted(Counter(v["reason"] for v in values if v["reason"]).items()))
         return pl.DataFrame({"id": frame["id"], **{name: pl.Series([v[col] for v in values], dtype=schema[col])
                                                    for col, name in names.items()}})
 
+    # ---- models and datasets, built by their kernels on first use ---------------------------
     def _stage_model(self, n: str, report: StageReport):
         """The model a stage uses, built (or warmed up) on first use; that time is the stage's model_seconds."""
         t0 = time.perf_counter()
@@ -341,110 +350,64 @@ class LocalExecutor:
         report.model_seconds = time.perf_counter() - t0
         return model
 
-    def _lm_score(self, n, a, frame, report) -> pl.DataFrame:
-        from tamis.runtime.lm_scoring import score_answers
-
-        p = a["params"]
-        scorer = p["scorer"]
-        main = next(iter(a["columns_out"]))
-        lm = self._stage_model(n, report)
-        semantic = {"op": "score", "scorer": scorer, "form": p.get("form"), "template": p["template"],
-                    "max_length": p["max_length"], "turns": p["turns"], "model": lm.fingerprint}
-
-        def compute(chunk: pl.DataFrame) -> dict:
-            table = score_answers(lm, chunk, metric=scorer, ifd_form=p.get("form") or "loss_ratio",
-                                  template=p["template"], max_length=p["max_length"], combine=p["turns"],
-                                  batch_tokens=self.cfg.batch_tokens, progress=self.cfg.progress)
-            return {"value": table.value, "cond": table.cond_loss, "direct": table.direct_loss, "reason": table.reason}
-
-        names = {"value": main, **({"cond": f"{main}_cond", "direct": f"{main}_direct"} if scorer == "ifd" else {}),
-                 "reason": f"{main}_reason"}
-        return self._cached_rows(semantic, frame, report, {"value": pl.Float64, "cond": pl.Float64,
-                                                           "direct": pl.Float64, "reason": pl.String}, compute, names)
-
-    def _judge_score(self, n, a, frame, report) -> pl.DataFrame:
-        from tamis.runtime.judge import JUDGE_DECODING, rate
-
-        p = a["params"]
-        main = next(iter(a["columns_out"]))
-        lm = self._stage_model(n, report)
-        semantic = {"op": "score", "scorer": "rating", "prompt": p["prompt"], "max_tokens": p["max_tokens"],
-                    "decoding": JUDGE_DECODING, "model": lm.fingerprint}
-
-        def compute(chunk: pl.DataFrame) -> dict:
-            table = rate(lm, chunk, prompt=p["prompt"], max_tokens=p["max_tokens"],
-                         batch_tokens=self.cfg.batch_tokens, progress=self.cfg.progress)
-            return {"value": table.value, "reason": table.reason, "first_line": table.first_line}
-
-        return self._cached_rows(semantic, frame, report, {"value": pl.Float64, "reason": pl.String,
-                                                           "first_line": pl.String}, compute,
-                                 {"value": main, "reason": f"{main}_reason", "first_line": f"{main}_said"})
-
-    def _digit_score(self, n, a, frame, report) -> pl.DataFrame:
-        from tamis.runtime.digit_scorers import DIGIT_TEMPLATES, digit_scores
-
-        p = a["params"]
-        scorer = p["scorer"]
-        main = next(iter(a["columns_out"]))
-        lm = self._stage_model(n, report)
-        semantic = {"op": "score", "scorer": scorer, "template": DIGIT_TEMPLATES[scorer],
-                    "max_length": p["max_length"], "model": lm.fingerprint}
-
-        def compute(chunk: pl.DataFrame) -> dict:
-            got = digit_scores(lm, chunk, scorer, max_length=p["max_length"], progress=self.cfg.progress)
-            return {"value": got.value, "reason": got.reason}
-
-        return self._cached_rows(semantic, frame, report, {"value": pl.Float64, "reason": pl.String}, compute,
-                                 {"value": main, "reason": f"{main}_reason"})
-
-    # ---- models ---------------------------------------------------------------------
     def _model(self, node: str):
         if node not in self._models:
-            self._models[node] = self._build_model(node)
+            built = self._build(node, "model")
+            self._models[node] = built.model
+            self.model_info[node] = built.info
+            if built.training is not None:
+                self.model_info[node + ":training"] = built.training
         return self._models[node]
 
-    def _build_model(self, node: str):
-        from tamis.runtime.models import load_causal_lm
+    def _dataset(self, node: str) -> pl.DataFrame:
+        if node not in self._frames:
+            self._frames[node] = self._build(node, "data")
+        return self._frames[node]
 
+    def _build(self, node: str, family: str):
         a = self.g.nodes[node]
-        ctor = a["ctor"]
-        bases = [p for p, _, d in self.g.in_edges(node, data=True) if d["flow"] == "base"]
-        if ctor == "pfm":
-            if not self.cfg.pfm:
-                raise ModelError("this recipe uses `pfm`: pass --pfm PATH_OR_NAME (a local folder, a .gguf file, "
-                                 "or a hub name already in the local cache)")
-            lm = load_causal_lm(self.cfg.pfm, device=self.cfg.device, dtype=self.cfg.dtype)
-        elif ctor == "hf":
-            name = self.cfg.model_paths.get(a["params"]["name"], a["params"]["name"])
-            lm = load_causal_lm(name, device=self.cfg.device, dtype=self.cfg.dtype, gguf_file=a["params"].get("gguf"))
-        elif ctor == "api":  # check_runnable made sure something serves it
-            binding = _binding(a, self.cfg)
-            if binding.local_path:
-                lm = load_causal_lm(binding.local_path, device=self.cfg.device, dtype=self.cfg.dtype)
-            else:
-                from tamis.runtime.api_client import ChatEndpoint
+        k = kernel_for(family, a["ctor"] if family == "model" else a["source"])
+        env = BuildEnv(label=a["label"], options=self.cfg.options(), pool=self._frames["data:pool"],
+                       artifacts=self.cache.artifacts,
+                       bases=[self._lazy(p) for p in self._preds(node, "base")],
+                       inputs=[self._lazy(p) for p in self._preds(node, "train", "data")],
+                       models=[self._lazy(p) for p in self._preds(node, "model")])
+        return k.fn(a["params"], env)
 
-                endpoint = ChatEndpoint(binding.base_url, binding.name)
-                self.model_info[node] = {"label": a["label"], "name": endpoint.name, "fingerprint": endpoint.fingerprint,
-                                         "device": "remote", "dtype": "remote"}
-                return endpoint
-        elif ctor == "proxy":
-            # proxy(of, model): the stand-in is the second base edge's model (the non-PFM one)
-            stand_in = next(b for b in bases if self.g.nodes[b]["ctor"] != "pfm" or len(bases) == 1)
-            lm = self._model(stand_in)
-        elif ctor == "warmup":
-            lm = self._warmup(node, a, bases[0])
-        else:  # pragma: no cover - check_runnable rejects it first
-            raise PlanError(f"no runtime for model {a['label']}")
-        self.model_info[node] = {"label": a["label"], "name": lm.name, "fingerprint": lm.fingerprint,
-                                 "device": str(lm.device), "dtype": str(lm.dtype).replace("torch.", "")}
-        return lm
+    def _preds(self, node: str, *flows: str) -> list[str]:
+        return [p for p, _, d in self.g.in_edges(node, data=True) if d["flow"] in flows]
 
-    def _warmup(self, node: str, a: dict, base_node: str):
-        from tamis.runtime.warmup import warm_up
+    def _lazy(self, node: str) -> Lazy:
+        a = self.g.nodes[node]
+        if a["kind"] == "model":
+            return Lazy(node, a["ctor"], a["label"], a["params"], lambda: self._model(node))
+        return Lazy(node, a["source"], a["label"], a["params"], lambda: self._dataset(node))
 
-        base = self._model(base_node)
-        pool = self._frames["data:pool"]
-        lm, info = warm_up(base, pool, a["params"], self.cache.artifacts, self.cfg, label=a["label"])
-        self.model_info[node + ":training"] = info
-        return lm
+
+# --------------------------------------------------------------------------- calling kernels
+# Plain functions of (kernel, rows, model, parameters): what any engine calls on its workers.
+
+
+def call_scorer(k: Kernel, rows: pl.DataFrame, model, params: dict, options: ExecOptions) -> dict:
+    """Run a scorer kernel on `rows`: its result columns, each checked to hold one value per row."""
+    extra = {"options": options} if k.wants_options else {}
+    got = k.fn(rows, model, **params, **extra)
+    missing = [c for c in k.schema if c not in got]
+    if missing:
+        raise TamisError(f"scorer `{k.name}` ({k.source}) returned no column(s) {', '.join(missing)}")
+    for col in k.schema:
+        if len(got[col]) != rows.height:
+            raise TamisError(f"scorer `{k.name}` ({k.source}) returned {len(got[col])} value(s) in {col!r} "
+                             f"for {rows.height} row(s)")
+    return got
+
+
+def call_sampler(k: Kernel, rows: pl.DataFrame, model, budget: int, params: dict, options: ExecOptions) -> list[int]:
+    """Run a sampler kernel: the positions of the kept rows, in the order picked, checked."""
+    extra = {"options": options} if k.wants_options else {}
+    keep = [int(i) for i in k.fn(rows, model, budget, **params, **extra)]
+    if any(not 0 <= i < rows.height for i in keep) or len(set(keep)) != len(keep):
+        raise TamisError(f"sampler `{k.name}` ({k.source}) must return distinct row positions in [0, {rows.height})")
+    if len(keep) > budget:
+        raise TamisError(f"sampler `{k.name}` ({k.source}) returned {len(keep)} rows for a budget of {budget}")
+    return keep

@@ -6,29 +6,27 @@ import polars as pl
 
 from tamis.dsl import ast
 from tamis.errors import TamisError
+from tamis.ops.kernel import kernel_for
 
 _BIN = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}
 _CMP = {"<": "lt", "<=": "le", ">": "gt", ">=": "ge", "==": "eq", "!=": "ne"}
 
 
-def _pct(x: pl.Expr) -> pl.Expr:
-    # percentile rank in [0, 1]: ties share their average rank; nulls stay null
-    return ((x.rank("average") - 1) / (x.count() - 1).clip(lower_bound=1)).cast(pl.Float64)
-
-
-_FUNCS = {
-    "pct": lambda a: _pct(a[0]),
-    "zscore": lambda a: (a[0] - a[0].mean()) / a[0].std(),
-    "minmax": lambda a: (a[0] - a[0].min()) / (a[0].max() - a[0].min()),
-    "log": lambda a: a[0].log(),
-    "exp": lambda a: a[0].exp(),
-    "abs": lambda a: a[0].abs(),
-    "min": lambda a: pl.min_horizontal(a[0], a[1]),
-    "max": lambda a: pl.max_horizontal(a[0], a[1]),
-    "coalesce": lambda a: pl.coalesce(a[0], a[1]),
-    "is_null": lambda a: a[0].is_null(),
-    "count": lambda a: a[0].list.len().cast(pl.Float64),
-}
+def calls_in(e: ast.Expr | None) -> list[str]:
+    """The names of the functions an expression calls (to check each has a kernel before running)."""
+    if e is None:
+        return []
+    out: list[str] = []
+    stack = [e]
+    while stack:  # iterative: a deeply nested expression must not hit Python's recursion limit
+        x = stack.pop()
+        if isinstance(x, ast.Call):
+            out.append(x.func)
+            stack.extend(x.args)
+        for child in ("left", "right", "operand"):
+            if isinstance(getattr(x, child, None), ast.Expr):
+                stack.append(getattr(x, child))
+    return out
 
 
 def to_polars(e: ast.Expr) -> pl.Expr:
@@ -52,8 +50,8 @@ def to_polars(e: ast.Expr) -> pl.Expr:
     if isinstance(e, ast.Neg):
         return -to_polars(e.operand)
     if isinstance(e, ast.Call):
-        fn = _FUNCS.get(e.func)
-        if fn is None:
+        k = kernel_for("function", e.func)
+        if k is None:
             raise TamisError(f"function {e.func}(...) has no local runtime implementation yet")
-        return fn([to_polars(a) for a in e.args])
+        return k.fn(*[to_polars(a) for a in e.args])
     raise TamisError(f"cannot evaluate {e.unparse()}")

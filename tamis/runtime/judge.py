@@ -25,7 +25,6 @@ with ``--model NAME=PATH``, or any `hf(...)`/`pfm` model). Locally:
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -39,63 +38,11 @@ from tamis.runtime.api_client import ChatEndpoint
 from tamis.runtime.data import rows_of
 from tamis.runtime.lm_scoring import cache_keyword, supports_plain_cache
 from tamis.runtime.models import LoadedLM
-from tamis.runtime.templates import render_chat, row_text
+from tamis.runtime.judge_prompts import (ALPAGASUS, JUDGE_DECODING, JUDGE_PROMPTS, R_NOT_A_NUMBER, R_NOT_FINITE, R_TOO_LONG, JudgePrompt,
+                                         parse_first_line_score)
+from tamis.runtime.templates import render_chat
 
-__all__ = ["JUDGE_DECODING", "JUDGE_PROMPTS", "JudgePrompt", "RatingTable", "first_lines", "parse_first_line_score", "rate"]
-
-# Part of every cached rating's key: bump it when the decoding changes what a judge says.
-JUDGE_DECODING = "greedy-first-line-v1"
-
-# Reasons a row gets no rating (shared wording, so reports can count them).
-R_NOT_A_NUMBER = "judge's first line is not a number"
-R_NOT_FINITE = "judge's first line is not a finite number"
-R_TOO_LONG = "prompt does not fit the judge's context"
-
-
-@dataclass(frozen=True)
-class JudgePrompt:
-    """A judge's two messages for one row, as the reference builds them."""
-
-    name: str
-    system: str
-    row_template: str  # str.format_map over the row's instruction, input, output
-    request: str  # appended after the row
-
-    def messages(self, row: Mapping[str, Any]) -> list[dict[str, str]]:
-        fields = {k: row_text(row, k) for k in ("instruction", "input", "output")}
-        return [{"role": "system", "content": self.system},
-                {"role": "user", "content": self.row_template.format_map(fields) + self.request}]
-
-
-# rating/chatgpt_rating.py, the accuracy prompt (the one the paper's 9k selection used).
-# The input section is present even when the input is empty, and "###Instruction:" has no
-# space: both as in the reference.
-ALPAGASUS = JudgePrompt(
-    name="alpagasus",
-    system=("We would like to request your feedback on the performance of AI assistant in response to the "
-            "instruction and the given input displayed following."),
-    row_template="###Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n{output}\n\n",
-    request=("Please rate according to the accuracy of the response to the instruction and the input. Each "
-             "assistant receives a score on a scale of 0 to 5, where a higher score indicates higher level of the "
-             "accuracy. Please first output a single line containing value indicating the scores. In the "
-             "subsequent line, please provide a comprehensive explanation of your evaluation, avoiding any "
-             "potential bias. \n\n"),
-)
-JUDGE_PROMPTS: dict[str, JudgePrompt] = {ALPAGASUS.name: ALPAGASUS}
-
-
-def parse_first_line_score(review: str) -> tuple[float | None, str | None]:
-    """(score, None) or (None, reason): Python's ``float`` of the review's first line, as
-    get_scores.py computes it (so " 4.5 " is 4.5 and "Score: 4" is not a number)."""
-    first = review.split("\n")[0]
-    try:
-        value = float(first)
-    except ValueError:
-        return None, R_NOT_A_NUMBER
-    if not math.isfinite(value):  # "nan"/"inf" parse, but no threshold can keep them
-        return None, R_NOT_FINITE
-    return value, None
-
+__all__ = ["ALPAGASUS", "JUDGE_DECODING", "R_NOT_A_NUMBER", "R_NOT_FINITE", "R_TOO_LONG", "JUDGE_PROMPTS", "JudgePrompt", "RatingTable", "first_lines", "parse_first_line_score", "rate"]
 
 @dataclass
 class RatingTable:
@@ -134,7 +81,7 @@ def rate(
     values: list[float | None] = []
     reasons: list[str | None] = []
     for line, skipped in zip(lines, too_long):
-        value, reason = (None, R_TOO_LONG) if skipped else parse_first_line_score(line or "")
+        value, reason = (None, R_TOO_LONG) if skipped else JUDGE_PROMPTS[prompt].parse(line or "")
         values.append(value)
         reasons.append(reason)
     return RatingTable(values, reasons, [None if s else line for line, s in zip(lines, too_long)], new_tokens,

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import polars as pl
 
 
 
-def _sample_ids(base, pool: pl.DataFrame, params: dict, progress: bool) -> list[str]:
+def sample_ids(base, pool: pl.DataFrame, params: dict, progress: bool) -> list[str]:
     from tamis.runtime.warmup_sampling import cherry_subset, random_subset, subset_size
 
     size = params["size"]
@@ -23,8 +23,12 @@ def _sample_ids(base, pool: pl.DataFrame, params: dict, progress: bool) -> list[
     return [pool["id"][i] for i in picked.indices]
 
 
-def warm_up(base, pool: pl.DataFrame, params: dict, artifacts, cfg, *, label: str) -> tuple[Any, dict]:
-    """Train (or reuse from the artifact cache) the warmed-up model; return it loaded and a training summary."""
+def warm_up(base, pool: pl.DataFrame, params: dict, artifacts, cfg, *, label: str,
+            draw_sample: Callable[[], pl.DataFrame] | None = None) -> tuple[Any, dict]:
+    """Train (or reuse from the artifact cache) the warmed-up model; return it loaded and a training summary.
+
+    `cfg` needs progress, device and dtype; `draw_sample` gives the rows to train on (by
+    default, `sample_ids` of the pool), called only when the model is not cached yet."""
     from tamis.runtime.cache import data_fingerprint, fingerprint
     from tamis.runtime.models import load_causal_lm
     from tamis.runtime.training import TrainConfig, train_warmup
@@ -45,8 +49,8 @@ def warm_up(base, pool: pl.DataFrame, params: dict, artifacts, cfg, *, label: st
     summary: dict = {"label": label, "select": params["select"], "method": config.method,
                      "cached": artifacts.exists(key)}
     if not artifacts.exists(key):
-        ids = _sample_ids(base, pool, params, cfg.progress)
-        sample = pool.filter(pl.col("id").is_in(ids))
+        sample = draw_sample() if draw_sample else pool.filter(pl.col("id").is_in(sample_ids(base, pool, params, cfg.progress)))
+        ids = sample["id"].to_list()
         with artifacts.building(key) as out_dir:
             result = train_warmup(base, sample, config, Path(out_dir) / "model", progress=cfg.progress)
             (Path(out_dir) / "summary.json").write_text(json.dumps(

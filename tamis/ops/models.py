@@ -1,0 +1,102 @@
+"""Model constructors: how each kind of model in a recipe is bound and built at run time.
+
+Built on the driver, once per run (a model shared by several stages is built once); a
+trained model's weights are artifacts in the cache, so a re-run loads instead of training.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from tamis.errors import ModelError
+from tamis.ops.kernel import Built, BuildEnv, ExecOptions, Resources, kernel
+
+_LLM = Resources(device="any", memory_per_row=0)
+
+
+def describe_model(label: str, model: Any) -> dict[str, Any]:
+    """What the run report says of a built model."""
+    from tamis.runtime.api_client import ChatEndpoint
+    from tamis.runtime.embeddings import EncoderModel
+
+    if isinstance(model, ChatEndpoint):
+        return {"label": label, "name": model.name, "fingerprint": model.fingerprint, "device": "remote", "dtype": "remote"}
+    if isinstance(model, EncoderModel):
+        return {"label": label, "name": model.name, "fingerprint": model.fingerprint, "device": model.device,
+                "dtype": "float32"}
+    return {"label": label, "name": model.name, "fingerprint": model.fingerprint, "device": str(model.device),
+            "dtype": str(model.dtype).replace("torch.", "")}
+
+
+def _load(name: str, options: ExecOptions, **kw):
+    from tamis.runtime.models import load_causal_lm
+
+    return load_causal_lm(name, device=options.device, dtype=options.dtype, **kw)
+
+
+def _built(env: BuildEnv, model: Any, training: dict | None = None) -> Built:
+    return Built(model, describe_model(env.label, model), training)
+
+
+@kernel("model", "pfm", resources=_LLM)
+def pfm(params: Mapping, env: BuildEnv) -> Built:
+    if not env.options.pfm:
+        raise ModelError("this recipe uses `pfm`: pass --pfm PATH_OR_NAME (a local folder, a .gguf file, "
+                         "or a hub name already in the local cache)")
+    return _built(env, _load(env.options.pfm, env.options))
+
+
+@kernel("model", "hf", resources=_LLM)
+def hf(params: Mapping, env: BuildEnv) -> Built:
+    name = env.options.model_paths.get(params["name"], params["name"])
+    return _built(env, _load(name, env.options, gguf_file=params.get("gguf")))
+
+
+def _binding(params: Mapping, options: ExecOptions):
+    from tamis.runtime.api_client import judge_binding
+
+    return judge_binding(params["name"], params.get("base_url"), options.model_paths, options.api_base)
+
+
+def _api_served(params: Mapping, options: ExecOptions) -> str | None:
+    if _binding(params, options) is not None:
+        return None
+    name = params["name"]
+    return (f"nothing serves it; bind a local chat model with --model {name}=PATH, or name an OpenAI-compatible "
+            "endpoint with --api-base URL (or $OPENAI_BASE_URL; the key comes from $OPENAI_API_KEY)")
+
+
+@kernel("model", "api", plan_check=_api_served, resources=Resources(device="cpu"))
+def api(params: Mapping, env: BuildEnv) -> Built:
+    binding = _binding(params, env.options)  # the plan check made sure something serves it
+    if binding.local_path:
+        return _built(env, _load(binding.local_path, env.options))
+    from tamis.runtime.api_client import ChatEndpoint
+
+    return _built(env, ChatEndpoint(binding.base_url, binding.name))
+
+
+@kernel("model", "proxy", resources=_LLM)
+def proxy(params: Mapping, env: BuildEnv) -> Built:
+    # proxy(of, model): the stand-in is the base that is not the PFM (the PFM itself is never loaded)
+    stand_in = next(b for b in env.bases if b.ctor != "pfm" or len(env.bases) == 1)
+    return _built(env, stand_in.get())
+
+
+@kernel("model", "warmup", resources=_LLM)
+def warmup(params: Mapping, env: BuildEnv) -> Built:
+    from tamis.runtime.warmup import warm_up
+
+    base = env.bases[0].get()
+    lm, info = warm_up(base, env.pool, dict(params), env.artifacts, env.options, label=env.label,
+                       draw_sample=env.inputs[0].get)
+    return _built(env, lm, info)
+
+
+@kernel("model", "encoder", resources=Resources(device="any"))
+def encoder(params: Mapping, env: BuildEnv) -> Built:
+    from tamis.runtime.embeddings import EncoderModel
+    from tamis.runtime.models import resolve_device
+
+    model = EncoderModel.bind(params["name"], dict(env.options.model_paths), str(resolve_device(env.options.device)))
+    return _built(env, model)
