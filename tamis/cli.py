@@ -19,11 +19,24 @@ app = typer.Typer(
 )
 
 RecipeArgs = Annotated[list[str], typer.Argument(help="recipe files, or names of built-in recipes (e.g. ifd)")]
+PluginOpt = Annotated[Optional[list[Path]], typer.Option(
+    "--plugins", help="a Python file of your own operators (repeatable); installed packages' "
+                      "`tamis.plugins` entry points load too")]
 
 
 def _fail(err: TamisError) -> None:
     typer.echo(str(err), err=True)
     raise typer.Exit(1)
+
+
+def _load_plugins(plugins: Optional[list[Path]]) -> None:
+    """User operators: only ever from a flag or an installed package, never from a recipe."""
+    from tamis.plugins import load_plugins
+
+    try:
+        load_plugins(plugins or [])
+    except TamisError as err:
+        _fail(err)
 
 
 def _compile_all(recipes: list[str]):
@@ -48,8 +61,9 @@ def _compile_or_exit(recipes: list[str]):
 
 
 @app.command()
-def check(recipes: RecipeArgs) -> None:
+def check(recipes: RecipeArgs, plugins: PluginOpt = None) -> None:
     """Check recipes: syntax, names, types, columns, composition. Exit 1 with located errors."""
+    _load_plugins(plugins)
     compiled, errors = _compile_all(recipes)
     for err in errors:
         typer.echo(str(err) + "\n", err=True)
@@ -65,8 +79,10 @@ def explain(
     as_json: Annotated[bool, typer.Option("--json", help="node-link JSON of the optimised graph")] = False,
     dot: Annotated[Optional[Path], typer.Option("--dot", help="write Graphviz DOT text to this file ('-' for stdout)")] = None,
     logical: Annotated[bool, typer.Option("--logical", help="the graph before optimisation passes")] = False,
+    plugins: PluginOpt = None,
 ) -> None:
-    """Print the compiled operator graph, before anything runs."""
+    """Print the compiled operator graph, before anything runs: operators, their kernels and resources."""
+    _load_plugins(plugins)
     from tamis.dsl.compile import compile_file
     from tamis.dsl.explain import graph_dot, graph_json, plan_text
 
@@ -96,8 +112,10 @@ def feasibility(
     recipes: RecipeArgs,
     as_json: Annotated[bool, typer.Option("--json", help="a list of objects, one per recipe")] = False,
     html_out: Annotated[Optional[Path], typer.Option("--html", help="write an HTML page with the table and each graph")] = None,
+    plugins: PluginOpt = None,
 ) -> None:
     """The survey's Table 3 (feasibility), derived from the recipes' graphs; ranks over the recipes given."""
+    _load_plugins(plugins)
     from tamis.report import feasibility_report as fr
 
     compiled = _compile_or_exit(recipes)
@@ -130,8 +148,10 @@ def report(
     recipes: RecipeArgs,
     html_out: Annotated[Path, typer.Option("--html", help="the page to write")],
     points: Annotated[Optional[list[Path]], typer.Option("--points", help="points files; default: the published points")] = None,
+    plugins: PluginOpt = None,
 ) -> None:
     """One HTML page: the feasibility table, each recipe's graph, and the efficiency graph."""
+    _load_plugins(plugins)
     import tempfile
 
     from tamis.report import feasibility_report as fr
@@ -171,8 +191,10 @@ def run(
     api_base: Annotated[Optional[str], typer.Option("--api-base", help="OpenAI-compatible endpoint for api(\"NAME\") models (default $OPENAI_BASE_URL; key from $OPENAI_API_KEY)")] = None,
     batch_tokens: Annotated[Optional[int], typer.Option(help="padded tokens per scoring batch")] = None,
     progress: Annotated[bool, typer.Option(help="progress bars")] = True,
+    plugins: PluginOpt = None,
 ) -> None:
     """Run a recipe over a pool: score, pick, write the selection, the scores and a run report."""
+    _load_plugins(plugins)
 
     from tamis.dsl.compile import compile_file
     from tamis.report import run_report

@@ -111,3 +111,7 @@ class RowProblem:
 
 class ModelError(TamisError):
     """A model cannot be loaded, or cannot do what the recipe asks of it."""
+
+
+class PluginError(TamisError):
+    """A plug-in file or package could not be loaded, or declares an operator wrongly."""

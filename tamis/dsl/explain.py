@@ -7,6 +7,7 @@ import json
 import networkx as nx
 
 from tamis.dsl import ast
+from tamis.ops.kernel import node_kernel
 
 
 def _chain(g: nx.DiGraph, end: str) -> list[str]:
@@ -72,6 +73,13 @@ def _plan_chain(g: nx.DiGraph, chain: list[str]) -> list[str]:
         if a.get("shared_by"):
             notes.append(f"shared ×{len(a['shared_by']) + 1}")
         out.append(f"  {n:>5}  [step {a['step']}] {a['label']}" + (f"   ({'; '.join(notes)})" if notes else ""))
+        k = node_kernel(a)
+        if k is not None:
+            out.append(f"         kernel {k.source}:{getattr(k.fn, '__name__', k.name)}  "
+                       f"[{'row-wise' if k.mode == 'rowwise' else 'global'}{', cached' if k.cached else ''}, "
+                       f"{k.resources.describe()}]")
+        elif a["kind"] == "op" and a["op"] in ("score", "diverse"):
+            out.append("         kernel: none yet (cannot run locally)")
     return out
 
 
@@ -88,6 +96,10 @@ def _plain(v):
 def graph_json(g: nx.DiGraph) -> dict:
     data = nx.node_link_data(g, edges="edges")
     data["nodes"] = [{k: _plain(v) for k, v in n.items()} for n in data["nodes"]]
+    for node in data["nodes"]:  # each operator's kernel and resources (null: none yet)
+        if node.get("kind") == "op" and node.get("op") in ("score", "diverse"):
+            k = node_kernel(node)
+            node["kernel"] = k.describe() if k else None
     data["graph"] = _plain(dict(data["graph"]))
     return data
 

@@ -177,6 +177,15 @@ def kernels(family: Family | None = None) -> dict[str, Kernel]:
     return {n: k for (f, n), k in _KERNELS.items() if family is None or f == family}
 
 
+def node_kernel(attrs: Mapping[str, Any]) -> Kernel | None:
+    """The kernel an operator node of the graph runs (a scorer's or a sampler's), if any."""
+    if attrs.get("op") == "score":
+        return kernel_for("scorer", attrs["params"]["scorer"])
+    if attrs.get("op") == "diverse":
+        return kernel_for("sampler", attrs["params"]["sampler"])
+    return None
+
+
 def kernel(family: Family, name: str | None = None, **declared: Any) -> Callable[[Callable], Callable]:
     """Decorator for built-in kernels: `@kernel("scorer", "ifd", cached=True, …)`."""
     def wrap(fn: Callable) -> Callable:

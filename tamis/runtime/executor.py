@@ -120,15 +120,6 @@ def _missing_kernel(a: dict) -> str | None:
     return None
 
 
-def node_kernel(a: dict) -> Kernel | None:
-    """The kernel an operator node runs (a scorer or a sampler), if any: for `explain`."""
-    if a.get("op") == "score":
-        return kernel_for("scorer", a["params"]["scorer"])
-    if a.get("op") == "diverse":
-        return kernel_for("sampler", a["params"]["sampler"])
-    return None
-
-
 def _size_rows(size: dict, n: int) -> int:
     if "fraction" in size:
         return max(1, int(round(size["fraction"] * n)))
@@ -304,6 +295,8 @@ class LocalExecutor:
             cols = pl.DataFrame({"id": frame["id"], **{name: pl.Series(got[col], dtype=k.schema[col])
                                                        for col, name in names.items()}})
             report.scored_rows = frame.height
+            if "reason" in got:
+                report.skipped = dict(sorted(Counter(r for r in got["reason"] if r).items()))
         out = frame.join(cols, on="id", how="left", maintain_order="left")
         self._record_scores(cols)
         report.histogram = _histogram(out[main]) if out[main].dtype.is_numeric() else None
