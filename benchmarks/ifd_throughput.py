@@ -76,6 +76,30 @@ def sharegpt_first_turns(n: int) -> list[dict[str, str]]:
     return rows
 
 
+def rows_file(path: Path, n: int) -> list[dict[str, str]]:
+    """The first `n` rows of a JSONL file (for machines without the ShareGPT package)."""
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                rows.append({"instruction": r["instruction"], "input": r.get("input") or "", "output": r["output"]})
+                if len(rows) == n:
+                    break
+    return rows
+
+
+def machine_name(device: torch.device) -> str:
+    """The CPU model (and the GPU's, when scoring on one): results are only comparable on the same machine."""
+    cpu = "unknown CPU"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    cpu = f"{cpu}, {os.cpu_count()} cores"
+    return f"{torch.cuda.get_device_name(device)}; CPU {cpu}" if device.type == "cuda" else cpu
+
+
 def _json_array_records(path: Path, chunk: int = 1 << 20) -> Iterator[dict[str, Any]]:
     """Records of a JSON array, one at a time; stops quietly at a record cut off by EOF."""
     decoder = json.JSONDecoder()
@@ -332,6 +356,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--repeat", type=int, default=2, help="interleaved repeats of every phase; the fastest counts")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--quick", action="store_true", help="a reduced run, under two minutes on 2 CPU cores")
+    ap.add_argument("--rows", type=Path, default=None,
+                    help="a JSONL file of instruction/input/output rows instead of the ShareGPT package's first turns")
     args = ap.parse_args(argv)
     n = args.n or (16 if args.quick else 200)
     max_length = args.max_length
@@ -339,9 +365,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     fast_dtype = choose_dtype(device, "auto")
     model_path = args.model or smollm2_asset()
 
-    print(f"# device {device} ({torch.get_num_threads()} threads), fast dtype {dtype_name(fast_dtype)}, "
-          f"model {model_path}, rows {n}, max_length {max_length}, repeats {args.repeat}, load {os.getloadavg()[0]:.2f}")
-    rows = sharegpt_first_turns(n)
+    print(f"# device {device} ({machine_name(device)}; {torch.get_num_threads()} threads), fast dtype "
+          f"{dtype_name(fast_dtype)}, model {model_path}, rows {n}, max_length {max_length}, repeats {args.repeat}, "
+          f"load {os.getloadavg()[0]:.2f}")
+    rows = rows_file(args.rows, n) if args.rows else sharegpt_first_turns(n)
     lm32 = load_causal_lm(model_path, device=device, dtype="fp32")
     same = fast_dtype == torch.float32
     lm_fast = lm32 if same else load_causal_lm(model_path, device=device, dtype=dtype_name(fast_dtype))
@@ -431,6 +458,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "scored_rows": exact["scored"],
         "max_length": max_length,
         "device": str(device),
+        "machine": machine_name(device),
         "dtype": dtype_name(fast_dtype),
         "fast_is_fp32": same,
         "load_avg": round(os.getloadavg()[0], 2),
