@@ -39,6 +39,11 @@ def _load_plugins(plugins: Optional[list[Path]]) -> None:
         _fail(err)
 
 
+def _warn(compiled) -> None:
+    for w in compiled.graph.graph.get("warnings", []):
+        typer.echo(f"warning: {w}", err=True)
+
+
 def _compile_all(recipes: list[str]):
     from tamis.dsl.compile import compile_file
 
@@ -46,9 +51,26 @@ def _compile_all(recipes: list[str]):
     for r in recipes:
         try:
             out.append(compile_file(r))
+            _warn(out[-1])
         except TamisError as err:
             errors.append(err)
     return out, errors
+
+
+def _check_outputs(outputs: dict, inputs: list) -> None:
+    """Every output path checked before any work (see `tamis.runtime.outputs.check_outputs`)."""
+    from tamis.runtime.outputs import check_outputs
+
+    try:
+        check_outputs({k: Path(v) for k, v in outputs.items() if v is not None and str(v) != "-"},
+                      [Path(i) for i in inputs if i is not None])
+    except TamisError as err:
+        _fail(err)
+
+
+def _inputs_of(compiled: list) -> list[Path]:
+    """The files a set of compiled recipes read: their own files and those they splice."""
+    return [Path(p) for c in compiled for p in [c.recipe.path, *(u["path"] for u in c.graph.graph.get("uses", []))] if p]
 
 
 def _compile_or_exit(recipes: list[str]):
@@ -90,6 +112,8 @@ def explain(
         c = compile_file(recipe)
     except TamisError as err:
         _fail(err)
+    _warn(c)
+    _check_outputs({"--dot": dot}, _inputs_of([c]) + (plugins or []))
     g = c.logical if logical else c.graph
     if dot is not None:
         text = graph_dot(g)
@@ -119,6 +143,7 @@ def feasibility(
     from tamis.report import feasibility_report as fr
 
     compiled = _compile_or_exit(recipes)
+    _check_outputs({"--html": html_out}, _inputs_of(compiled) + (plugins or []))
     rows = fr.table(compiled)
     if html_out is not None:
         from tamis.runtime.outputs import write_text
@@ -137,6 +162,7 @@ def efficiency(
     """The survey's efficiency comparison: PIR, SDF, signed distance to the baseline, infeasible areas."""
     from tamis.report.efficiency_cli import run_efficiency
 
+    _check_outputs({"--plot": plot}, list(points or []))
     try:
         typer.echo(run_efficiency(points or None, as_json=as_json, plot=plot))
     except TamisError as err:
@@ -160,6 +186,7 @@ def report(
     from tamis.report.efficiency_cli import efficiency_html_section, plot_efficiency
 
     compiled = _compile_or_exit(recipes)
+    _check_outputs({"--html": html_out}, _inputs_of(compiled) + list(points or []) + (plugins or []))
     try:
         result = compute_efficiency(load_points(points or None))
     except TamisError as err:
@@ -199,25 +226,32 @@ def run(
     from tamis.dsl.compile import compile_file
     from tamis.report import run_report
     from tamis.runtime.executor import LocalExecutor, RunConfig
-    from tamis.runtime.outputs import write_json, write_jsonl, write_parquet, write_text
+    from tamis.runtime.outputs import check_outputs, write_output_set
 
     mapping = _pairs("--column", column, "--column prompt=instruction")
     model_paths = _pairs("--model", model, "--model gpt-3.5-turbo=/models/judge")
     cfg = RunConfig(pool=pool, pfm=pfm, device=device, dtype=dtype, cache_dir=cache_dir, no_cache=no_cache,
                     skip_bad=skip_bad, limit=limit, columns=mapping or None, batch_tokens=batch_tokens, progress=progress,
                     model_paths=model_paths, api_base=api_base)
+    base = output.with_suffix("")
+    report_json, report_md = base.with_name(base.name + ".report.json"), base.with_name(base.name + ".report.md")
     try:
         compiled = compile_file(recipe)
+        _warn(compiled)
+        outputs = {"-o": output, "-o (report)": report_md, "-o (report manifest)": report_json,
+                   **({"--scores": scores} if scores is not None else {})}
+        check_outputs(outputs, [Path(pool), Path(compiled.recipe.path or recipe), *(plugins or []),
+                                *(Path(u["path"]) for u in compiled.graph.graph.get("uses", []))])
         result = LocalExecutor(compiled.graph, cfg).run()
     except TamisError as err:
         _fail(err)
-    write_jsonl(result.selected, output)
-    if scores is not None:
-        write_parquet(result.scores, scores)
+    for warning in result.pool_report.get("warnings", []):
+        typer.echo(f"warning: {pool}: {warning}", err=True)
     report = run_report.as_dict(result, compiled.name, cfg)
-    base = output.with_suffix("")
-    write_json(report, base.with_name(base.name + ".report.json"))
-    write_text(run_report.markdown(report), base.with_name(base.name + ".report.md"))
+    writers = [(output, result.selected.write_ndjson),
+               *([(scores, result.scores.write_parquet)] if scores is not None else []),
+               (report_md, lambda tmp: tmp.write_text(run_report.markdown(report), encoding="utf-8"))]
+    write_output_set(writers, report_json, lambda digests: {**report, "outputs": digests})
     for stage in result.stages:
         for note in stage.notes:
             typer.echo(f"note: `{stage.label}`: {note}", err=True)
@@ -225,7 +259,7 @@ def run(
     typer.echo(f"  selection: {output}")
     if scores is not None:
         typer.echo(f"  scores:    {scores}")
-    typer.echo(f"  report:    {base.with_name(base.name + '.report.md')} (and .json)")
+    typer.echo(f"  report:    {report_md} (and {report_json.name}, written last: it lists every output's SHA-256)")
 
 
 def _pairs(flag: str, values: Optional[list[str]], example: str) -> dict[str, str]:

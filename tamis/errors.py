@@ -74,7 +74,9 @@ class RecipeError(TamisError):
                 width = 1
                 if self.span.end_line == self.span.line:
                     width = max(1, self.span.end_column - self.span.column)
-                lines.append("  " + " " * (self.span.column - 1) + "^" * width)
+                # under a tab, a tab: the caret lines up however wide the terminal draws tabs
+                pad = "".join("\t" if ch == "\t" else " " for ch in text[:self.span.column - 1])
+                lines.append("  " + pad + "^" * width)
         if self.hint:
             lines.append(f"  hint: {self.hint}")
         return "\n".join(lines)

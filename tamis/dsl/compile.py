@@ -10,7 +10,7 @@ import networkx as nx
 from tamis.dsl import ast
 from tamis.dsl.feasibility import Feasibility, measure
 from tamis.dsl.lower import Resolver, builtin_recipe_dir, default_resolver, lower
-from tamis.dsl.parse import parse
+from tamis.dsl.parse import parse, read_recipe_text
 from tamis.dsl.passes import PASSES, Pass, optimise
 from tamis.errors import RecipeError
 
@@ -33,12 +33,16 @@ class Compiled:
 
 def compile_text(text: str, path: str | None = None, *, resolver: Resolver = default_resolver,
                  passes: list[Pass] = PASSES) -> Compiled:
-    recipe = parse(text, path)
     try:
-        logical = lower(recipe, resolver)
-    except RecipeError as err:
-        raise err.with_source(text, path)
-    return Compiled(recipe, logical, optimise(logical, passes))
+        recipe = parse(text, path)
+        try:
+            logical = lower(recipe, resolver)
+        except RecipeError as err:
+            raise err.with_source(text, path)
+        return Compiled(recipe, logical, optimise(logical, passes))
+    except RecursionError:  # the depth check in parse() should make this unreachable; never a traceback
+        raise RecipeError("recipe nested too deeply to compile", path=path,
+                          hint="split deep expressions with `let` stages") from None
 
 
 def resolve_recipe_path(name_or_path: str) -> Path:
@@ -55,7 +59,7 @@ def resolve_recipe_path(name_or_path: str) -> Path:
 
 def compile_file(name_or_path: str | Path, **kw) -> Compiled:
     path = resolve_recipe_path(str(name_or_path))
-    return compile_text(path.read_text(encoding="utf-8"), str(path), **kw)
+    return compile_text(read_recipe_text(path), str(path), **kw)
 
 
 def builtin_recipes() -> list[Path]:

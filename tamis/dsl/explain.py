@@ -49,6 +49,11 @@ def plan_text(g: nx.DiGraph) -> str:
             if a.get("multiplicity", 1) > 1:
                 tags.append(f"×{a['multiplicity']}")
             lines.append(f"  {d:>5}  {a['label']}" + (f"  [{', '.join(tags)}]" if tags else ""))
+    if g.graph.get("uses"):
+        lines.append("uses:")
+        for u in g.graph["uses"]:
+            note = "  (a local file shadows the built-in recipe)" if u.get("shadows_builtin") else ""
+            lines.append(f"  line {u['line']}: use {u['recipe']} → {u['path']}{note}")
     selections = [n for n in g.nodes if any(d["flow"] == "selection" for _, _, d in g.out_edges(n, data=True))]
     for s in selections:
         lines.append(f"selection ending at {s}:")

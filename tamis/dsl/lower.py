@@ -26,7 +26,7 @@ import networkx as nx
 
 from tamis.dsl import ast
 from tamis.dsl import registry as reg
-from tamis.dsl.parse import parse
+from tamis.dsl.parse import parse, read_recipe_text
 from tamis.errors import RecipeError, Span
 
 # ---- helpers -------------------------------------------------------------------
@@ -107,12 +107,21 @@ def builtin_recipe_dir() -> Path:
 
 
 def default_resolver(name: str, is_path: bool, origin: ast.Recipe) -> tuple[str, str]:
-    """Find a recipe for `use`: a path relative to the using file, else NAME.tamis beside it, else built-in."""
+    """Find a recipe for `use`: a path relative to the using file, else NAME.tamis beside it, else built-in.
+
+    A spliced path must name a recipe file (`.tamis`, also after following links): a recipe is
+    shared text, and must not be able to read (and echo, in an error) any other file."""
     here = Path(origin.path).parent if origin.path else Path.cwd()
-    candidates = [here / name] if is_path else [here / f"{name}.tamis", builtin_recipe_dir() / f"{name}.tamis"]
+    if is_path:
+        c = here / name
+        if c.suffix != ".tamis" or (c.exists() and c.resolve().suffix != ".tamis"):
+            raise LookupError("`use \"PATH\"` splices recipe files only: the path must end in .tamis")
+        candidates = [c]
+    else:
+        candidates = [here / f"{name}.tamis", builtin_recipe_dir() / f"{name}.tamis"]
     for c in candidates:
         if c.is_file():
-            return str(c), c.read_text(encoding="utf-8")
+            return str(c), read_recipe_text(c)
     known = sorted(p.stem for p in builtin_recipe_dir().glob("*.tamis"))
     known += sorted(p.stem for p in here.glob("*.tamis")) if not is_path else []
     raise LookupError(did_you_mean(name, known) or f"built-in recipes: {', '.join(known)}")
@@ -237,6 +246,10 @@ class Lowerer:
 
     def value(self, scope: Scope, p: reg.Param, e: ast.Expr, what: str):
         t = p.type
+        if t == "seed":
+            if not isinstance(e, ast.Number) or not e.is_int:
+                raise scope.error(f"{what}: {p.name!r} needs a whole number ≥ 0, got {e.unparse()}", e.span)
+            return int(e.value)
         if t in ("count", "size", "fraction", "number"):
             if isinstance(e, ast.Neg) and isinstance(e.operand, ast.Number) and t == "number":
                 return -e.operand.value
@@ -584,7 +597,7 @@ class Lowerer:
 
     def stage_sample(self, scope, stage: ast.Sample, state: ChainState, step: str) -> None:
         size = self.value(scope, reg.Param("amount", "size"), stage.amount, "sample")
-        v = self.bind(scope, (reg.Param("seed", "count", 42),), (), stage.kwargs, stage.span, "sample")
+        v = self.bind(scope, (reg.Param("seed", "seed", 42),), (), stage.kwargs, stage.span, "sample")
         self.op(scope, stage.span, state, "sample", f"sample {stage.amount.unparse()}", step, pick=True,
                 params={"size": size, **v})
         state.ranked = False
@@ -655,6 +668,14 @@ class Lowerer:
         except LookupError as err:
             raise scope.error(f"no recipe {stage.recipe!r}", stage.span, hint=str(err.args[0]) if err.args else None)
         key = str(Path(path).resolve())
+        builtin = builtin_recipe_dir() / f"{stage.recipe}.tamis"
+        shadows = not stage.is_path and builtin.is_file() and Path(path).resolve() != builtin.resolve()
+        self.g.graph.setdefault("uses", []).append({"recipe": stage.recipe, "path": path, "line": stage.span.line,
+                                                    "shadows_builtin": shadows})
+        if shadows:
+            self.g.graph.setdefault("warnings", []).append(
+                f"{scope.recipe.path or '<recipe>'}:{stage.span.line}: `use {stage.recipe}` splices {path}, "
+                f"not the built-in recipe {stage.recipe!r} (a local file of that name shadows it)")
         if key in self._stack:
             chain = " → ".join(Path(k).stem for k in self._stack[self._stack.index(key):] + [key])
             raise scope.error(f"composition cycle: {chain}", stage.span)

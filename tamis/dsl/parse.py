@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import ast as pyast
+import math
+import warnings
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
 from tamis.dsl import ast
@@ -28,7 +31,33 @@ def span_of(meta_or_token) -> Span:
 
 def _str(tok: Token) -> str:
     # Recipe strings use Python's escapes; literal_eval is exact and safe on a STRING token.
-    return pyast.literal_eval(tok)
+    # A bad escape ("\x", "\u12", "\N{nope}") or a lone surrogate is the recipe's error, located.
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "\q" is kept as backslash-q, as in Python
+            value = pyast.literal_eval(tok)
+    except (SyntaxError, ValueError) as err:
+        why = getattr(err, "msg", None) or str(err)
+        raise RecipeError(f"bad escape in string: {why.split(': ', 1)[-1]}", span_of(tok),
+                          hint='write a backslash as "\\\\"; escapes: \\n \\t \\" \\xHH \\uHHHH') from None
+    if any(0xD800 <= ord(ch) <= 0xDFFF for ch in value):
+        raise RecipeError("string holds a lone surrogate escape (not a character)", span_of(tok))
+    return value
+
+
+MAX_NESTING = 100  # expressions nested deeper than this are refused (Python's stack would not hold them)
+
+
+def _check_depth(tree: Tree) -> None:
+    """Refuse a parse tree nested deeper than MAX_NESTING, at its deepest node, before any
+    recursive pass (the transformer, the checker) meets it."""
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_NESTING * 2:  # a call or a unary operator is up to two tree levels
+            raise RecipeError(f"expression nested too deeply (more than {MAX_NESTING} levels)", span_of(node.meta),
+                              hint="split it with `let` stages")
+        stack.extend((c, depth + 1) for c in node.children if isinstance(c, Tree))
 
 
 @v_args(meta=True)
@@ -42,7 +71,12 @@ class ToAst(Transformer):
     def number(self, meta, c):
         text = str(c[0]).replace("_", "")
         is_int = text.isdigit()
-        return ast.Number(value=float(text), is_int=is_int, span=span_of(meta))
+        if is_int and int(text) > 2**53:  # a float cannot hold it exactly: refuse rather than round
+            raise RecipeError(f"whole number {text} is too large (over 2^53 = 9007199254740992)", span_of(meta))
+        value = float(text)
+        if not math.isfinite(value):
+            raise RecipeError(f"number {text} is too large", span_of(meta))
+        return ast.Number(value=value, is_int=is_int, span=span_of(meta))
 
     def percent(self, meta, c):
         return ast.Percent(value=float(str(c[0])[:-1]), span=span_of(meta))
@@ -271,14 +305,32 @@ def _describe_expected(expected: set[str]) -> str:
     return ", ".join(shown[:10]) + (" …" if len(shown) > 10 else "")
 
 
+def read_recipe_text(path: Path) -> str:
+    """A recipe file's text; bytes that are not UTF-8 are a located error, not a traceback."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        before = data[:err.start]
+        line = before.count(b"\n") + 1
+        column = len(before[before.rfind(b"\n") + 1:].decode("utf-8", errors="replace")) + 1
+        raise RecipeError(f"not UTF-8 text: byte 0x{data[err.start]:02x} at byte {err.start}",
+                          Span(line, column, line, column + 1), path=str(path),
+                          hint="save the recipe as UTF-8") from None
+
+
 def parse(text: str, path: str | None = None) -> ast.Recipe:
     """Parse recipe text into an AST; every failure is a RecipeError with a caret-ready span."""
+    text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark, as editors on Windows write
     try:
         tree = parser().parse(text)
     except UnexpectedInput as err:
         raise _syntax_error(err, text, path) from None
     try:
+        _check_depth(tree)
         recipe = ToAst().transform(tree)
+    except RecipeError as err:
+        raise err.with_source(text, path) from None
     except VisitError as err:
         if isinstance(err.orig_exc, RecipeError):
             raise err.orig_exc.with_source(text, path) from None

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 # Value types the checker understands.
-#   count: a whole number of rows; size: a count or a percentage of the pool;
+#   count: a whole number of rows (> 0); seed: a whole number >= 0; size: a count or a percentage of the pool;
 #   fraction: a percentage; number: any number; string; bool; model; data;
 #   lora: a lora(...) configuration; column: a column name; list: a list of values.
-ValueType = Literal["count", "size", "fraction", "number", "string", "bool", "model", "data", "lora", "column", "list", "any"]
+ValueType = Literal["count", "seed", "size", "fraction", "number", "string", "bool", "model", "data", "lora", "column", "list", "any"]
 
 # Column types.
 ColumnType = Literal["float", "bool", "text", "tags", "vector", "messages", "id"]
@@ -126,7 +126,7 @@ SCORERS: dict[str, ScorerSpec] = {
                    (Param("max_length", "count", 2048),), source="hkust-nlp/deita scorer"),
         ScorerSpec("grads", "LESS per-sample LoRA gradient features, Adam-preconditioned for training data, randomly projected",
                    {"": "vector"}, "lora_llm",
-                   (Param("dim", "count", 8192), Param("seed", "count", 0),
+                   (Param("dim", "count", 8192), Param("seed", "seed", 0),
                     Param("precondition", "string", "auto", ("auto", "adam", "none"))),
                    source="princeton-nlp/LESS less/data_selection"),
         ScorerSpec("icl_loss", "Nuggets one-shot losses: each anchor's answer loss with this row as a one-shot prefix",
@@ -185,7 +185,7 @@ _TRAIN_OPTS = (
     Param("lr", "number", 2e-5),
     Param("batch", "count", 32),
     Param("max_length", "count", 512),
-    Param("seed", "count", 42),
+    Param("seed", "seed", 42),
 )
 
 MODEL_CTORS: dict[str, ModelCtor] = {
@@ -218,11 +218,11 @@ DATA_CTORS: dict[str, DataCtor] = {
     d.name: d
     for d in [
         DataCtor("load", "a dataset file (JSON, JSONL, Parquet, ShareGPT)", (Param("path", "string"), Param("format", "string", "auto"))),
-        DataCtor("sample", "a random sample of a dataset", (Param("data", "data"), Param("size", "size"), Param("seed", "count", 42))),
+        DataCtor("sample", "a random sample of a dataset", (Param("data", "data"), Param("size", "size"), Param("seed", "seed", 42))),
         DataCtor("subsets", "n random subsets of a dataset (each trains one model)",
-                 (Param("data", "data"), Param("n", "count"), Param("size", "size", None), Param("seed", "count", 42))),
+                 (Param("data", "data"), Param("n", "count"), Param("size", "size", None), Param("seed", "seed", 42))),
         DataCtor("anchors", "k representative rows: KMeans on embeddings, the nearest row to each centroid (Nuggets)",
-                 (Param("data", "data"), Param("k", "count", 100), Param("model", "model", None), Param("seed", "count", 0))),
+                 (Param("data", "data"), Param("k", "count", 100), Param("model", "model", None), Param("seed", "seed", 0))),
         DataCtor("evolve", "an LLM-evolved variant set of a dataset (DEITA's Evol-Instruct data)",
                  (Param("data", "data"), Param("model", "model"), Param("rounds", "count", 4)), llm_generated=True),
     ]

@@ -21,7 +21,9 @@ from typing import Any, Callable, Iterator
 
 import polars as pl
 
-__all__ = ["atomic_dir", "atomic_path", "fsync_tree", "write_bytes", "write_json", "write_jsonl", "write_parquet", "write_text"]
+from tamis.errors import TamisError
+
+__all__ = ["OutputError", "atomic_dir", "atomic_path", "check_outputs", "clean_stale_temps", "write_output_set", "fsync_tree", "write_bytes", "write_json", "write_jsonl", "write_parquet", "write_text"]
 
 
 @contextlib.contextmanager
@@ -150,3 +152,96 @@ def write_bytes(data: bytes, path: str | Path) -> Path:
             fh.write(data)
 
     return _write_with(path, write)
+
+
+# --------------------------------------------------------------------------- checks before a run
+
+
+class OutputError(TamisError):
+    """An output path that cannot or must not be written: refused before any work."""
+
+
+def check_outputs(outputs: dict[str, Path], inputs: list[Path]) -> None:
+    """Refuse, before any work, outputs that would overwrite an input (also through a link,
+    `..` or a hard link), collide with each other, or cannot be written: a directory, a path
+    under a regular file, a folder that is not writable. `outputs` maps the flag to its path."""
+    seen: dict[Path, str] = {}
+    real_inputs = [(p, p.resolve()) for p in inputs if p.exists()]
+    for flag, path in outputs.items():
+        real = path.resolve()
+        for given, real_in in real_inputs:
+            if real == real_in or (path.exists() and os.path.samefile(path, given)):
+                raise OutputError(f"{flag} {path}: that is the input {given}; tamis never overwrites its inputs "
+                                  "— choose another output path")
+        if real in seen:
+            raise OutputError(f"{flag} {path}: the same file as {seen[real]}; give each output its own path")
+        seen[real] = flag
+        if path.is_dir():
+            raise OutputError(f"{flag} {path}: is a directory; give a file path, e.g. {path / 'selected.jsonl'}")
+        ancestor = path.parent
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise OutputError(f"{flag} {path}: {ancestor} is a file, so nothing can be written under it")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise OutputError(f"{flag} {path}: the folder {ancestor} is not writable")
+
+
+def clean_stale_temps(path: Path) -> int:
+    """Remove temporary files a killed writer left beside `path` (`.NAME.tmp-PID-…` of a
+    process that is gone); returns how many."""
+    removed = 0
+    if not path.parent.is_dir():
+        return 0
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        try:
+            pid = int(tmp.name[len(path.name) + 6:].split("-")[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _alive(pid):
+            with contextlib.suppress(OSError):
+                if tmp.is_dir():
+                    shutil.rmtree(tmp)
+                else:
+                    tmp.unlink()
+                removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def file_digest(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_output_set(writers: list[tuple[Path, Callable[[Path], Any]]], manifest: Path,
+                     manifest_body: Callable[[dict[str, str]], Any]) -> None:
+    """Write a run's files so that no reader mistakes a mixed set for a result.
+
+    The manifest (the JSON report) is removed first and written last, listing every other
+    file's SHA-256: while it is absent the set is incomplete, and a file that does not match
+    its digest is not part of this run. Each file is itself written atomically.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        manifest.unlink()
+    digests: dict[str, str] = {}
+    for path, writer in writers:
+        clean_stale_temps(path)
+        _write_with(path, writer)
+        digests[str(path)] = file_digest(path)
+    clean_stale_temps(manifest)
+    write_json(manifest_body(digests), manifest)
