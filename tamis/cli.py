@@ -218,6 +218,8 @@ def run(
     api_base: Annotated[Optional[str], typer.Option("--api-base", help="OpenAI-compatible endpoint for api(\"NAME\") models (default $OPENAI_BASE_URL; key from $OPENAI_API_KEY)")] = None,
     batch_tokens: Annotated[Optional[int], typer.Option(help="padded tokens per scoring batch")] = None,
     progress: Annotated[bool, typer.Option(help="progress bars")] = True,
+    checkpoint_rows: Annotated[int, typer.Option(min=1, help="persist scores to the cache at least every N rows")] = 64,
+    checkpoint_seconds: Annotated[float, typer.Option(min=0.1, help="… and about every S seconds of scoring (a kill loses at most that)")] = 30.0,
     plugins: PluginOpt = None,
 ) -> None:
     """Run a recipe over a pool: score, pick, write the selection, the scores and a run report."""
@@ -232,7 +234,8 @@ def run(
     model_paths = _pairs("--model", model, "--model gpt-3.5-turbo=/models/judge")
     cfg = RunConfig(pool=pool, pfm=pfm, device=device, dtype=dtype, cache_dir=cache_dir, no_cache=no_cache,
                     skip_bad=skip_bad, limit=limit, columns=mapping or None, batch_tokens=batch_tokens, progress=progress,
-                    model_paths=model_paths, api_base=api_base)
+                    model_paths=model_paths, api_base=api_base, chunk_rows=checkpoint_rows,
+                    checkpoint_seconds=checkpoint_seconds)
     base = output.with_suffix("")
     report_json, report_md = base.with_name(base.name + ".report.json"), base.with_name(base.name + ".report.md")
     try:

@@ -236,3 +236,146 @@ def test_seed_zero_is_a_seed():
     compile_text("score length | sample 2 with seed=0")
     with pytest.raises(RecipeError, match="whole number ≥ 0"):
         compile_text("score length | sample 2 with seed=1.5")
+
+
+# ---- 9. model folders: no remote code, encoders safetensors-only too ------------------------------
+
+def test_a_model_folder_asking_for_remote_code_is_refused(tiny_gpt2_dir, tmp_path):
+    import shutil
+
+    from tamis.errors import ModelError
+    from tamis.runtime.models import load_causal_lm
+
+    folder = tmp_path / "remote"
+    shutil.copytree(tiny_gpt2_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "modeling_evil.py").write_text("raise SystemExit('this must never run')\n")
+    with pytest.raises(ModelError, match=r"asks to run its own Python code .*modeling_evil\.py.*never runs code"):
+        load_causal_lm(str(folder), dtype="fp32")
+
+
+def test_encoders_follow_the_same_safety_rules(tmp_path):
+    from tamis.errors import ModelError
+    from tamis.runtime.embeddings import EncoderModel
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text("{}")
+    (pickled / "pytorch_model.bin").write_bytes(b"not even a pickle")
+    with pytest.raises(ModelError, match="only pickled weights"):
+        EncoderModel.bind("x", {"x": str(pickled)}, "cpu")
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "config.json").write_text(json.dumps({"auto_map": {"AutoModel": "custom.Model"}}))
+    (remote / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelError, match="asks to run its own Python code"):
+        EncoderModel.bind("x", {"x": str(remote)}, "cpu")
+
+
+# ---- 11. a cache shard with the wrong schema is refused, never read as nulls ----------------------
+
+def test_a_shard_missing_a_column_is_a_corrupt_cache_entry(tmp_path):
+    import polars as pl
+
+    from tamis.runtime.cache import CacheError, ScoreCache
+
+    cache = ScoreCache(tmp_path)
+    schema = {"value": pl.Float64, "reason": pl.String}
+    cache.put("k", pl.DataFrame({"id": ["a"], "value": [1.0], "reason": [None]}, schema={"id": pl.String, **schema}))
+    found, missing = cache.get("k", ["a", "b"], schema=schema)
+    assert found == {"a": {"value": 1.0, "reason": None}} and missing == ["b"]
+    cache.put("k", pl.DataFrame({"id": ["b"], "reason": ["x"]}))  # a damaged shard: no value column
+    with pytest.raises(CacheError, match=r"corrupt cache entry .*shard-00001\.parquet: missing column\(s\) value"):
+        cache.get("k", ["a", "b"], schema=schema)
+    cache.put("k2", pl.DataFrame({"id": ["a"], "value": ["1.0"], "reason": [None]}, schema={"id": pl.String, "value": pl.String, "reason": pl.String}))
+    with pytest.raises(CacheError, match="value is String, expected Float64"):
+        cache.get("k2", ["a"], schema=schema)
+
+
+def test_a_run_refuses_a_corrupt_shard_instead_of_selecting_from_nulls(tmp_path):
+    pool = _copy_pool(tmp_path)
+    plugin = tmp_path / "ops.py"
+    plugin.write_text("import tamis\n@tamis.scorer('chars', cached=True)\n"
+                      "def chars(rows, model):\n    return [float(len(t)) for t in rows['output']]\n")
+    recipe = tmp_path / "r.tamis"
+    recipe.write_text("score chars | rank | top 2\n")
+    args = ["run", str(recipe), "--plugins", str(plugin), "--pool", str(pool), "-o", str(tmp_path / "sel.jsonl"),
+            "--cache-dir", str(tmp_path / "c"), "--no-progress"]
+    assert runner.invoke(app, args).exit_code == 0
+    import polars as pl
+
+    shard = next((tmp_path / "c" / "scores").rglob("shard-*.parquet"))
+    pl.read_parquet(shard).drop("value").write_parquet(shard)
+    res = runner.invoke(app, args)
+    assert res.exit_code == 1 and "corrupt cache entry" in res.output and "Delete it" in res.output
+    from tamis.plugins import forget_plugins
+
+    forget_plugins()
+
+
+# ---- 13. a slow scorer persists by time, not only every 64 rows -------------------------------------
+
+def test_a_slow_scorer_persists_every_few_seconds_and_a_kill_keeps_them(tmp_path, monkeypatch):
+    from tamis.plugins import forget_plugins, load_plugin_file
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"id": f"r{i}", "instruction": f"q{i}", "input": "", "output": f"a{i}"}) + "\n"
+                            for i in range(30)))
+    plugin = tmp_path / "slow.py"
+    plugin.write_text('''import os, time
+import tamis
+
+@tamis.scorer("slow", cached=True)
+def slow(rows, model):
+    out = []
+    for i in rows["id"]:
+        if i == os.environ.get("TAMIS_TEST_DIE_AT"):
+            raise KeyboardInterrupt  # the user's Ctrl-C, mid-chunk
+        time.sleep(0.02)
+        out.append(float(i[1:]))
+    return out
+''')
+    load_plugin_file(plugin)
+    cfg = RunConfig(pool=str(pool), cache_dir=str(tmp_path / "c"), progress=False, chunk_rows=64, checkpoint_seconds=0.1)
+    monkeypatch.setenv("TAMIS_TEST_DIE_AT", "r25")
+    with pytest.raises(KeyboardInterrupt):
+        _run_cfg("score slow | rank | top 3", cfg)
+    monkeypatch.delenv("TAMIS_TEST_DIE_AT")
+    again = _run_cfg("score slow | rank | top 3", cfg)
+    # 64-row chunks would have kept nothing; ~0.1 s chunks of ~5 rows keep most of the 25 done
+    assert again.stages[0].cached_rows >= 15, again.stages[0]
+    assert again.stages[0].cached_rows + again.stages[0].scored_rows == 30
+    forget_plugins()
+
+
+def _run_cfg(text: str, cfg: RunConfig):
+    return LocalExecutor(compile_text(text).graph, cfg).run()
+
+
+# ---- 14. GGUF conversion lands under the run's cache root; a killed one leaves nothing ----------
+
+def test_gguf_conversion_uses_the_cache_root_and_cleans_a_killed_staging_folder(tmp_path, monkeypatch):
+    from tamis.runtime import models
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    source = models._Source("gguf", tmp_path, "m.gguf", None)
+    key = models._hash_parts(models._gguf_identity(source), models._CONVERSION_VERSION)[:24]
+    root = tmp_path / "my-cache"
+    (root / "models").mkdir(parents=True)
+    stale = root / "models" / f".{key}.tmp-999999999-dead"  # a conversion killed mid-way
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+    calls = []
+
+    def convert(src, out):  # the real conversion is tested with SmolLM2 in test_models (slow)
+        calls.append(out)
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(models, "_convert_gguf", convert)
+    target = models._converted_gguf_folder(source, root)
+    assert target == root / "models" / key and (target / "config.json").is_file()
+    assert not stale.exists() and calls[0].parent == root / "models" and calls[0].name.startswith(f".{key}.tmp-")
+    assert models._converted_gguf_folder(source, root) == target and len(calls) == 1  # converted once

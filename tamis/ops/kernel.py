@@ -64,6 +64,7 @@ class ExecOptions:
     pfm: str | None = None
     model_paths: Mapping[str, str] = field(default_factory=dict)
     api_base: str | None = None
+    cache_dir: str | None = None  # the run's cache root (GGUF conversions land there too)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ def describe_model(label: str, model: Any) -> dict[str, Any]:
 def _load(name: str, options: ExecOptions, **kw):
     from tamis.runtime.models import load_causal_lm
 
-    return load_causal_lm(name, device=options.device, dtype=options.dtype, **kw)
+    return load_causal_lm(name, device=options.device, dtype=options.dtype, cache_root=options.cache_dir, **kw)
 
 
 def _built(env: BuildEnv, model: Any, training: dict | None = None) -> Built:

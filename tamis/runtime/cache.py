@@ -30,7 +30,7 @@ import shutil
 import tempfile
 import weakref
 from pathlib import Path, PurePath
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import polars as pl
 
@@ -162,6 +162,18 @@ def _check_key(key: str) -> str:
 # --------------------------------------------------------------------------- scores
 
 
+def _check_shard(path: Path, frame: pl.DataFrame, schema: Mapping[str, pl.DataType]) -> None:
+    """A shard that lacks a column, or holds it with another type, would silently turn scores
+    into nulls (and change a selection): refuse it, naming the file."""
+    missing = [c for c in schema if c not in frame.columns]
+    wrong = [f"{c} is {frame.schema[c]}, expected {t}" for c, t in schema.items()
+             if c in frame.columns and frame.schema[c] != t and frame.schema[c] != pl.Null]
+    if missing or wrong:
+        what = "; ".join(([f"missing column(s) {', '.join(missing)}"] if missing else []) + wrong)
+        raise CacheError(f"corrupt cache entry {path}: {what}. Delete it (or its folder {path.parent}) "
+                         "and run again to recompute those rows")
+
+
 class ScoreCache:
     """Per-row results keyed by (cache key, row id), stored as Parquet shards.
 
@@ -190,27 +202,33 @@ class ScoreCache:
         found = [(int(m.group(1)), p.name, p) for p in folder.iterdir() if (m := _SHARD.match(p.name))]
         return [p for _, _, p in sorted(found)]
 
-    def get(self, key: str, ids: Iterable[str]) -> tuple[dict[str, dict[str, Any]], list[str]]:
-        """(found: id -> result columns, missing ids in the order asked)."""
-        frame, missing = self.get_frame(key, ids)
+    def get(self, key: str, ids: Iterable[str], schema: Mapping[str, pl.DataType] | None = None
+            ) -> tuple[dict[str, dict[str, Any]], list[str]]:
+        """(found: id -> result columns, missing ids in the order asked). With `schema`, every
+        shard must hold those columns with those types (else a CacheError naming the shard)."""
+        frame, missing = self.get_frame(key, ids, schema)
         found = {row.pop("id"): row for row in frame.iter_rows(named=True)}
         return found, missing
 
-    def get_frame(self, key: str, ids: Iterable[str]) -> tuple[pl.DataFrame, list[str]]:
+    def get_frame(self, key: str, ids: Iterable[str], schema: Mapping[str, pl.DataType] | None = None
+                  ) -> tuple[pl.DataFrame, list[str]]:
         """Like `get`, but the hits as a frame (id + result columns) ready to join."""
         wanted = list(ids)
-        stored = self._read_all(key)
+        stored = self._read_all(key, schema)
         if stored is None:
             return pl.DataFrame({"id": []}, schema={"id": pl.String}), wanted
         hits = stored.filter(pl.col("id").is_in(wanted))
         have = set(hits["id"].to_list())
         return hits, [i for i in wanted if i not in have]
 
-    def _read_all(self, key: str) -> pl.DataFrame | None:
+    def _read_all(self, key: str, schema: Mapping[str, pl.DataType] | None = None) -> pl.DataFrame | None:
         paths = self.shards(key)
         if not paths:
             return None
         frames = [self._read_shard(p) for p in paths]
+        if schema is not None:
+            for path, frame in zip(paths, frames):
+                _check_shard(path, frame, {"id": pl.String, **schema})
         merged = pl.concat(frames, how="diagonal_relaxed")
         return merged.unique(subset="id", keep="last", maintain_order=True)
 

@@ -57,6 +57,9 @@ class EncoderModel:
     def bind(cls, name: str, model_paths: dict[str, str], device: str) -> "EncoderModel":
         path = resolve_encoder_path(name, model_paths)
         root = Path(path)
+        from tamis.runtime.models import check_weights_folder
+
+        check_weights_folder(root)  # as for LLMs: no remote code, no pickled weights
         parts = [str(root.resolve())] + [f"{f.relative_to(root)}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
                                          for f in sorted(root.rglob("*")) if f.is_file()]
         return cls(name, path, device, hashlib.blake2b("|".join(parts).encode(), digest_size=16).hexdigest())

@@ -39,14 +39,16 @@ class RunConfig:
     pool_format: str = "auto"
     columns: dict[str, str] | None = None
     batch_tokens: int | None = None
-    chunk_rows: int = 64  # rows scored between cache writes: the most a kill can lose
+    chunk_rows: int = 64  # at most this many rows scored between cache writes (--checkpoint-rows)
+    checkpoint_seconds: float = 30.0  # and chunks sized to take about this long: a kill loses at most that much
     model_paths: dict[str, str] = field(default_factory=dict)  # hf/api("name") -> a local path, for offline machines
     api_base: str | None = None  # OpenAI-compatible endpoint for api("name") models without a local binding
     progress: bool = True
 
     def options(self) -> ExecOptions:
         return ExecOptions(device=self.device, dtype=self.dtype, batch_tokens=self.batch_tokens, progress=self.progress,
-                           pfm=self.pfm, model_paths=dict(self.model_paths), api_base=self.api_base)
+                           pfm=self.pfm, model_paths=dict(self.model_paths), api_base=self.api_base,
+                           cache_dir=self.cache_dir)
 
 
 @dataclass
@@ -118,6 +120,14 @@ def _missing_kernel(a: dict) -> str | None:
     if a["op"] == "diverse" and kernel_for("sampler", a["params"]["sampler"]) is None:
         return f"sampler `{a['params']['sampler']}`"
     return None
+
+
+def _next_chunk(done: int, seconds: float, most: int, target_seconds: float) -> int:
+    """Rows in the next cache chunk: about `target_seconds` of work at the rate just measured
+    (a slow judge persists every few rows, a fast scorer every `most`), never more than `most`."""
+    if seconds <= 0:
+        return most
+    return max(1, min(most, int(done / seconds * target_seconds)))
 
 
 def _size_rows(size: dict, n: int) -> int:
@@ -319,16 +329,20 @@ class LocalExecutor:
         self.cache.scores.describe(key, semantic)
         row_keys = row_content_hashes(frame)
         by_key = dict(zip(row_keys, range(frame.height)))
-        found, missing = self.cache.scores.get(key, list(dict.fromkeys(row_keys)))
+        found, missing = self.cache.scores.get(key, list(dict.fromkeys(row_keys)), schema=schema)
         report.cached_rows = len(found)
         todo = [by_key[k] for k in missing]
-        for start in range(0, len(todo), self.cfg.chunk_rows):
-            idx = todo[start:start + self.cfg.chunk_rows]
+        start, size = 0, min(self.cfg.chunk_rows, 8)  # a small first chunk measures the rate
+        while start < len(todo):
+            idx = todo[start:start + size]
+            t0 = time.perf_counter()
             rows = pl.DataFrame({"id": [row_keys[i] for i in idx], **compute(frame[idx])},
                                 schema={"id": pl.String, **schema})
             self.cache.scores.put(key, rows)  # persisted chunk by chunk: a kill loses at most one chunk
             found.update({r["id"]: r for r in rows.iter_rows(named=True)})
             report.scored_rows += len(idx)
+            start += len(idx)
+            size = _next_chunk(len(idx), time.perf_counter() - t0, self.cfg.chunk_rows, self.cfg.checkpoint_seconds)
         values = [found[k] for k in row_keys]
         if "reason" in schema:
             report.skipped = dict(sorted(Counter(v["reason"] for v in values if v["reason"]).items()))

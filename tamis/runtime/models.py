@@ -147,9 +147,11 @@ def _time_matmul(dtype: torch.dtype, m: int = 1024, k: int = 1024, n: int = 1024
 
 
 def cache_dir() -> Path:
-    """tamis' cache root: $TAMIS_CACHE_DIR, else ~/.cache/tamis."""
-    root = os.environ.get("TAMIS_CACHE_DIR")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "tamis"
+    """tamis' default cache root (the one `--cache-dir` overrides): $TAMIS_CACHE_DIR, else
+    $XDG_CACHE_HOME/tamis, else ~/.cache/tamis."""
+    from tamis.runtime.cache import default_cache_root
+
+    return default_cache_root()
 
 
 def smollm2_asset() -> str:
@@ -204,6 +206,7 @@ def load_causal_lm(
     adapter: str | os.PathLike[str] | None = None,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    cache_root: str | os.PathLike[str] | None = None,
 ) -> LoadedLM:
     """Load a causal LM and its tokenizer from a local folder, a .gguf file, or a cached hub name.
 
@@ -212,15 +215,16 @@ def load_causal_lm(
     folder, merged into the weights (scoring then runs at the base model's speed).
     """
     dev = device if isinstance(device, torch.device) else resolve_device(device)
+    cache_root = Path(cache_root).expanduser() if cache_root is not None else None  # GGUF conversions go here
     dt = dtype if isinstance(dtype, torch.dtype) else choose_dtype(dev, dtype)
     source = _resolve_source(name_or_path, gguf_file)
     if source.kind == "gguf":
-        model, tokenizer, weights_id = _load_gguf_source(source, dt, trust_remote_code, allow_pickle)
+        model, tokenizer, weights_id = _load_gguf_source(source, dt, trust_remote_code, allow_pickle, cache_root)
     elif source.kind == "folder":
         assert source.path is not None
         model, tokenizer, weights_id = _load_folder(source.path, dt, trust_remote_code, allow_pickle)
     else:
-        model, tokenizer, weights_id = _load_hub(source, dt, trust_remote_code, allow_pickle)
+        model, tokenizer, weights_id = _load_hub(source, dt, trust_remote_code, allow_pickle, cache_root)
     adapter_id = ""
     if adapter is not None:
         model, adapter_id = _apply_adapter(model, Path(adapter), allow_pickle)
@@ -267,14 +271,39 @@ def _resolve_folder(folder: Path, gguf_file: str | None) -> _Source:
     raise ModelError(f"{folder} is not a model folder: it has no config.json and no .gguf file")
 
 
+def refuse_remote_code(folder: Path, trust_remote_code: bool = False) -> None:
+    """A model folder whose config asks to run its own Python (`auto_map`) is refused, in
+    tamis' words, before transformers sees it."""
+    if trust_remote_code:
+        return
+    config = folder / "config.json"
+    try:
+        data = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{config}: not a readable JSON config: {e}") from None
+    if isinstance(data, dict) and data.get("auto_map"):
+        modules = sorted({str(v).split(".")[0] for v in data["auto_map"].values()} if isinstance(data["auto_map"], dict) else [])
+        raise ModelError(f"{folder} asks to run its own Python code (config.json `auto_map`"
+                         + (f": {', '.join(modules)}.py" if modules else "") + "); tamis never runs code shipped with a "
+                         "model. Use a model whose architecture transformers supports natively.")
+
+
+def check_weights_folder(folder: Path, allow_pickle: bool = False) -> list[Path]:
+    """The safety rules every local model folder passes before loading: no remote code,
+    safetensors weights (pickles can run code). Returns the weight files."""
+    refuse_remote_code(folder)
+    return _weight_files(folder, allow_pickle)
+
+
 def _load_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool, allow_pickle: bool) -> tuple[Any, Any, str]:
+    refuse_remote_code(folder, trust_remote_code)
     weights = _weight_files(folder, allow_pickle)
     model, tokenizer = _from_pretrained(str(folder), dtype, trust_remote_code, allow_pickle, local_only=True)
     return model, tokenizer, _files_identity(folder, [*weights, folder / "config.json"])
 
 
 def _weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
-    safes = sorted(folder.glob("*.safetensors"))
+    safes = sorted(folder.rglob("*.safetensors"))
     if safes:
         return safes
     pickles = sorted(p for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
@@ -308,7 +337,8 @@ def _from_pretrained(
     return model, tokenizer
 
 
-def _load_hub(source: _Source, dtype: torch.dtype, trust_remote_code: bool, allow_pickle: bool) -> tuple[Any, Any, str]:
+def _load_hub(source: _Source, dtype: torch.dtype, trust_remote_code: bool, allow_pickle: bool,
+              cache_root: Path | None = None) -> tuple[Any, Any, str]:
     """A hub name, looked up in the local HF cache only; its snapshot folder is then loaded like any folder."""
     from huggingface_hub import snapshot_download
 
@@ -322,12 +352,15 @@ def _load_hub(source: _Source, dtype: torch.dtype, trust_remote_code: bool, allo
             "(e.g. --pfm /path/to/model)"
         ) from e
     if source.gguf_file is not None or (not (folder / "config.json").is_file() and list(folder.glob("*.gguf"))):
-        return _load_gguf_source(_resolve_folder(folder, source.gguf_file), dtype, trust_remote_code, allow_pickle)
+        return _load_gguf_source(_resolve_folder(folder, source.gguf_file), dtype, trust_remote_code, allow_pickle,
+                                 cache_root)
     return _load_folder(folder, dtype, trust_remote_code, allow_pickle)
 
 
-def _load_gguf_source(source: _Source, dtype: torch.dtype, trust_remote_code: bool, allow_pickle: bool) -> tuple[Any, Any, str]:
-    model, tokenizer, _ = _load_folder(_converted_gguf_folder(source), dtype, trust_remote_code, allow_pickle)
+def _load_gguf_source(source: _Source, dtype: torch.dtype, trust_remote_code: bool, allow_pickle: bool,
+                      cache_root: Path | None = None) -> tuple[Any, Any, str]:
+    folder = _converted_gguf_folder(source, cache_root)
+    model, tokenizer, _ = _load_folder(folder, dtype, trust_remote_code, allow_pickle)
     return model, tokenizer, _gguf_identity(source)
 
 
@@ -339,28 +372,23 @@ def _gguf_identity(source: _Source) -> str:
     return _files_identity(source.path, [source.path / source.gguf_file])
 
 
-def _converted_gguf_folder(source: _Source) -> Path:
-    """The safetensors copy of a GGUF model, converting it on first use (atomically)."""
+def _converted_gguf_folder(source: _Source, cache_root: Path | None = None) -> Path:
+    """The safetensors copy of a GGUF model under the cache root, converting it on first use.
+
+    Built in a hidden sibling renamed into place (`atomic_dir`); a sibling left by a killed
+    conversion (its process gone) is removed first."""
+    from tamis.runtime.outputs import atomic_dir, clean_stale_temps
+
     key = _hash_parts(_gguf_identity(source), _CONVERSION_VERSION)[:24]
-    target = cache_dir() / "models" / key
+    target = (cache_root or cache_dir()) / "models" / key
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
-    try:
+    clean_stale_temps(target)
+    with atomic_dir(target, keep_existing=True) as staging:
         _convert_gguf(source, staging)
         (staging / "tamis-source.json").write_text(
             json.dumps({"gguf": str(source.path / source.gguf_file), "conversion": _CONVERSION_VERSION})  # type: ignore[operator]
         )
-        try:
-            staging.rename(target)
-        except OSError:
-            # Another process finished the same conversion first; its copy is as good as ours.
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

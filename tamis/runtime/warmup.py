@@ -63,7 +63,8 @@ def warm_up(base, pool: pl.DataFrame, params: dict, artifacts, cfg, *, label: st
     summary.update(json.loads((path / "summary.json").read_text()))
     final = path / summary["final"]
     if (final / "adapter_config.json").is_file():
-        lm = load_causal_lm(base.name, device=cfg.device, dtype=cfg.dtype, adapter=final)
+        lm = load_causal_lm(base.name, device=cfg.device, dtype=cfg.dtype, adapter=final,
+                            cache_root=getattr(cfg, "cache_dir", None))
     else:
         lm = load_causal_lm(str(final), device=cfg.device, dtype=cfg.dtype)
     return lm, summary
