@@ -181,3 +181,39 @@ def test_grammar_ships_as_package_data():
     from importlib import resources
 
     assert resources.files("tamis.grammar").joinpath("recipe.lark").is_file()
+
+
+# Structured fuzz: strings with escapes (valid and not), nesting hundreds deep, long pipelines
+# (the three classes the character-level fuzz above never reached).
+_ESCAPE = st.sampled_from(["\\n", "\\t", '\\"', "\\\\", "\\x", "\\x4", "\\x41", "\\u12", "\\u0041", "\\ud800",
+                           "\\U0001F600", "\\N{BULLET}", "\\N{NOPE}", "\\q", "\\0", "é", "\t"])
+_STRING = st.lists(st.one_of(_ESCAPE, st.sampled_from(list("ab .tamis"))), max_size=8).map(lambda p: '"' + "".join(p) + '"')
+_WRAP = st.sampled_from(["(", "-", "not ", "log(", "pct(", "min(1, ", "["])
+
+
+@st.composite
+def _nested(draw) -> str:
+    wraps = draw(st.lists(_WRAP, min_size=0, max_size=400))
+    inner = draw(st.sampled_from(["length", "1", "true", "x"]))
+    closing = "".join(")" if w in ("(", "log(", "pct(", "min(1, ") else "]" if w == "[" else "" for w in reversed(wraps))
+    return "".join(wraps) + inner + closing
+
+
+@st.composite
+def _structured(draw) -> str:
+    stages = ["score length"] + draw(st.lists(st.sampled_from(
+        ["where length > 1", "let y{i} = {e}", "where {e} > 0", "rank by {e}", "top 10%", "sample 2 with seed=0",
+         "use {s}", "rank", "score mtld"]), max_size=draw(st.sampled_from([5, 60, 400]))))
+    out = []
+    for i, s in enumerate(stages):
+        out.append(s.format(i=i, e=draw(_nested()) if "{e}" in s else "", s=draw(_STRING) if "{s}" in s else ""))
+    return "\n| ".join(out)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_structured())
+def test_fuzz_escapes_deep_nesting_and_long_pipelines(text):
+    try:
+        compile_text(text)
+    except RecipeError as err:
+        err.render()
