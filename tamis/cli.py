@@ -256,6 +256,12 @@ def run(
                (report_md, lambda tmp: tmp.write_text(run_report.markdown(report), encoding="utf-8"))]
     write_output_set(writers, report_json, lambda digests: {**report, "outputs": digests})
     for stage in result.stages:
+        if stage.skipped:  # rows a scorer gave no value: say how many and why, not only in the report
+            n = sum(stage.skipped.values())
+            why = ", ".join(f"{reason}: {count}" for reason, count in stage.skipped.items())
+            hint = ("; a larger max_length (`with max_length=…`) scores more of them"
+                    if any("max_length" in r for r in stage.skipped) else "")
+            typer.echo(f"note: `{stage.label}`: {n} of {stage.rows_in} rows have no score ({why}){hint}", err=True)
         for note in stage.notes:
             typer.echo(f"note: `{stage.label}`: {note}", err=True)
     typer.echo(f"selected {result.selected.height} of {report['pool_load'].get('rows_loaded')} rows in {result.seconds:.1f} s")

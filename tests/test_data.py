@@ -384,3 +384,164 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path: Path) -> None:
         outputs.write_json({"x": object()}, target)
     assert target.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["sel.jsonl"]
+
+
+# --------------------------------------------------------------------------- hostile inputs
+
+
+OK_LINE = json.dumps(alpaca())
+
+
+def _deep_list(n: int) -> str:
+    return "[" * n + "]" * n
+
+
+def _deep_object(n: int) -> str:
+    return '{"a": ' * n + "1" + "}" * n
+
+
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        ('{"instruction": "a\\ud800b", "output": "o"}', "instruction"),
+        ('{"id": "\\udfff", "instruction": "q", "output": "o"}', "id"),
+        ('{"conversations": [{"from": "human", "value": "\\ud83d"}, {"from": "gpt", "value": "a"}]}', "conversations[0].value"),
+    ],
+)
+def test_lone_surrogate_is_a_bad_row(tmp_path: Path, bad: str, field: str) -> None:
+    jsonl = write_jsonl(tmp_path / "s.jsonl", [OK_LINE, bad, OK_LINE])
+    array = tmp_path / "s.json"
+    array.write_text(f"[{OK_LINE},\n{bad},\n{OK_LINE}]", encoding="utf-8")
+    for path in (jsonl, array):
+        with pytest.raises(DataError) as info:
+            load_pool(path)
+        (problem,) = info.value.problems
+        assert (problem.row, problem.field) == (2, field)
+        assert "lone surrogate" in problem.message
+        str(info.value).encode("utf-8")  # the message itself is printable
+        pool = load_pool(path, skip_bad=True)
+        assert pool.frame.height == 2 and pool.report.skipped == 1
+        pool.frame.write_ndjson()  # what is kept can be written as UTF-8
+
+
+def test_escaped_surrogate_pair_is_fine_and_bad_keys_are_reportable(tmp_path: Path) -> None:
+    record = '{"instruction": "smile \\ud83d\\ude00", "output": "o", "\\ud800x": 1}'
+    pool = load_pool(write_jsonl(tmp_path / "e.jsonl", [record]))
+    assert pool.frame["instruction"][0] == "smile 😀"
+    json.dumps(pool.report.to_dict(), ensure_ascii=False).encode("utf-8")
+
+
+@pytest.mark.parametrize("value", [_deep_list(100_000), _deep_object(100_000)], ids=["lists", "objects"])
+@pytest.mark.parametrize("chunk", [1 << 20, 1000])
+def test_deep_nesting_is_a_bad_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str, chunk: int) -> None:
+    from tamis.runtime import data
+
+    original = data._JsonArrayReader.__init__
+    monkeypatch.setattr(data._JsonArrayReader, "__init__", lambda self, p: original(self, p, chunk=chunk))
+    bad = '{"output": "o", "instruction": ' + value + "}"
+    jsonl = write_jsonl(tmp_path / "d.jsonl", [OK_LINE, bad, OK_LINE])
+    array = tmp_path / "d.json"
+    array.write_text(f"[{OK_LINE}, {bad}, {OK_LINE}]")
+    for path in (jsonl, array):
+        with pytest.raises(DataError) as info:
+            load_pool(path)
+        (problem,) = info.value.problems
+        assert (problem.row, problem.field) == (2, "instruction")
+        assert "nested too deeply" in problem.message
+        pool = load_pool(path, skip_bad=True)
+        assert pool.frame.height == 2
+        assert pool.report.skip_reasons == {"instruction: nested too deeply": 1}
+
+
+def test_file_cut_inside_a_deep_record_is_truncation(tmp_path: Path) -> None:
+    doc = f'[{OK_LINE}, {{"instruction": {_deep_list(50_000)}}}]'
+    path = tmp_path / "cut.json"
+    path.write_text(doc[: len(doc) // 2])
+    pool = load_pool(path)
+    assert pool.frame.height == 1
+    assert pool.report.truncated and pool.report.truncated_at_record == 2
+
+
+def _parquet_bytes(tmp_path: Path) -> bytes:
+    frame = pl.DataFrame({"instruction": [f"question {i}" for i in range(300)], "output": [f"answer {i}" for i in range(300)]})
+    frame.write_parquet(tmp_path / "ok.parquet", compression="uncompressed", statistics=False)
+    return (tmp_path / "ok.parquet").read_bytes()
+
+
+def test_corrupt_or_cut_parquet_is_a_file_error(tmp_path: Path) -> None:
+    good = _parquet_bytes(tmp_path)
+    path = tmp_path / "bad.parquet"
+    for at in (len(good) // 4, len(good) // 2, 3 * len(good) // 4):
+        path.write_bytes(good[:at] + b"\xff" * 16 + good[at + 16 :])  # a page overwritten
+        with pytest.raises(DataError, match=r"cannot read as Parquet .*corrupt") as info:
+            load_pool(path, skip_bad=True)
+        assert str(info.value).startswith(f"{path}: ")
+    for cut in (len(good) // 2, len(good) - 3):
+        path.write_bytes(good[:cut])
+        with pytest.raises(DataError, match="cannot read as Parquet: .+") as info:
+            load_pool(path)
+        assert str(info.value).startswith(f"{path}: ")
+
+
+def test_negative_limit_names_the_cli_flag(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "p.jsonl", [OK_LINE])
+    with pytest.raises(DataError, match="--limit must be ≥ 0.*got -1"):
+        load_pool(path, limit=-1)
+
+
+def test_pretty_printed_object_is_not_jsonl(tmp_path: Path) -> None:
+    single = tmp_path / "single.json"
+    single.write_text(json.dumps(alpaca(), indent=2))
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"data": [alpaca(), alpaca("b")]}, indent=2))
+    for path in (single, wrapped):
+        with pytest.raises(DataError, match="a pool must be a JSON list of records .* or JSONL") as info:
+            load_pool(path)
+        assert not info.value.problems  # a file-level error, not one complaint per line
+    with pytest.raises(DataError, match="a pool must be a JSON list of records"):
+        load_pool(single, format="json")
+
+
+def test_one_record_per_line_in_a_json_file_is_still_jsonl(tmp_path: Path) -> None:
+    path = tmp_path / "lines.json"
+    path.write_text(f"{OK_LINE}\n{json.dumps(alpaca('b'))}\n")
+    assert load_pool(path).frame.height == 2
+    path.write_text(f'{{"instruction": "cut", "output": \n{OK_LINE}\n')  # bad first line: a row problem
+    with pytest.raises(DataError) as info:
+        load_pool(path)
+    assert [p.row for p in info.value.problems] == [1]
+    path.write_text(json.dumps(alpaca()))  # a single compact record
+    assert load_pool(path).frame.height == 1
+
+
+def test_load_report_warnings(tmp_path: Path, bad_jsonl: Path) -> None:
+    clean = load_pool(FIXTURES / "alpaca_small.json").report
+    assert clean.warnings == [] and clean.to_dict()["warnings"] == []
+    skipped = load_pool(bad_jsonl, skip_bad=True).report
+    (warning,) = skipped.warnings
+    assert warning.startswith("skipped 5 of 7 records (") and "without --skip-bad the run stops at them" in warning
+    assert skipped.to_dict()["warnings"] == [warning]
+    records = [alpaca(f"q{i}") for i in range(3)]
+    doc = json.dumps(records)
+    path = tmp_path / "cut.json"
+    path.write_text(doc[: doc.rindex("{") + 5])  # inside the third record
+    assert load_pool(path).report.warnings == ["file ends inside a record: 2 complete records kept, the rest ignored"]
+    path.write_text(doc[:-1])  # every record whole, ']' missing
+    (warning,) = load_pool(path).report.warnings
+    assert "all 3 records" in warning
+
+
+def test_errors_speak_the_cli(tmp_path: Path, bad_jsonl: Path) -> None:
+    with pytest.raises(DataError) as info:
+        load_pool(bad_jsonl)
+    assert "rerun with --skip-bad to skip them" in info.value.message and "skip_bad=" not in info.value.message
+    (tmp_path / "x.txt").write_text("hello")
+    with pytest.raises(DataError) as info:
+        load_pool(tmp_path / "x.txt")
+    assert "format=" not in str(info.value)
+    path = tmp_path / "m.json"
+    path.write_text('[{"instruction": nope}]')
+    with pytest.raises(DataError, match="--skip-bad"):
+        load_pool(path)
+    with pytest.raises(DataError, match="--column"):
+        load_pool(bad_jsonl, columns={"question": "question_text"})

@@ -317,3 +317,36 @@ def test_plot_renders_png_and_svg_and_html(tmp_path, result):
 def test_run_efficiency_for_the_cli(tmp_path):
     out = run_efficiency([MY_RECIPE], as_json=True, plot=tmp_path / "e.png")
     assert json.loads(out)["methods"] and (tmp_path / "e.png").stat().st_size > 0
+
+
+HEADER = "method,sem,counterpart,group,value,selected_size,pool_size,source\n"
+
+
+def test_points_file_that_is_not_utf8_is_located(tmp_path):
+    csv_path = tmp_path / "latin1.csv"
+    csv_path.write_bytes(HEADER.encode() + "Caf\u00e9,s,BM,same_model_wins,1.2,10,100,x\n".encode("latin-1"))
+    with pytest.raises(DataError) as info:
+        load_points_file(csv_path)
+    message = str(info.value)
+    assert message.startswith(f"{csv_path}: ") and "not UTF-8" in message
+    assert "byte 0xe9 at line 2, column 4" in message
+    json_path = tmp_path / "bad.json"
+    json_path.write_bytes(b'[\n  {"method": "\xff"}\n]')
+    with pytest.raises(DataError, match=r"bad.json: points file is not UTF-8 text: byte 0xff at line 2, column 15 \(byte 16\)"):
+        load_points_file(json_path)
+    with pytest.raises(DataError, match="not UTF-8"):
+        run_efficiency([csv_path])
+
+
+def test_points_csv_with_a_byte_order_mark_loads(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + (HEADER + "M,s,BM,same_model_wins,1.2,10,100,x\n").encode())
+    (point,) = load_points_file(path)
+    assert point.method == "M"
+
+
+def test_html_section_reads_a_non_utf8_svg_as_an_error(tmp_path, result):
+    svg = tmp_path / "plot.svg"
+    svg.write_bytes(b"<svg>\xff</svg>")
+    with pytest.raises(DataError, match=r"plot.svg: plot is not UTF-8 text: byte 0xff at line 1, column 6"):
+        efficiency_html_section(result, svg)

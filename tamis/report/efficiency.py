@@ -220,15 +220,31 @@ def parse_points(records: Sequence[Any], file: str) -> list[Point]:
     return points
 
 
+def read_utf8(path: Path, what: str) -> str:
+    """A text file's contents; bytes that are not UTF-8 are a located error, not a traceback."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read {what}: {exc.strerror or exc}") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        before = data[: exc.start]
+        line = before.count(b"\n") + 1
+        column = len(before[before.rfind(b"\n") + 1 :].decode("utf-8", errors="replace")) + 1
+        raise DataError(
+            f"{path}: {what} is not UTF-8 text: byte 0x{data[exc.start]:02x} at line {line}, "
+            f"column {column} (byte {exc.start}); save it as UTF-8"
+        ) from None
+    return text.removeprefix("\ufeff")  # a byte-order mark, as spreadsheet programs write
+
+
 def _read_records(path: Path) -> list[Any]:
     """Rows of a JSON (a list, or an object with a "points" list) or CSV file."""
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".json"):
         raise DataError(f"{path}: unsupported points file type {suffix or '(none)'}; use .json or .csv")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read points file: {exc.strerror or exc}") from exc
+    text = read_utf8(path, "points file")
     if suffix == ".csv":
         # Record numbers are data rows (header excluded), 1-based.
         return list(csv.DictReader(text.splitlines()))

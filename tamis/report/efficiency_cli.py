@@ -27,6 +27,7 @@ from tamis.report.efficiency import (
     MethodEfficiency,
     compute_efficiency,
     load_points,
+    read_utf8,
 )
 
 __all__ = [
@@ -421,7 +422,7 @@ def _figure_html(plot: Path | str | None) -> str:
         if path.suffix.lower() == ".png":
             data = base64.b64encode(path.read_bytes()).decode("ascii")
             return f'<img alt="efficiency graph" src="data:image/png;base64,{data}">'
-        svg = path.read_text(encoding="utf-8")
+        svg = read_utf8(path, "plot")
     # An inline <svg> must not carry the XML prolog.
     svg = re.sub(r"^\s*<\?xml[^>]*>\s*", "", svg)
     svg = re.sub(r"^\s*<!DOCTYPE[^>]*>\s*", "", svg)

@@ -92,6 +92,8 @@ class LoadReport:
     lines, Parquet rows) that were looked at; ``rows_loaded`` counts frame rows (with
     ``turns="all"`` one conversation can give several). ``skip_reasons`` counts
     problems by "field: reason" (a skipped record may have more than one problem).
+    ``warnings`` are one-sentence notes for the console: data was lost quietly
+    (a cut-off file, skipped records) though the load succeeded.
     """
 
     path: str
@@ -109,6 +111,7 @@ class LoadReport:
     blank_lines: int = 0
     ignored_fields: Counter[str] = field(default_factory=Counter)
     duplicate_ids_renamed: int = 0
+    warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         """One human-readable paragraph, for logs and the run report."""
@@ -152,6 +155,7 @@ class LoadReport:
             "blank_lines": self.blank_lines,
             "ignored_fields": dict(self.ignored_fields),
             "duplicate_ids_renamed": self.duplicate_ids_renamed,
+            "warnings": list(self.warnings),
         }
 
 
@@ -315,7 +319,7 @@ class _JsonArrayReader:
         if buf.text[buf.pos] != "[":
             raise DataError(
                 f"{self.path}: expected a JSON array ('[') at the top level, found "
-                f"{buf.text[buf.pos]!r}; for one JSON object per line use format='jsonl'"
+                f"{buf.text[buf.pos]!r}; {_POOL_SHAPES}"
             )
         buf.pos += 1
         record = 0
@@ -340,7 +344,10 @@ class _JsonArrayReader:
             value = self._decode(buf, record)
             if value is _TRUNCATED:
                 return
-            yield _Raw(record, value, line=line)
+            if isinstance(value, _Issue):  # readable but unusable (too deep): a bad row
+                yield _Raw(record, issue=value, line=line)
+            else:
+                yield _Raw(record, value, line=line)
             buf.compact()
 
     def _decode(self, buf: _TextBuffer, record: int) -> Any:
@@ -349,6 +356,8 @@ class _JsonArrayReader:
         while True:
             try:
                 value, end = self._decoder.raw_decode(buf.text, buf.pos)
+            except RecursionError:
+                return self._skip_too_deep(buf, record)
             except json.JSONDecodeError as e:
                 if not buf.eof and _may_need_more(buf.text, e):
                     buf.fill(size)
@@ -363,6 +372,20 @@ class _JsonArrayReader:
             buf.pos = end
             return value
 
+    def _skip_too_deep(self, buf: _TextBuffer, record: int) -> Any:
+        """Step over a record the json module cannot parse (it recurses per level):
+        the array goes on after it, so it is a bad row rather than a fatal error."""
+        size = self.chunk
+        while True:
+            nesting = _measure_nesting(buf.text, buf.pos)
+            if nesting.end is not None:
+                buf.pos = nesting.end
+                return nesting.issue()
+            if not buf.fill(size):
+                self._truncate(buf, record, "incomplete record: the file ends inside a deeply nested value")
+                return _TRUNCATED
+            size *= 2  # rescans stay linear overall
+
     def _truncate(self, buf: _TextBuffer, record: int, detail: str) -> None:
         self.truncated_at_byte = buf.byte_offset(buf.pos)
         self.truncated_at_record = record
@@ -373,7 +396,7 @@ class _JsonArrayReader:
         raise DataError(
             f"{self.path}: malformed JSON in record {record} (byte {at}); a JSON array "
             "cannot be resynchronised after a syntax error, so this is fatal even with "
-            "skip_bad (JSONL can skip bad lines)",
+            "--skip-bad (JSONL, one record per line, can skip bad lines)",
             [RowProblem(str(self.path), record, None, f"malformed JSON: {detail}")],
         )
 
@@ -406,6 +429,71 @@ def _incomplete_at_eof(text: str, e: json.JSONDecodeError) -> bool:
     return _PARTIAL_NUMBER.fullmatch(rest) is not None
 
 
+# Strings (possibly cut off: group 1 is then empty) and the structural characters.
+_JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*("?)|[\[\]{}:]', re.DOTALL)
+
+
+@dataclass(frozen=True)
+class _Nesting:
+    """How deep a JSON value goes, found without recursion."""
+
+    end: int | None  # index just after the value; None if the text ends inside it
+    depth: int  # deepest level of lists/objects
+    field: str | None  # the top-level key under which that depth was reached
+
+    def issue(self) -> _Issue:
+        return _Issue(self.field, "nested too deeply", f"{self.depth:,} levels of lists/objects")
+
+
+def _measure_nesting(text: str, start: int) -> _Nesting:
+    """Bracket-count the value at text[start] (only called once json gave up on it)."""
+    depth = deepest = 0
+    last_string = key = field = None
+    for m in _JSON_TOKEN.finditer(text, start):
+        token = m.group()
+        if token[0] == '"':
+            if not m.group(1):
+                break  # the text ends inside a string
+            last_string = token
+        elif token in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest, field = depth, key
+        elif token in "]}":
+            depth -= 1
+            if depth == 0:
+                return _Nesting(m.end(), deepest, field)
+        elif depth == 1 and last_string is not None:  # ':' after a top-level key
+            key = _key_text(last_string)
+    return _Nesting(None, deepest, field)
+
+
+def _key_text(token: str) -> str:
+    """A quoted JSON key as the user wrote it (decoded where that is printable)."""
+    try:
+        key = json.loads(token)
+    except (json.JSONDecodeError, RecursionError):
+        return token[1:-1]
+    return key if _SURROGATE.search(key) is None else token[1:-1]
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _unicode_issue(value: str, field: str) -> _Issue | None:
+    """JSON's \\uXXXX escapes can spell a lone surrogate, which is not Unicode text:
+    no UTF-8 writer (Polars, ids, outputs) can encode it, so the row is bad."""
+    m = _SURROGATE.search(value)
+    if m is None:
+        return None
+    return _Issue(field, "invalid Unicode", f"lone surrogate \\u{ord(m.group()):04x} at character {m.start() + 1}")
+
+
+def _printable(name: str) -> str:
+    """A user's key that can be written to reports (lone surrogates escaped)."""
+    return name if _SURROGATE.search(name) is None else name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 # --------------------------------------------------------------------------- JSONL, Parquet
 
 
@@ -426,10 +514,16 @@ def _parse_jsonl_line(raw: bytes, lineno: int) -> _Raw:
         return _Raw(lineno, issue=_Issue(None, "not valid UTF-8", f"byte {e.start} of the line"))
     try:
         return _Raw(lineno, json.loads(text))
+    except RecursionError:  # the json module recurses once per level
+        return _Raw(lineno, issue=_measure_nesting(text, 0).issue())
     except json.JSONDecodeError as e:
         last = "" if raw.endswith(b"\n") else " (last line, no newline: cut off?)"
         detail = f"{e.msg} at column {e.colno}{last}"
         return _Raw(lineno, issue=_Issue(None, "malformed JSON line", detail))
+
+
+# Polars raises several types for bad Parquet, and its Rust panics are BaseExceptions.
+_PARQUET_ERRORS = (Exception, pl.exceptions.PanicException)
 
 
 def _iter_parquet(path: Path, batch: int = 10_000) -> Iterator[_Raw]:
@@ -437,13 +531,22 @@ def _iter_parquet(path: Path, batch: int = 10_000) -> Iterator[_Raw]:
     try:
         lazy = pl.scan_parquet(path)
         total = lazy.select(pl.len()).collect().item()
-    except Exception as e:  # polars raises several types for non-Parquet input
+    except _PARQUET_ERRORS as e:
         raise DataError(f"{path}: cannot read as Parquet: {e}") from e
     row = 0
     for offset in range(0, total, batch):
-        for record in lazy.slice(offset, batch).collect().iter_rows(named=True):
+        for record in _parquet_batch(path, lazy, offset, min(batch, total - offset)).iter_rows(named=True):
             row += 1
             yield _Raw(row, record)
+
+
+def _parquet_batch(path: Path, lazy: pl.LazyFrame, offset: int, size: int) -> pl.DataFrame:
+    """One slice of rows; pages are only decoded here, so corruption shows up here."""
+    try:
+        return lazy.slice(offset, size).collect()
+    except _PARQUET_ERRORS as e:
+        rows = f"rows {offset + 1:,}-{offset + size:,}"
+        raise DataError(f"{path}: cannot read as Parquet ({rows}; the file is corrupt or cut off): {e}") from e
 
 
 # --------------------------------------------------------------------------- normalisation
@@ -473,7 +576,7 @@ def _apply_mapping(record: dict[str, Any], opts: _Options, ignored: Counter[str]
         if key in _MAPPABLE and key not in out:
             out[key] = value
         else:
-            ignored[key] += 1
+            ignored[_printable(key)] += 1
     return out
 
 
@@ -510,7 +613,8 @@ def _string_field(record: dict[str, Any], name: str, opts: _Options, *, required
         return None, _Issue(shown, "wrong type", f"expected a string, got {type(value).__name__}")
     if nonempty and not value.strip():
         return None, _Issue(shown, f"empty {name}")
-    return value, None
+    issue = _unicode_issue(value, shown)
+    return (None, issue) if issue else (value, None)
 
 
 def _record_id(record: dict[str, Any], opts: _Options) -> tuple[str | None, _Issue | None]:
@@ -524,7 +628,8 @@ def _record_id(record: dict[str, Any], opts: _Options) -> tuple[str | None, _Iss
     text = str(value)
     if not text.strip():
         return None, _Issue(_user_name(opts, "id"), "empty id")
-    return text, None
+    issue = _unicode_issue(text, _user_name(opts, "id"))
+    return (None, issue) if issue else (text, None)
 
 
 def _alpaca_row(record: dict[str, Any], opts: _Options) -> tuple[list[dict[str, Any]], list[_Issue]]:
@@ -567,6 +672,10 @@ def _parse_turns(turns: Any, shown: str, speaker_key: str, text_key: str, roles:
         if not isinstance(text, str):
             got = "missing" if text is None else type(text).__name__
             issues.append(_Issue(f"{where}.{text_key}", "wrong type", f"expected a string, got {got}"))
+            continue
+        bad_text = _unicode_issue(text, f"{where}.{text_key}")
+        if bad_text:
+            issues.append(bad_text)
             continue
         messages.append({"role": roles[speaker], "content": text})
     return messages, issues
@@ -698,23 +807,25 @@ def load_pool(
     ``{"prompt": "instruction", "response": "output"}``. `limit` caps the rows loaded
     and stops reading there. `turns` ("first" | "all") says which exchanges of a
     conversation become rows. Raises DataError listing every bad record unless
-    `skip_bad`, in which case the report counts them by reason.
+    `skip_bad`, in which case the report counts them by reason. The report's
+    `warnings` say in a sentence each what a successful load left out.
     """
     path = Path(path)
     opts = _options(format, columns, turns)
     _check_file(path)
     if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
+        raise DataError(f"--limit must be ≥ 0 (the number of pool rows to read), got {limit}")
     container = _container(path, format)
     report = LoadReport(path=str(path), format=container if opts.schema == "auto" else f"{container}/{opts.schema}")
     rows, problems = _collect(path, container, opts, report, skip_bad=skip_bad, limit=limit)
     if problems and not skip_bad:
         raise DataError(
             f"{path}: {len(problems)} problem(s) in {report.skipped} of {report.records_read} "
-            "records read; fix them or load with skip_bad=True",
+            "records read; fix them, or rerun with --skip-bad to skip them",
             problems,
         )
     report.problems = problems
+    report.warnings = _warnings(report)
     frame = _build_frame(rows, report)
     report.rows_loaded = frame.height
     return LoadedPool(frame, report)
@@ -728,11 +839,11 @@ def _options(format: str, columns: dict[str, str] | None, turns: str) -> _Option
     columns = dict(columns or {})
     bad = sorted(v for v in columns.values() if v not in _MAPPABLE)
     if bad:
-        raise DataError(f"columns: cannot map to {bad}; targets must be among {sorted(_MAPPABLE)}")
+        raise DataError(f"--column: cannot map to {bad}; targets must be among {sorted(_MAPPABLE)}")
     targets = list(columns.values())
     dupes = sorted({t for t in targets if targets.count(t) > 1})
     if dupes:
-        raise DataError(f"columns: several fields map to {dupes}")
+        raise DataError(f"--column: several fields map to {dupes}")
     schema = {"sharegpt": "sharegpt", "json": "alpaca", "alpaca": "alpaca"}.get(format, "auto")
     return _Options(columns, {v: k for k, v in columns.items()}, schema, turns)
 
@@ -758,17 +869,55 @@ def _container(path: Path, format: str) -> str:
     return _sniff(path)
 
 
+# What a user can do about a pool of the wrong shape (the CLI has no format flag).
+_POOL_SHAPES = (
+    "a pool must be a JSON list of records ([{...}, {...}]) or JSONL (one record per line, "
+    "best named .jsonl); if the records sit under a key, as in {\"data\": [...]}, save that list on its own"
+)
+_SNIFF_BYTES = 1 << 20  # enough for the first two lines of any sane JSONL file
+
+
 def _sniff(path: Path) -> str:
     with open(path, "rb") as fh:
-        head = fh.read(4096)
+        head = fh.read(_SNIFF_BYTES)
     if head.startswith(b"PAR1"):
         return "parquet"
-    first = head.lstrip(b" \t\r\n\xef\xbb\xbf")[:1]
-    if first == b"[":
+    text = head.decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
+    if text[:1] == "[":
         return "json"
-    if first == b"{":
+    if text[:1] == "{":
+        if _spans_lines(text):
+            raise DataError(f"{path}: the file holds a JSON object written over several lines, not records; {_POOL_SHAPES}")
         return "jsonl"
-    raise DataError(f"{path}: cannot tell the format (not a JSON array, JSONL or Parquet); pass format=")
+    raise DataError(
+        f"{path}: cannot tell the format: the file is not a JSON list of records, JSONL or Parquet; "
+        "check that it is the pool you meant"
+    )
+
+
+def _spans_lines(text: str) -> bool:
+    """Whether `text` (the head of a '{' file) opens with one JSON value spread over
+    several lines, as pretty-printing writes it; JSONL has a complete record per line."""
+    lines = [line for line in text.split("\n") if line.strip()]
+    if len(lines) < 2 or _is_json_line(lines[0]) or _is_json_line(lines[1]):
+        return False  # JSONL, perhaps with a bad line that the loader will name
+    try:
+        json.JSONDecoder().raw_decode(text)
+    except RecursionError:
+        return False
+    except json.JSONDecodeError as e:
+        return _incomplete_at_eof(text, e)  # still inside the first value when the head ends
+    return True  # the first value ends on a later line
+
+
+def _is_json_line(line: str) -> bool:
+    try:
+        json.loads(line)
+    except RecursionError:
+        return True  # complete but too deep: a bad row for the JSONL reader
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def _raw_records(path: Path, container: str, report: LoadReport) -> tuple[Iterable[_Raw], _JsonArrayReader | None]:
@@ -813,6 +962,34 @@ def _collect(path: Path, container: str, opts: _Options, report: LoadReport, *, 
         report.truncation_detail = reader.truncation_detail
     report.duplicate_ids_renamed = ids.renamed
     return rows, problems
+
+
+def _warnings(report: LoadReport) -> list[str]:
+    """Console sentences for data lost without an error: a cut-off file, skipped records."""
+    warnings: list[str] = []
+    if report.truncated:
+        warnings.append(_truncation_warning(report))
+    if report.skipped:
+        shown = report.skip_reasons.most_common(3)
+        reasons = ", ".join(f"{n:,} × {reason}" for reason, n in shown)
+        more = ", …" if len(report.skip_reasons) > len(shown) else ""
+        warnings.append(
+            f"skipped {report.skipped:,} of {_records(report.records_read)} ({reasons}{more}); "
+            "without --skip-bad the run stops at them"
+        )
+    return warnings
+
+
+def _truncation_warning(report: LoadReport) -> str:
+    complete = (report.truncated_at_record or 1) - 1  # every record before the cut was whole
+    detail = report.truncation_detail or ""
+    if detail.startswith("incomplete record"):
+        return f"file ends inside a record: {_records(complete, 'complete ')} kept, the rest ignored"
+    return f"file is cut off ({detail}): all {_records(complete)} before the cut were kept"
+
+
+def _records(n: int, kind: str = "") -> str:
+    return f"{n:,} {kind}record" + ("" if n == 1 else "s")
 
 
 def _build_frame(rows: list[dict[str, Any]], report: LoadReport) -> pl.DataFrame:
