@@ -218,6 +218,8 @@ def run(
     api_base: Annotated[Optional[str], typer.Option("--api-base", help="OpenAI-compatible endpoint for api(\"NAME\") models (default $OPENAI_BASE_URL; key from $OPENAI_API_KEY)")] = None,
     batch_tokens: Annotated[Optional[int], typer.Option(help="padded tokens per scoring batch")] = None,
     progress: Annotated[bool, typer.Option(help="progress bars")] = True,
+    api_max_wait: Annotated[float, typer.Option(min=0, help="endpoint judges: the most seconds of retry waits one request may spend")] = 120.0,
+    api_max_failures: Annotated[int, typer.Option(min=1, help="endpoint judges: stop after this many failed requests in a row (rated rows are kept)")] = 3,
     checkpoint_rows: Annotated[int, typer.Option(min=1, help="persist scores to the cache at least every N rows")] = 64,
     checkpoint_seconds: Annotated[float, typer.Option(min=0.1, help="… and about every S seconds of scoring (a kill loses at most that)")] = 30.0,
     plugins: PluginOpt = None,
@@ -235,7 +237,7 @@ def run(
     cfg = RunConfig(pool=pool, pfm=pfm, device=device, dtype=dtype, cache_dir=cache_dir, no_cache=no_cache,
                     skip_bad=skip_bad, limit=limit, columns=mapping or None, batch_tokens=batch_tokens, progress=progress,
                     model_paths=model_paths, api_base=api_base, chunk_rows=checkpoint_rows,
-                    checkpoint_seconds=checkpoint_seconds)
+                    checkpoint_seconds=checkpoint_seconds, api_max_wait=api_max_wait, api_max_failures=api_max_failures)
     base = output.with_suffix("")
     report_json, report_md = base.with_name(base.name + ".report.json"), base.with_name(base.name + ".report.md")
     try:

@@ -65,6 +65,8 @@ class ExecOptions:
     model_paths: Mapping[str, str] = field(default_factory=dict)
     api_base: str | None = None
     cache_dir: str | None = None  # the run's cache root (GGUF conversions land there too)
+    api_max_wait: float = 120.0  # seconds of retry waits one endpoint request may spend
+    api_max_failures: int = 3  # failed endpoint requests in a row that stop the run
 
 
 @dataclass(frozen=True)

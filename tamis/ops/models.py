@@ -73,7 +73,8 @@ def api(params: Mapping, env: BuildEnv) -> Built:
         return _built(env, _load(binding.local_path, env.options))
     from tamis.runtime.api_client import ChatEndpoint
 
-    return _built(env, ChatEndpoint(binding.base_url, binding.name))
+    return _built(env, ChatEndpoint(binding.base_url, binding.name, max_wait=env.options.api_max_wait,
+                                    max_consecutive_failures=env.options.api_max_failures))
 
 
 @kernel("model", "proxy", resources=_LLM)

@@ -40,6 +40,8 @@ class RunConfig:
     columns: dict[str, str] | None = None
     batch_tokens: int | None = None
     chunk_rows: int = 64  # at most this many rows scored between cache writes (--checkpoint-rows)
+    api_max_wait: float = 120.0  # seconds of retry waits per endpoint request (--api-max-wait)
+    api_max_failures: int = 3  # failed endpoint requests in a row that stop the run (--api-max-failures)
     checkpoint_seconds: float = 30.0  # and chunks sized to take about this long: a kill loses at most that much
     model_paths: dict[str, str] = field(default_factory=dict)  # hf/api("name") -> a local path, for offline machines
     api_base: str | None = None  # OpenAI-compatible endpoint for api("name") models without a local binding
@@ -48,7 +50,8 @@ class RunConfig:
     def options(self) -> ExecOptions:
         return ExecOptions(device=self.device, dtype=self.dtype, batch_tokens=self.batch_tokens, progress=self.progress,
                            pfm=self.pfm, model_paths=dict(self.model_paths), api_base=self.api_base,
-                           cache_dir=self.cache_dir)
+                           cache_dir=self.cache_dir, api_max_wait=self.api_max_wait,
+                           api_max_failures=self.api_max_failures)
 
 
 @dataclass

@@ -25,9 +25,10 @@ with ``--model NAME=PATH``, or any `hf(...)`/`pfm` model). Locally:
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from transformers import DynamicCache
@@ -96,8 +97,35 @@ def _endpoint_first_lines(endpoint: ChatEndpoint, conversations: list[list[dict[
     from tqdm.auto import tqdm
 
     with tqdm(total=len(conversations), unit="row", desc="judging", disable=not progress) as bar:
-        replies = endpoint.complete_many(conversations, max_tokens=max_tokens, stop=["\n"], progress=bar.update)
+        on_retry, advance = _retry_notices(bar)
+        replies = endpoint.complete_many(conversations, max_tokens=max_tokens, stop=["\n"], progress=advance,
+                                         on_retry=on_retry)
     return [r.split("\n")[0] for r in replies], None, [False] * len(replies)
+
+
+def _retry_notices(bar: Any) -> tuple[Callable[[str, float, int], None], Callable[[int], None]]:
+    """(on_retry, progress) for an endpoint: retries show on the bar, so a waiting run is not
+    mistaken for a hung one; the note goes once a row is rated again. Without a bar (--no-progress)
+    each retry is a line on stderr, because a silent wait of minutes looks like a hang."""
+    import sys
+
+    shown = threading.Event()
+
+    def on_retry(status: str, wait_seconds: float, attempt: int) -> None:
+        note = f"{status}, retry {attempt} in {wait_seconds:.0f} s"
+        if bar.disable:
+            bar.write(f"judging: {note}", file=sys.stderr)
+        else:
+            bar.set_postfix_str(note)
+            shown.set()
+
+    def advance(n: int) -> None:
+        bar.update(n)
+        if shown.is_set():
+            shown.clear()
+            bar.set_postfix_str("")
+
+    return on_retry, advance
 
 
 def first_lines(
