@@ -24,6 +24,20 @@ PluginOpt = Annotated[Optional[list[Path]], typer.Option(
                       "`tamis.plugins` entry points load too")]
 
 
+def _version(value: bool) -> None:
+    if value:
+        from tamis import __version__
+
+        typer.echo(f"tamis {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="print the version and exit")] = False) -> None:
+    """tamis: a declarative language and compiler for LLM data-selection recipes."""
+
+
 def _fail(err: TamisError) -> None:
     typer.echo(str(err), err=True)
     raise typer.Exit(1)
@@ -132,6 +146,27 @@ def explain(
 
 
 @app.command()
+def ops(
+    name: Annotated[Optional[str], typer.Argument(help="one operator's name, for its details")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="a list of objects")] = False,
+    plugins: PluginOpt = None,
+) -> None:
+    """Every scorer, sampler, function, model and data constructor, with parameters and docs."""
+    from tamis.dsl.lower import did_you_mean
+    from tamis.report import catalog
+
+    _load_plugins(plugins)
+    items = catalog.entries()
+    if name is not None:
+        items = [e for e in items if e["name"] == name]
+        if not items:
+            hint = did_you_mean(name, [e["name"] for e in catalog.entries()])
+            typer.echo(f"no operator {name!r}" + (f"; {hint}" if hint else ""), err=True)
+            raise typer.Exit(1)
+    typer.echo(json.dumps(items, indent=2, default=str) if as_json else catalog.text(items, detail=name is not None))
+
+
+@app.command()
 def feasibility(
     recipes: RecipeArgs,
     as_json: Annotated[bool, typer.Option("--json", help="a list of objects, one per recipe")] = False,
@@ -204,9 +239,9 @@ def report(
 def run(
     recipe: Annotated[str, typer.Argument(help="a recipe file or built-in name")],
     pool: Annotated[str, typer.Option("--pool", help="candidate pool: Alpaca JSON, JSONL, Parquet or ShareGPT")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="selected rows in rank order (JSONL)")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="selected rows in rank order: .jsonl, .json or .parquet")],
     pfm: Annotated[Optional[str], typer.Option("--pfm", help="the pending fine-tune model: folder, .gguf, or cached hub name")] = None,
-    scores: Annotated[Optional[Path], typer.Option("--scores", help="every candidate's id and score columns (Parquet)")] = None,
+    scores: Annotated[Optional[Path], typer.Option("--scores", help="every candidate's id and computed columns: .parquet, .jsonl or .json")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 …")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 where the hardware is fast at it), fp32, bf16, fp16")] = "auto",
     cache_dir: Annotated[Optional[str], typer.Option(help="cache root (default $TAMIS_CACHE_DIR or ~/.cache/tamis)")] = None,
@@ -230,7 +265,7 @@ def run(
     from tamis.dsl.compile import compile_file
     from tamis.report import run_report
     from tamis.runtime.executor import LocalExecutor, RunConfig
-    from tamis.runtime.outputs import check_outputs, write_output_set
+    from tamis.runtime.outputs import check_outputs, frame_writer, write_output_set
 
     mapping = _pairs("--column", column, "--column prompt=instruction")
     model_paths = _pairs("--model", model, "--model gpt-3.5-turbo=/models/judge")
@@ -247,16 +282,21 @@ def run(
                    **({"--scores": scores} if scores is not None else {})}
         check_outputs(outputs, [Path(pool), Path(compiled.recipe.path or recipe), *(plugins or []),
                                 *(Path(u["path"]) for u in compiled.graph.graph.get("uses", []))])
+        write_selection = frame_writer(output, "-o")
+        write_scores = frame_writer(scores, "--scores") if scores is not None else None
         result = LocalExecutor(compiled.graph, cfg).run()
     except TamisError as err:
         _fail(err)
     for warning in result.pool_report.get("warnings", []):
         typer.echo(f"warning: {pool}: {warning}", err=True)
     report = run_report.as_dict(result, compiled.name, cfg)
-    writers = [(output, result.selected.write_ndjson),
-               *([(scores, result.scores.write_parquet)] if scores is not None else []),
+    writers = [(output, write_selection(result.selected)),
+               *([(scores, write_scores(result.scores))] if write_scores is not None else []),
                (report_md, lambda tmp: tmp.write_text(run_report.markdown(report), encoding="utf-8"))]
     write_output_set(writers, report_json, lambda digests: {**report, "outputs": digests})
+    for node, m in result.models.items():
+        if m.get("dtype_reason"):
+            typer.echo(f"model {m['label']}: {m['device']}, {m['dtype']} ({m['dtype_reason']})", err=True)
     for stage in result.stages:
         if stage.skipped:  # rows a scorer gave no value: say how many and why, not only in the report
             n = sum(stage.skipped.values())

@@ -122,9 +122,26 @@ def test_the_recipe_itself_is_an_input_too(tmp_path):
     res = runner.invoke(app, ["explain", str(recipe), "--dot", str(recipe)])
     assert res.exit_code == 1 and "never overwrites its inputs" in res.output
     assert recipe.read_text() == "score length | rank | top 2\n"
-    res = runner.invoke(app, ["run", str(recipe), "--pool", str(pool), "-o", str(recipe.with_suffix(".report.md")),
-                              "--no-cache"])
-    assert res.exit_code == 0  # sel "r.report.md" writes r.report.report.md beside it: no clash
+    res = runner.invoke(app, ["run", str(recipe), "--pool", str(pool), "-o", str(recipe.with_suffix(".md")), "--no-cache"])
+    assert res.exit_code == 1 and "unknown output format '.md'" in res.output
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet"])
+def test_outputs_are_written_in_the_format_their_extension_names(tmp_path, suffix):
+    import polars as pl
+
+    pool = _copy_pool(tmp_path)
+    recipe = tmp_path / "r.tamis"
+    recipe.write_text("score length, mtld | let twice = 2 * length | rank | top 3\n")
+    out, scores = tmp_path / f"sel{suffix}", tmp_path / f"scores{suffix}"
+    res = runner.invoke(app, ["run", str(recipe), "--pool", str(pool), "-o", str(out), "--scores", str(scores),
+                              "--no-cache", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    read = {".jsonl": pl.read_ndjson, ".json": lambda p: pl.DataFrame(json.loads(p.read_text())),
+            ".parquet": pl.read_parquet}[suffix]
+    assert read(out).height == 3
+    every = read(scores)
+    assert every.height == 8 and {"length", "mtld", "mtld_reason", "twice"} <= set(every.columns)
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -32,7 +32,9 @@ def plan_text(g: nx.DiGraph) -> str:
     models = [n for n in nx.topological_sort(g) if g.nodes[n]["kind"] == "model"]
     datasets = [n for n in nx.topological_sort(g) if g.nodes[n]["kind"] == "dataset" and n != "data:pool"]
     if models:
-        lines.append("models:")
+        from tamis.dsl.feasibility import has_build_step
+
+        lines.append("models:" + ("  [step 1: build the selector]" if has_build_step(g) else ""))
         for m in models:
             a = g.nodes[m]
             tags = [t for t, on in (("LLM", a.get("llm")), ("API", a.get("api")), ("trained", a.get("trained")),
@@ -65,6 +67,9 @@ def plan_text(g: nx.DiGraph) -> str:
 
 
 def _plan_chain(g: nx.DiGraph, chain: list[str]) -> list[str]:
+    from tamis.dsl.feasibility import step_numbers
+
+    steps = step_numbers(g)
     out = []
     for n in chain:
         a = g.nodes[n]
@@ -77,7 +82,8 @@ def _plan_chain(g: nx.DiGraph, chain: list[str]) -> list[str]:
             notes.append(f"moved {a['moved']}")
         if a.get("shared_by"):
             notes.append(f"shared ×{len(a['shared_by']) + 1}")
-        out.append(f"  {n:>5}  [step {a['step']}] {a['label']}" + (f"   ({'; '.join(notes)})" if notes else ""))
+        step = f"step {steps[n]}" if n in steps else "unused"
+        out.append(f"  {n:>5}  [{step}] {a['label']}" + (f"   ({'; '.join(notes)})" if notes else ""))
         k = node_kernel(a)
         if k is not None:
             out.append(f"         kernel {k.source}:{getattr(k.fn, '__name__', k.name)}  "

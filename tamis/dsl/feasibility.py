@@ -62,6 +62,26 @@ def _runs_llm(g: nx.DiGraph, n: str) -> bool:
     return any(d["flow"] == "model" and g.nodes[p].get("llm") for p, _, d in g.in_edges(n, data=True))
 
 
+def has_build_step(g: nx.DiGraph) -> bool:
+    """Whether building the selector (training, or LLM data generation) is a step of its own."""
+    nodes = _ancestry(g)
+    return any(g.nodes[n]["kind"] == "model" and g.nodes[n].get("trained") for n in nodes) or \
+        any(g.nodes[n]["kind"] == "dataset" and g.nodes[n].get("llm_generated") for n in nodes)
+
+
+def step_numbers(g: nx.DiGraph) -> dict[str, int]:
+    """Each operator's algorithm step, numbered as `feasibility` counts them: 1 is building the
+    selector when there is such a step, then the stages' steps in order (a run of row-picking
+    stages shares one number). `explain` prints these numbers."""
+    first = 2 if has_build_step(g) else 1
+    needed = _ancestry(g)
+    order: dict[str, int] = {}
+    for n in nx.topological_sort(g):
+        if n in needed and g.nodes[n]["kind"] == "op":
+            order.setdefault(g.nodes[n]["step"], first + len(order))
+    return {n: order[g.nodes[n]["step"]] for n in g.nodes if g.nodes[n]["kind"] == "op" and g.nodes[n]["step"] in order}
+
+
 def measure(g: nx.DiGraph) -> Feasibility:
     """Derive one recipe's indicators from its (optimised) graph."""
     nodes = _ancestry(g)
@@ -84,9 +104,9 @@ def measure(g: nx.DiGraph) -> Feasibility:
     build_generates = any(n in build_inputs for n in generated)
     has_build = bool(trained_any) or bool(generated)
 
-    step_ids = {g.nodes[n]["step"] for n in ops}
+    numbers = step_numbers(g)
     llm_steps = {g.nodes[n]["step"] for n in ops if _runs_llm(g, n)}
-    steps = len(step_ids) + (1 if has_build else 0)
+    steps = len(set(numbers.values())) + (1 if has_build else 0)
     uses = len(llm_steps) + (1 if build_generates or (generated and not trained_any) else 0)
 
     def training_data(m: str) -> list[str]:

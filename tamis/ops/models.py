@@ -24,18 +24,29 @@ def describe_model(label: str, model: Any) -> dict[str, Any]:
     if isinstance(model, EncoderModel):
         return {"label": label, "name": model.name, "fingerprint": model.fingerprint, "device": model.device,
                 "dtype": "float32"}
+    from tamis.runtime.models import dtype_name
+
     return {"label": label, "name": model.name, "fingerprint": model.fingerprint, "device": str(model.device),
-            "dtype": str(model.dtype).replace("torch.", "")}
+            "dtype": dtype_name(model.dtype)}
 
 
 def _load(name: str, options: ExecOptions, **kw):
     from tamis.runtime.models import load_causal_lm
 
+    if not options.progress:  # --no-progress silences transformers' own bars too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     return load_causal_lm(name, device=options.device, dtype=options.dtype, cache_root=options.cache_dir, **kw)
 
 
 def _built(env: BuildEnv, model: Any, training: dict | None = None) -> Built:
-    return Built(model, describe_model(env.label, model), training)
+    info = describe_model(env.label, model)
+    if hasattr(model, "dtype") and hasattr(model, "device"):  # a local LM: say why this dtype
+        from tamis.runtime.models import dtype_reason
+
+        info["dtype_reason"] = dtype_reason(model.device, env.options.dtype)
+    return Built(model, info, training)
 
 
 @kernel("model", "pfm", resources=_LLM)

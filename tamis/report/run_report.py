@@ -27,18 +27,21 @@ def markdown(report: dict) -> str:
     lines = [f"# tamis run: {report['recipe']}", "",
              f"- pool: `{report['pool']}` ({report['pool_load'].get('rows_loaded')} rows loaded, "
              f"{report['pool_load'].get('skipped', 0)} skipped)",
-             f"- PFM: `{report['pfm']}`", f"- selected: {report['selected_rows']} rows",
+             f"- PFM: `{report['pfm']}`" if report["pfm"] else "- PFM: none given (--pfm)",
+             f"- selected: {report['selected_rows']} rows",
              f"- total time: {report['seconds']:.1f} s", ""]
     if report["models"]:
-        lines += ["## Models", "", "| node | model | device | dtype |", "|---|---|---|---|"]
+        lines += ["## Models", "", "| node | model | device | dtype (why) |", "|---|---|---|---|"]
         for node, m in report["models"].items():
             if "fingerprint" in m:
-                lines.append(f"| {node} | {m['label']} | {m['device']} | {m['dtype']} |")
+                why = f" ({m['dtype_reason']})" if m.get("dtype_reason") else ""
+                lines.append(f"| {node} | {m['label']} | {m['device']} | {m['dtype']}{why} |")
             else:
                 lines.append(f"| {node} | training: {m.get('rows')} rows, {m.get('method')}, "
                              f"{'from cache' if m.get('cached') else 'trained now'} | | |")
         lines.append("")
-    lines += ["## Stages", "", "| stage | rows in | rows out | seconds (model setup) | scored | from cache | skipped (reason: rows) |",
+    lines += ["## Stages", "", "| stage | rows in | rows out | seconds (model setup) | computed now | from cache | "
+              "no score (reason: rows) |",
               "|---|---|---|---|---|---|---|"]
     for s in report["stages"]:
         skipped = ", ".join(f"{k}: {v}" for k, v in s["skipped"].items()) or ""

@@ -217,6 +217,7 @@ class LocalExecutor:
         from tamis.runtime.exprs import to_polars
 
         out = frame.with_columns(to_polars(a["expr"]).alias(a["params"]["name"]))
+        self._record_scores(out.select("id", a["params"]["name"]))  # --scores has every computed column
         report.histogram = _histogram(out[a["params"]["name"]]) if out[a["params"]["name"]].dtype.is_numeric() else None
         return out
 

@@ -245,3 +245,21 @@ def write_output_set(writers: list[tuple[Path, Callable[[Path], Any]]], manifest
         digests[str(path)] = file_digest(path)
     clean_stale_temps(manifest)
     write_json(manifest_body(digests), manifest)
+
+
+FRAME_FORMATS = {".jsonl": "JSON lines", ".json": "a JSON array of records (Alpaca layout)", ".parquet": "Parquet"}
+
+
+def frame_writer(path: Path, flag: str) -> Callable[[pl.DataFrame], Callable[[Path], Any]]:
+    """How to write a frame to `path`, chosen by its extension (checked before any work):
+    .jsonl, .json (an array of records) or .parquet; anything else is refused."""
+    suffix = path.suffix.lower()
+    if suffix not in FRAME_FORMATS:
+        known = ", ".join(f"{k} ({v})" for k, v in FRAME_FORMATS.items())
+        raise OutputError(f"{flag} {path}: unknown output format {suffix or '(no extension)'!r}; use {known}")
+    if suffix == ".jsonl":
+        return lambda frame: frame.write_ndjson
+    if suffix == ".json":
+        return lambda frame: (lambda tmp: tmp.write_text(json.dumps(frame.to_dicts(), ensure_ascii=False, indent=1)
+                                                          + "\n", encoding="utf-8"))
+    return lambda frame: frame.write_parquet

@@ -1,0 +1,68 @@
+"""A newcomer's first hour (issue 10): discoverable operators, consistent step numbers, clear reports."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from tamis.cli import app
+from tamis.dsl import registry as reg
+from tamis.dsl.compile import compile_file
+
+runner = CliRunner()
+FIX = Path(__file__).parent / "fixtures" / "data"
+NINE = ["alpagasus", "instag", "nuggets", "superfiltering", "ifd", "less", "deita", "instruction_mining", "instructiongpt4"]
+
+
+def test_version():
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and re.fullmatch(r"tamis \d+\.\d+\.\d+\n", res.output)
+
+
+def test_ops_lists_every_registry_entry_and_says_which_run():
+    res = runner.invoke(app, ["ops", "--json"])
+    items = json.loads(res.output)
+    names = {(e["family"], e["name"]) for e in items}
+    assert {("scorer", n) for n in reg.SCORERS} <= names and {("sampler", n) for n in reg.SAMPLERS} <= names
+    assert {("function", n) for n in reg.FUNCTIONS} <= names and {("data", n) for n in reg.DATA_CTORS} <= names
+    runnable = {e["name"] for e in items if e["runnable"]}
+    assert {"ifd", "rating", "kcenter", "pct", "warmup"} <= runnable and "grads" not in runnable
+    detail = runner.invoke(app, ["ops", "rating"]).output
+    assert "prompt: string one of alpagasus" in detail and "gpt4life/alpagasus" in detail
+    typo = runner.invoke(app, ["ops", "raiting"])
+    assert typo.exit_code == 1 and "did you mean `rating`" in typo.output
+
+
+def test_explain_numbers_steps_as_feasibility_counts_them():
+    for name in NINE:
+        c = compile_file(name)
+        shown = [int(m) for m in re.findall(r"\[step (\d+)", runner.invoke(app, ["explain", name]).output)]
+        assert max(shown) == c.feasibility().steps, name
+
+
+def test_the_run_report_and_console_say_what_a_newcomer_needs(tmp_path):
+    pool = tmp_path / "pool.jsonl"
+    rows = [{"id": "a", "instruction": "q", "input": "", "output": "one two three"},
+            {"id": "b", "instruction": "q", "input": "", "output": "..."}]
+    pool.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = tmp_path / "r.tamis"
+    recipe.write_text("score mtld | rank | top 2\n")
+    res = runner.invoke(app, ["run", str(recipe), "--pool", str(pool), "-o", str(tmp_path / "sel.jsonl"),
+                              "--scores", str(tmp_path / "s.parquet"), "--no-cache", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "1 of 2 rows have no score (no words in output: 1)" in res.output
+    assert "budget 2 rows, 1 picked" in res.output
+    md = (tmp_path / "sel.report.md").read_text()
+    assert "PFM: none given" in md and "| computed now |" in md
+
+
+def test_a_model_run_says_its_dtype_and_why(tiny_gpt2_dir, tmp_path):
+    recipe = tmp_path / "r.tamis"
+    recipe.write_text('score loss with template="bare", max_length=64 | rank | top 1\n')
+    res = runner.invoke(app, ["run", str(recipe), "--pool", str(FIX / "pool_small.jsonl"), "--pfm", tiny_gpt2_dir,
+                              "-o", str(tmp_path / "sel.jsonl"), "--no-cache", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert re.search(r"model pfm: cpu, (fp32|bf16) \(auto: ", res.output), res.output
