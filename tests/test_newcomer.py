@@ -66,3 +66,12 @@ def test_a_model_run_says_its_dtype_and_why(tiny_gpt2_dir, tmp_path):
                               "-o", str(tmp_path / "sel.jsonl"), "--no-cache", "--no-progress"])
     assert res.exit_code == 0, res.output
     assert re.search(r"model pfm: cpu, (fp32|bf16) \(auto: ", res.output), res.output
+
+
+def test_the_feasibility_page_has_readable_text_a_legend_and_links(tmp_path):
+    out = tmp_path / "f.html"
+    assert runner.invoke(app, ["feasibility", "ifd", "deita", "--html", str(out)]).exit_code == 0
+    page = out.read_text()
+    assert page.count("<text") > 10  # labels are SVG text, not outlines
+    assert "rank 1 is the simplest" in page and "<b>1*</b>" in page and "class='key'" in page
+    assert "<a href='https://github.com/tianyi-lab/Cherry_LLM'>" in page

@@ -49,6 +49,7 @@ def graph_svg(g: nx.DiGraph) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    plt.rcParams["svg.fonttype"] = "none"  # real <text>: readable at any zoom, searchable, copyable
     layers = list(nx.topological_generations(g))
     pos = {}
     for x, layer in enumerate(layers):
@@ -63,7 +64,7 @@ def graph_svg(g: nx.DiGraph) -> str:
         nx.draw_networkx_nodes(g, pos, nodelist=nodes, node_color=color, node_size=1800, ax=ax,
                                node_shape="s" if kind in ("model", "dataset") else "o")
     labels = {n: _wrap(g.nodes[n]["label"]) for n in g}
-    nx.draw_networkx_labels(g, pos, labels, font_size=6, ax=ax)
+    nx.draw_networkx_labels(g, pos, labels, font_size=7, ax=ax)
     ax.set_axis_off()
     fig.tight_layout()
     buf = io.StringIO()
@@ -71,6 +72,18 @@ def graph_svg(g: nx.DiGraph) -> str:
     plt.close(fig)
     text = buf.getvalue()
     return text[text.index("<svg"):]
+
+
+_KINDS = {"model": "model", "dataset": "dataset", "op": "operator", "output": "selection"}
+
+
+def _sources(c: Compiled) -> str:
+    """The recipe's citations and reference-code links (only http(s) links are made clickable)."""
+    parts = [html.escape(cite) for cite in c.recipe.cites]
+    for url in c.recipe.code:
+        safe = html.escape(url, quote=True)
+        parts.append(f"<a href='{safe}'>{safe}</a>" if url.startswith(("https://", "http://")) else safe)
+    return f"<p class='note'>{' · '.join(parts)}</p>" if parts else ""
 
 
 def _wrap(label: str, width: int = 22) -> str:
@@ -95,14 +108,22 @@ def html_page(compiled: list[Compiled], rows: list[Feasibility], extra_sections:
         for r in rows
     )
     graphs = "".join(
-        f"<section><h3>{html.escape(c.name)}</h3><p>{html.escape(c.recipe.title or '')}</p>{graph_svg(c.graph)}</section>"
+        f"<section><h3>{html.escape(c.name)}</h3><p>{html.escape(c.recipe.title or '')}</p>{_sources(c)}"
+        f"{graph_svg(c.graph)}</section>"
         for c in compiled
     )
+    legend = " ".join(f"<span class='key' style='background:{color}'>{_KINDS[kind]}</span>"
+                      for kind, color in _COLORS.items())
     style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:center}"
-             "svg{max-width:100%;height:auto}")
+             "svg{max-width:100%;height:auto}.note{color:#444;font-size:90%}"
+             ".key{display:inline-block;padding:2px 8px;margin-right:6px;border:1px solid #999}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>tamis feasibility</title><style>{style}</style>"
             f"</head><body><h1>Feasibility of data-selection recipes</h1>"
             f"<p>Derived from each recipe's compiled operator graph (survey Table 3, Appendix A.4).</p>"
             f"<table><tr>{''.join(f'<th>{h}</th>' for h in head)}</tr>{trs}</table>"
-            f"{''.join(extra_sections)}<h2>Recipe graphs</h2>{graphs}</body></html>")
+            "<p class='note'>Ranks are dense over the recipes shown: rank 1 is the simplest, most flexible, most "
+            "feasible. <b>1*</b>: the trained LLM is a small proxy (under 1B parameters, e.g. GPT-2). "
+            "# Steps (# LLM uses): algorithm steps, and how many of them run an LLM over a dataset.</p>"
+            f"{''.join(extra_sections)}<h2>Recipe graphs</h2><p>{legend}; arrows show data, model and training "
+            f"flow.</p>{graphs}</body></html>")
