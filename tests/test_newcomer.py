@@ -75,3 +75,20 @@ def test_the_feasibility_page_has_readable_text_a_legend_and_links(tmp_path):
     assert page.count("<text") > 10  # labels are SVG text, not outlines
     assert "rank 1 is the simplest" in page and "<b>1*</b>" in page and "class='key'" in page
     assert "<a href='https://github.com/tianyi-lab/Cherry_LLM'>" in page
+
+
+def test_a_copied_model_keeps_its_fingerprint_and_an_edited_one_does_not(tiny_gpt2_dir, tmp_path, monkeypatch):
+    """Model identity is content, not path or mtime: a new clone or venv reuses cached scores."""
+    import shutil
+
+    from tamis.runtime.models import load_causal_lm
+
+    monkeypatch.setenv("TAMIS_CACHE_DIR", str(tmp_path / "cache"))
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_gpt2_dir, copy)
+    a = load_causal_lm(tiny_gpt2_dir, dtype="fp32").fingerprint
+    assert load_causal_lm(str(copy), dtype="fp32").fingerprint == a
+    config = copy / "config.json"
+    config.write_text(config.read_text() + " ")  # same mtime granularity or not: the bytes differ
+    assert load_causal_lm(str(copy), dtype="fp32").fingerprint != a
+    assert (tmp_path / "cache" / "file-hashes.json").is_file()

