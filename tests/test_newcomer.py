@@ -92,3 +92,18 @@ def test_a_copied_model_keeps_its_fingerprint_and_an_edited_one_does_not(tiny_gp
     config.write_text(config.read_text() + " ")  # same mtime granularity or not: the bytes differ
     assert load_causal_lm(str(copy), dtype="fp32").fingerprint != a
     assert (tmp_path / "cache" / "file-hashes.json").is_file()
+
+
+def test_a_warmup_keeps_its_optimizer_state_only_when_asked_or_needed(tiny_gpt2_dir, tmp_path):
+    from tamis.dsl.compile import compile_text
+    from tamis.runtime.executor import LocalExecutor, RunConfig
+
+    cfg = RunConfig(pool=str(FIX / "pool_small.jsonl"), pfm=tiny_gpt2_dir, dtype="fp32", cache_dir=str(tmp_path / "c"),
+                    progress=False)
+    for flag, kept in (("", False), (", optimizer_state=true", True)):
+        text = f"score ifd using warmup(pfm, 50%, lora(r=4), lr=1e-3, batch=2{flag}) with max_length=128 | rank | top 2"
+        LocalExecutor(compile_text(text).graph, cfg).run()
+        saved = list((tmp_path / "c").rglob("optimizer.safetensors"))
+        assert bool(saved) == kept, (flag, saved)
+    less = compile_file("less").graph
+    assert [a["params"]["optimizer_state"] for _, a in less.nodes(data=True) if a.get("ctor") == "warmup"] == [True]

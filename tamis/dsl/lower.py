@@ -509,6 +509,8 @@ class Lowerer:
                           params={"scorer": spec.name, **self.plain(v), "target": dataset})
             if model:
                 self.edge(model.node, nid, "model")
+                if spec.needs_optimizer_state and self.g.nodes[model.node].get("trained"):
+                    self.g.nodes[model.node]["params"]["optimizer_state"] = True  # keep what this stage reads
             if target:
                 self.edge(target.node, nid, "side")
             for value in v.values():

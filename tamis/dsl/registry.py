@@ -51,6 +51,7 @@ class ScorerSpec:
     rowwise: bool = True  # a row's score depends on that row alone (so filters may move across it)
     cost: Literal["cheap", "model"] = "model"
     source: str = ""  # the reference implementation this follows
+    needs_optimizer_state: bool = False  # reads a trained model's optimizer moments (LESS' Adam preconditioning)
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ SCORERS: dict[str, ScorerSpec] = {
                    {"": "vector"}, "lora_llm",
                    (Param("dim", "count", 8192), Param("seed", "seed", 0),
                     Param("precondition", "string", "auto", ("auto", "adam", "none"))),
-                   source="princeton-nlp/LESS less/data_selection"),
+                   source="princeton-nlp/LESS less/data_selection", needs_optimizer_state=True),
         ScorerSpec("icl_loss", "Nuggets one-shot losses: each anchor's answer loss with this row as a one-shot prefix",
                    {"": "vector"}, "local_llm",
                    (Param("anchors", "data"), Param("max_length", "count", 200)), source="pldlgb/nuggets"),
@@ -200,7 +201,10 @@ MODEL_CTORS: dict[str, ModelCtor] = {
                   (Param("of", "model"), Param("model", "model")), llm=None),
         ModelCtor("warmup", "a model trained on a sample of the pool (answer-only loss)",
                   (Param("model", "model"), Param("size", "size"), _LORA,
-                   Param("select", "string", "random", ("random", "cherry")), Param("clusters", "count", 100)) + _TRAIN_OPTS,
+                   Param("select", "string", "random", ("random", "cherry")), Param("clusters", "count", 100))
+                  + _TRAIN_OPTS
+                  + (Param("optimizer_state", "bool", False,
+                           doc="keep the optimizer's moments with each checkpoint (set for you when a stage needs them)"),),
                   llm=None, trained=True),
         ModelCtor("train", "a model trained on a dataset (n copies when the dataset is n subsets)",
                   (Param("model", "model"), Param("on", "data"), _LORA, Param("task", "string", None)) + _TRAIN_OPTS,

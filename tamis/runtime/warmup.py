@@ -38,6 +38,8 @@ def warm_up(base, pool: pl.DataFrame, params: dict, artifacts, cfg, *, label: st
         method="lora" if lora else "full",
         epochs=int(params["epochs"]), learning_rate=params["lr"], batch_size=params["batch"],
         max_length=params["max_length"], seed=params["seed"],
+        # the optimizer's moments are about 3x the model: kept only when a later stage needs them (LESS)
+        save_optimizer_state=bool(params.get("optimizer_state", False)),
         **({"lora_r": lora["r"], "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"]} if lora else {}),
         **({"target_modules": tuple(lora["targets"])} if lora and lora.get("targets") else {}),
     )
