@@ -248,6 +248,8 @@ def run(
     no_cache: Annotated[bool, typer.Option("--no-cache", help="neither read nor write the cache")] = False,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="skip bad pool rows (counted in the report) instead of failing")] = False,
     limit: Annotated[Optional[int], typer.Option(help="read only the first N pool rows")] = None,
+    pool_format: Annotated[str, typer.Option("--format", help="the pool's format when its extension does not say: "
+                                             "auto, json, alpaca, jsonl, parquet, sharegpt, …")] = "auto",
     column: Annotated[Optional[list[str]], typer.Option("--column", help="map a field: --column prompt=instruction")] = None,
     model: Annotated[Optional[list[str]], typer.Option("--model", help="serve a recipe's hf(\"NAME\") or api(\"NAME\") from a local path: --model gpt2=/models/gpt2")] = None,
     api_base: Annotated[Optional[str], typer.Option("--api-base", help="OpenAI-compatible endpoint for api(\"NAME\") models (default $OPENAI_BASE_URL; key from $OPENAI_API_KEY)")] = None,
@@ -270,7 +272,7 @@ def run(
     mapping = _pairs("--column", column, "--column prompt=instruction")
     model_paths = _pairs("--model", model, "--model gpt-3.5-turbo=/models/judge")
     cfg = RunConfig(pool=pool, pfm=pfm, device=device, dtype=dtype, cache_dir=cache_dir, no_cache=no_cache,
-                    skip_bad=skip_bad, limit=limit, columns=mapping or None, batch_tokens=batch_tokens, progress=progress,
+                    skip_bad=skip_bad, limit=limit, pool_format=pool_format, columns=mapping or None, batch_tokens=batch_tokens, progress=progress,
                     model_paths=model_paths, api_base=api_base, chunk_rows=checkpoint_rows,
                     checkpoint_seconds=checkpoint_seconds, api_max_wait=api_max_wait, api_max_failures=api_max_failures)
     base = output.with_suffix("")
