@@ -396,3 +396,16 @@ def test_gguf_conversion_uses_the_cache_root_and_cleans_a_killed_staging_folder(
     assert target == root / "models" / key and (target / "config.json").is_file()
     assert not stale.exists() and calls[0].parent == root / "models" and calls[0].name.startswith(f".{key}.tmp-")
     assert models._converted_gguf_folder(source, root) == target and len(calls) == 1  # converted once
+
+
+def test_a_truncated_json_pool_says_so_on_the_console(tmp_path):
+    rows = [{"id": f"r{i}", "instruction": f"q{i}", "input": "", "output": f"answer {i}"} for i in range(3)]
+    text = json.dumps(rows)
+    pool = tmp_path / "cut.json"
+    pool.write_text(text[: text.rindex("{") + 12])  # cut inside the last record
+    recipe = tmp_path / "r.tamis"
+    recipe.write_text("score length | rank | top 1\n")
+    res = runner.invoke(app, ["run", str(recipe), "--pool", str(pool), "-o", str(tmp_path / "sel.jsonl"), "--no-cache",
+                              "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert f"warning: {pool}: file ends inside a record: 2 complete records kept" in res.output
