@@ -248,8 +248,9 @@ def run(
     no_cache: Annotated[bool, typer.Option("--no-cache", help="neither read nor write the cache")] = False,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="skip bad pool rows (counted in the report) instead of failing")] = False,
     limit: Annotated[Optional[int], typer.Option(help="read only the first N pool rows")] = None,
-    pool_format: Annotated[str, typer.Option("--format", help="the pool's format when its extension does not say: "
-                                             "auto, json, alpaca, jsonl, parquet, sharegpt, …")] = "auto",
+    pool_format: Annotated[str, typer.Option("--format", help="the pool's format when its extension does not say: auto, "
+                                             "json, alpaca, jsonl, sharegpt, parquet, csv, tsv, arrow, feather, ipc, "
+                                             "hf (a `datasets` save_to_disk folder)")] = "auto",
     column: Annotated[Optional[list[str]], typer.Option("--column", help="map a field: --column prompt=instruction")] = None,
     model: Annotated[Optional[list[str]], typer.Option("--model", help="serve a recipe's hf(\"NAME\") or api(\"NAME\") from a local path: --model gpt2=/models/gpt2")] = None,
     api_base: Annotated[Optional[str], typer.Option("--api-base", help="OpenAI-compatible endpoint for api(\"NAME\") models (default $OPENAI_BASE_URL; key from $OPENAI_API_KEY)")] = None,

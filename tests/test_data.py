@@ -545,3 +545,400 @@ def test_errors_speak_the_cli(tmp_path: Path, bad_jsonl: Path) -> None:
         load_pool(path)
     with pytest.raises(DataError, match="--column"):
         load_pool(bad_jsonl, columns={"question": "question_text"})
+
+
+# --------------------------------------------------------------------------- more formats
+
+
+CANON = ["id", "instruction", "input", "output"]
+
+
+def _rows(frame: pl.DataFrame) -> list[tuple]:
+    return frame.select(CANON).rows()
+
+
+def test_csv_and_tsv(tmp_path: Path) -> None:
+    csv_text = (
+        "id,instruction,input,output,source\n"
+        'a,"Add 1, 2.","","3"\n'
+        ',Say hi.,,"Hi!\nHow are you?"\n'
+        "\n"  # a blank line: not a record
+        'c,"He said ""no"".",ctx,ok\n'
+    )
+    path = tmp_path / "pool.csv"
+    path.write_text(csv_text, encoding="utf-8")
+    pool = load_pool(path)
+    assert pool.frame.columns == CANON
+    assert _rows(pool.frame) == [
+        ("a", "Add 1, 2.", "", "3"),
+        (content_id("Say hi.", "", "Hi!\nHow are you?"), "Say hi.", "", "Hi!\nHow are you?"),
+        ("c", 'He said "no".', "ctx", "ok"),
+    ]
+    assert pool.report.format == "csv" and pool.report.blank_lines == 1
+    assert pool.report.ignored_fields == {"source": 3}
+    tsv = tmp_path / "pool.tsv"
+    tsv.write_text("instruction\toutput\nq\ta\n", encoding="utf-8")
+    assert _rows(load_pool(tsv).frame) == [(content_id("q", "", "a"), "q", "", "a")]
+    same = tmp_path / "pool.txt"
+    same.write_text("prompt\tresponse\nq\ta\n", encoding="utf-8")
+    mapped = load_pool(same, format="tsv", columns={"prompt": "instruction", "response": "output"})
+    assert _rows(mapped.frame) == _rows(load_pool(tsv).frame)
+
+
+def test_csv_bad_rows_named(tmp_path: Path) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text("instruction,input,output\nq,,a\nq2,,\n   ,,a\nq4\n", encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        load_pool(path)
+    found = {(p.row, p.field, p.message) for p in info.value.problems}
+    # a short line's missing cells read as empty ones
+    assert found == {(2, "output", "empty output"), (3, "instruction", "empty instruction"), (4, "output", "empty output")}
+    pool = load_pool(path, skip_bad=True)
+    assert pool.frame["instruction"].to_list() == ["q"] and pool.report.skipped == 3
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("instruction,output\nq,a\nq,a,extra\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"cannot read as CSV.*line 3 has 3 fields, the header 2"):
+        load_pool(ragged)
+    dup = tmp_path / "dup.csv"
+    dup.write_text("instruction,output,output\nq,a,b\n", encoding="utf-8")
+    with pytest.raises(DataError, match="names 'output' more than once"):
+        load_pool(dup)
+
+
+def _gzip(path: Path, data: bytes) -> Path:
+    import gzip
+
+    path.write_bytes(gzip.compress(data))
+    return path
+
+
+def test_gzip_json_and_jsonl(tmp_path: Path) -> None:
+    records = [alpaca(f"q{i}", output=f"a{i}") for i in range(5)]
+    plain = load_pool(FIXTURES / "alpaca_small.json").frame
+    gz = _gzip(tmp_path / "alpaca.json.gz", (FIXTURES / "alpaca_small.json").read_bytes())
+    pool = load_pool(gz)
+    assert pool.frame.equals(plain) and pool.report.format == "json+gzip"
+    lines = _gzip(tmp_path / "pool.jsonl.gz", "".join(json.dumps(r) + "\n" for r in records).encode())
+    assert load_pool(lines).frame["instruction"].to_list() == [f"q{i}" for i in range(5)]
+    bad = _gzip(tmp_path / "bad.jsonl.gz", (json.dumps(records[0]) + "\n" + json.dumps(alpaca(output="")) + "\n").encode())
+    with pytest.raises(DataError) as info:
+        load_pool(bad)
+    assert [(p.row, p.field) for p in info.value.problems] == [(2, "output")]
+    unnamed = _gzip(tmp_path / "pool.gz", json.dumps(records).encode())  # the bytes say what it is
+    assert load_pool(unnamed).frame.height == 5
+
+
+def test_cut_off_gzip_keeps_complete_records(tmp_path: Path) -> None:
+    import gzip
+
+    records = [alpaca(f"question {i} " + "x" * 50, output=f"answer {i}") for i in range(400)]
+    whole = gzip.compress(json.dumps(records, indent=1).encode())
+    path = tmp_path / "cut.json.gz"
+    path.write_bytes(whole[: len(whole) // 2])
+    pool = load_pool(path)
+    assert pool.report.truncated and 0 < pool.frame.height < 400
+    assert pool.frame["instruction"].to_list() == [r["instruction"] for r in records[: pool.frame.height]]
+    assert pool.report.warnings and "file ends inside a record" in pool.report.warnings[0]
+
+
+def test_zstd_needs_zstandard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    path = tmp_path / "pool.jsonl.zst"
+    path.write_bytes(b"\x28\xb5\x2f\xfd" + b"\x00" * 16)  # zstd magic: only the error is looked at
+    monkeypatch.setitem(sys.modules, "zstandard", None)
+    with pytest.raises(DataError, match=r"zstd-compressed .*needs the 'zstandard' package \(pip install zstandard\)"):
+        load_pool(path)
+
+
+def test_zstd_jsonl(tmp_path: Path) -> None:
+    zstandard = pytest.importorskip("zstandard")
+    body = "".join(json.dumps(alpaca(f"q{i}")) + "\n" for i in range(3)) + json.dumps(alpaca(output=" ")) + "\n"
+    path = tmp_path / "pool.jsonl.zst"
+    path.write_bytes(zstandard.ZstdCompressor().compress(body.encode()))
+    with pytest.raises(DataError) as info:
+        load_pool(path)
+    assert [(p.row, p.field) for p in info.value.problems] == [(4, "output")]
+    pool = load_pool(path, skip_bad=True)
+    assert pool.frame["instruction"].to_list() == ["q0", "q1", "q2"] and pool.report.format == "jsonl+zstd"
+    bare = tmp_path / "pool.zst"
+    bare.write_bytes(path.read_bytes())
+    assert load_pool(bare, skip_bad=True).frame.equals(pool.frame)
+
+
+def _table() -> pl.DataFrame:
+    return pl.DataFrame({
+        "id": ["r1", None, "r3"],
+        "instruction": ["Translate: chat", "Count to 3 🙂", "Name a colour"],
+        "input": ["", None, "é"],
+        "output": ["cat", "1 2 3", "blue"],
+        "meta": [1, 2, 3],
+    })
+
+
+def _expected_table() -> list[tuple]:
+    return [
+        ("r1", "Translate: chat", "", "cat"),
+        (content_id("Count to 3 🙂", "", "1 2 3"), "Count to 3 🙂", "", "1 2 3"),
+        ("r3", "Name a colour", "é", "blue"),
+    ]
+
+
+@pytest.mark.parametrize("name, writer", [
+    ("pool.arrow", "write_ipc"), ("pool.feather", "write_ipc"), ("pool.ipc", "write_ipc"),
+    ("stream.arrow", "write_ipc_stream"), ("unnamed.bin", "write_ipc"), ("unnamed-stream.bin", "write_ipc_stream"),
+])
+def test_arrow_ipc_and_feather(tmp_path: Path, name: str, writer: str) -> None:
+    path = tmp_path / name
+    getattr(_table(), writer)(path)
+    pool = load_pool(path)
+    assert pool.frame.columns == CANON and _rows(pool.frame) == _expected_table()
+    assert pool.report.format == "ipc" and pool.report.ignored_fields == {"meta": 3}
+
+
+def test_arrow_bad_rows_named(tmp_path: Path) -> None:
+    path = tmp_path / "bad.arrow"
+    _table().with_columns(pl.Series("output", ["cat", None, "  "])).write_ipc(path)
+    with pytest.raises(DataError) as info:
+        load_pool(path)
+    assert {(p.row, p.field, p.message) for p in info.value.problems} == {(2, "output", "missing field"), (3, "output", "empty output")}
+    typed = tmp_path / "typed.feather"
+    _table().with_columns(pl.Series("instruction", [1, 2, 3])).write_ipc(typed)
+    with pytest.raises(DataError) as info:
+        load_pool(typed)
+    assert {(p.row, p.field) for p in info.value.problems} == {(1, "instruction"), (2, "instruction"), (3, "instruction")}
+    assert "expected a string, got int" in info.value.problems[0].message
+
+
+def _save_to_disk(folder: Path, frame: pl.DataFrame, shards: int = 1) -> Path:
+    """The layout datasets' `Dataset.save_to_disk` writes: Arrow streams plus two JSON files."""
+    folder.mkdir(parents=True)
+    names = [f"data-{i:05d}-of-{shards:05d}.arrow" for i in range(shards)]
+    size = -(-frame.height // shards)
+    for i, name in enumerate(names):
+        frame.slice(i * size, size).write_ipc_stream(folder / name)
+    (folder / "state.json").write_text(json.dumps({
+        "_data_files": [{"filename": n} for n in names], "_fingerprint": "0123456789abcdef",
+        "_format_columns": None, "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False, "_split": "train",
+    }))
+    (folder / "dataset_info.json").write_text(json.dumps({"features": {c: {"dtype": "string", "_type": "Value"} for c in frame.columns}}))
+    return folder
+
+
+def test_hf_datasets_folder(tmp_path: Path) -> None:
+    folder = _save_to_disk(tmp_path / "ds", _table().drop("meta"), shards=2)
+    pool = load_pool(folder)
+    assert _rows(pool.frame) == _expected_table() and pool.report.format == "hf"
+    assert load_pool(folder, format="hf", limit=2).frame.height == 2
+    with pytest.raises(DataError, match="--format hf takes a folder"):
+        load_pool(folder / "state.json", format="hf")
+
+
+def test_hf_dataset_dict_names_its_splits(tmp_path: Path) -> None:
+    root = tmp_path / "dd"
+    _save_to_disk(root / "train", _table())
+    _save_to_disk(root / "test", _table().head(1))
+    (root / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+    with pytest.raises(DataError) as info:
+        load_pool(root)
+    assert "DatasetDict with splits train, test" in str(info.value) and str(root / "train") in str(info.value)
+    assert load_pool(root / "test").frame.height == 1
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(DataError, match="not a regular file"):
+        load_pool(tmp_path / "plain")
+
+
+def test_hf_bad_rows_numbered_across_files(tmp_path: Path) -> None:
+    frame = _table().drop("meta").with_columns(pl.Series("instruction", ["a", "b", ""]))
+    folder = _save_to_disk(tmp_path / "ds", frame, shards=2)
+    with pytest.raises(DataError) as info:
+        load_pool(folder)
+    assert [(p.row, p.field) for p in info.value.problems] == [(3, "instruction")]
+
+
+def test_unknown_format_lists_the_names(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "p.jsonl", [OK_LINE])
+    with pytest.raises(DataError) as info:
+        load_pool(path, format="xml")  # type: ignore[arg-type]
+    for name in ("json", "jsonl", "parquet", "csv", "tsv", "arrow", "feather", "ipc", "hf", "sharegpt"):
+        assert name in str(info.value)
+    with pytest.raises(DataError, match="gzip-compressed csv"):
+        _gzip(tmp_path / "p.csv.gz", b"instruction,output\nq,a\n")
+        load_pool(tmp_path / "p.csv.gz")
+
+
+# --------------------------------------------------------------------------- the vectorised path
+
+
+def _per_record(monkeypatch: pytest.MonkeyPatch, path: Path, **kwargs):  # type: ignore[no-untyped-def]
+    """load_pool on the per-record path only (what every pool went through before)."""
+    from tamis.runtime import data
+
+    with monkeypatch.context() as m:
+        m.setattr(data, "_fast_load", lambda *a, **k: None)
+        return _outcome(path, **kwargs)
+
+
+def _outcome(path: Path, **kwargs):  # type: ignore[no-untyped-def]
+    try:
+        pool = load_pool(path, **kwargs)
+    except DataError as e:
+        return ("error", e.message, [str(p) for p in e.problems])
+    return ("ok", pool.frame.rows(), pool.frame.schema, pool.report.to_dict())
+
+
+def _no_dicts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail if any record goes through the per-record path."""
+    from tamis.runtime import data
+
+    def refuse(*a, **k):  # type: ignore[no-untyped-def]
+        raise AssertionError("a valid pool went through the per-record path")
+
+    monkeypatch.setattr(data, "_collect", refuse)
+
+
+VALUES = ['"ok"', '"  "', '""', "null", "5", "-1.5", "1.0", "1e3", "true", "false", "[1]", '["a"]', '{"a": 1}',
+          '"42"', '"true"', '"[x]"', '"{}"', '"\\u001c"', '"\\u00a0x"', '"\\u2028"', '"é\\n\\t\\"q\\"\\\\"',
+          '"\\u0000"', '"a\\ud83dx"', '"\\ud83d\\ude00"', '"\\udc00"']
+
+
+@pytest.mark.parametrize("field", ["instruction", "input", "output", "id"])
+def test_fast_path_agrees_on_every_json_value(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, field: str) -> None:
+    lines = [json.dumps(alpaca(f"q{i}", output=f"a{i}")) for i in range(3)]
+    for k, value in enumerate(VALUES):
+        record = {"instruction": f"q{k}", "input": "", "output": f"o{k}"}
+        text = json.dumps(record)[:-1] + f', "{field}": {value}}}' if field not in record else json.dumps(record).replace(f'"{field}": "{record[field]}"', f'"{field}": {value}')
+        lines.append(text)
+    jsonl = write_jsonl(tmp_path / "v.jsonl", lines[:2] + ["", "  "] + lines[2:] + [""])  # blank lines shift line numbers
+    array = tmp_path / "v.json"
+    array.write_text("[" + ",\n".join(lines) + "]")
+    for path in (jsonl, array):
+        for skip in (False, True):
+            assert _outcome(path, skip_bad=skip) == _per_record(monkeypatch, path, skip_bad=skip), (path.name, skip)
+
+
+def test_fast_path_agrees_on_ids_and_mapping(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cases = {
+        "int_ids.jsonl": [{"id": i, **alpaca(f"q{i}")} for i in range(5)],
+        "dup_ids.jsonl": [{"id": "x", **alpaca("a")}, {"id": "x", **alpaca("b")}, {"id": "x#2", **alpaca("c")}, alpaca(), alpaca()],
+        "mixed_ids.jsonl": [{"id": 1, **alpaca("a")}, {"id": "1", **alpaca("b")}, {"id": 1.0, **alpaca("c")}, {"id": True, **alpaca("d")}],
+        "mapped.jsonl": [{"prompt": f"p{i}", "response": "r", "instruction": "own", "extra": {"k": [1]}} for i in range(4)],
+        "mapped_own.jsonl": [{"prompt": "p", "response": "r"}, {"instruction": "own name", "response": "r"}],
+        "messages.jsonl": [alpaca(), {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}],
+        "late_input.jsonl": [alpaca(f"q{i}") for i in range(150)] + [alpaca("late", input="ctx")],
+        "unicode.jsonl": [alpaca("ça 😀 \u0301x", input="\u2028", output="\x7f\x1f\\\"")],
+    }
+    mapping = {"prompt": "instruction", "response": "output"}
+    for name, records in cases.items():
+        path = write_jsonl(tmp_path / name, [json.dumps(r, ensure_ascii=name != "unicode.jsonl") for r in records])
+        columns = mapping if name.startswith("mapped") else None
+        for skip in (False, True):
+            for limit in (None, 2):
+                fast = _outcome(path, skip_bad=skip, columns=columns, limit=limit)
+                assert fast == _per_record(monkeypatch, path, skip_bad=skip, columns=columns, limit=limit), (name, skip, limit)
+
+
+def test_fast_path_agrees_on_tables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    frame = pl.DataFrame({
+        "id": ["a", None, "  ", "d", "a"],
+        "instruction": ["q1", "q2", "q3", None, "q5"],
+        "input": [None, "x", "", "", "\u00a0"],
+        "output": ["o1", "\x1c", "o3", "o4", "o5"],
+        "extra": [1, 2, 3, 4, 5],
+    })
+    frame.write_parquet(tmp_path / "t.parquet")
+    frame.write_ipc(tmp_path / "t.arrow")
+    frame.with_columns(pl.col("id").fill_null("")).drop("extra").write_csv(tmp_path / "t.csv")
+    frame.with_columns(pl.col("id").cast(pl.Categorical)).write_parquet(tmp_path / "cat.parquet")
+    frame.with_columns(pl.Series("id", [1, 2, 3, 4, 1])).write_parquet(tmp_path / "intid.parquet")
+    for name in ("t.parquet", "t.arrow", "t.csv", "cat.parquet", "intid.parquet"):
+        for skip in (False, True):
+            for limit in (None, 1, 3):
+                fast = _outcome(tmp_path / name, skip_bad=skip, limit=limit)
+                assert fast == _per_record(monkeypatch, tmp_path / name, skip_bad=skip, limit=limit), (name, skip, limit)
+
+
+def test_valid_pools_never_become_dicts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    records = [{"id": f"r{i}", **alpaca(f"q{i} é", input="" if i % 2 else "ctx", output=f"a\n{i}")} for i in range(200)]
+    records += [alpaca("no id"), alpaca("no id")]  # content ids, one made unique
+    expected = _per_record(monkeypatch, FIXTURES / "alpaca_small.json")
+    frame = pl.DataFrame(records)
+    paths = [write_jsonl(tmp_path / "p.jsonl", [json.dumps(r) for r in records]), tmp_path / "p.json",
+             tmp_path / "p.parquet", tmp_path / "p.csv", tmp_path / "p.arrow", _gzip(tmp_path / "p.jsonl.gz", (tmp_path / "p.jsonl").read_bytes())]
+    (tmp_path / "p.json").write_text(json.dumps(records))
+    frame.write_parquet(tmp_path / "p.parquet")
+    frame.write_csv(tmp_path / "p.csv")
+    frame.write_ipc(tmp_path / "p.arrow")
+    outcomes = {p.name: _per_record(monkeypatch, p) for p in paths}
+    _no_dicts(monkeypatch)
+    assert _outcome(FIXTURES / "alpaca_small.json") == expected
+    for path in paths:
+        assert _outcome(path) == outcomes[path.name], path.name
+    pool = load_pool(tmp_path / "p.parquet")
+    assert pool.frame["id"][-1] == content_id("no id", "", "Hi!") + "#2" and pool.report.duplicate_ids_renamed == 1
+
+
+def test_fast_path_bad_rows_only_are_looked_at(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tamis.runtime import data
+
+    lines = [json.dumps(alpaca(f"q{i}")) for i in range(1000)]
+    lines[500] = json.dumps(alpaca(output=" "))
+    lines[700] = json.dumps(alpaca(instruction=7))
+    path = write_jsonl(tmp_path / "p.jsonl", lines)
+    seen: list[int] = []
+    original = data._normalise
+    monkeypatch.setattr(data, "_normalise", lambda raw, *a: seen.append(raw.row) or original(raw, *a))
+    pool = load_pool(path, skip_bad=True)
+    assert seen == [501, 701] and pool.frame.height == 998
+    assert pool.report.skip_reasons == {"output: empty output": 1, "instruction: wrong type": 1}
+
+
+def test_vectorised_content_ids_match_content_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tamis.runtime import data
+
+    import random
+
+    rng = random.Random(3)
+    specials = [chr(i) for i in range(32)] + ['"', "\\", "\x7f", "\u2028", "\u2029", "é", "😀", "\ufeff", "/", "'"]
+    texts = ["", "plain", 'say "hi"\\n', "\\u0041 literal", "tab\tnl\ncr\r"] + [
+        "".join(rng.choice(specials + list("abc ")) for _ in range(rng.randint(0, 12))) for _ in range(200)]
+    frame = pl.DataFrame({"instruction": texts, "input": texts[::-1], "output": texts[1:] + texts[:1]})
+    expected = [content_id(a, b, c) for a, b, c in frame.iter_rows()]
+    monkeypatch.setattr(data, "_CHUNK", 7)  # several chunks
+    assert data.content_ids(frame).to_list() == expected
+    # repeated rows without ids: made unique in file order, as the per-record path does
+    twice = pl.concat([frame.head(3), frame.head(3)]).with_columns(pl.lit(None, dtype=pl.String).alias("id"))
+    ids, renamed = data._assign_ids(twice.select("id", "instruction", "input", "output"))
+    assert ids.to_list() == expected[:3] + [f"{e}#2" for e in expected[:3]] and renamed == 3
+
+
+def test_many_numeric_answers_stay_on_the_fast_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tamis.runtime import data
+
+    records = [alpaca(f"What is {i} + 1?", output=str(i + 1)) for i in range(50)]
+    path = write_jsonl(tmp_path / "math.jsonl", [json.dumps(r) for r in records])
+    array = tmp_path / "math.json"
+    array.write_text(json.dumps(records, indent=1))
+    monkeypatch.setattr(data, "_MANY_LOOKALIKES", 10)
+    expected = {p: _per_record(monkeypatch, p) for p in (path, array)}
+    seen: list[int] = []
+    original = data._normalise
+    monkeypatch.setattr(data, "_normalise", lambda raw, *a: seen.append(raw.row) or original(raw, *a))
+    for p in (path, array):
+        assert _outcome(p) == expected[p]
+    assert seen == []  # the bytes showed every answer is a string: no record was parsed
+    records[7]["output"] = 8  # a real number among them
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(DataError) as info:
+        load_pool(path)
+    assert [(p.row, p.field) for p in info.value.problems] == [(8, "output")]
+
+
+def test_known_differences_of_the_fast_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the vectorised reader does differently from the per-record one (JSON only)."""
+    path = write_jsonl(tmp_path / "p.jsonl", ['{"instruction": "first", "instruction": "last", "output": "o"}',
+                                              '{"instruction": "q", "output": "o", "note": null}'])
+    fast, slow = load_pool(path), _per_record(monkeypatch, path)
+    assert fast.frame["instruction"].to_list() == ["first", "q"]  # Polars keeps a repeated key's first value
+    assert [row[1] for row in slow[1]] == ["last", "q"]  # Python's json keeps the last
+    assert fast.report.ignored_fields == {} and slow[3]["ignored_fields"] == {"note": 1}  # a null extra field

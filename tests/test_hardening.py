@@ -409,3 +409,15 @@ def test_a_truncated_json_pool_says_so_on_the_console(tmp_path):
                               "--no-progress"])
     assert res.exit_code == 0, res.output
     assert f"warning: {pool}: file ends inside a record: 2 complete records kept" in res.output
+
+
+def test_no_output_inside_a_folder_pool(tmp_path):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "data-00000-of-00001.arrow").write_bytes(b"")
+    recipe = tmp_path / "r.tamis"
+    recipe.write_text("score length | rank | top 1\n")
+    res = runner.invoke(app, ["run", str(recipe), "--pool", str(folder), "-o", str(folder / "data-00000-of-00001.arrow"),
+                              "--no-cache"])
+    assert res.exit_code == 1 and "inside the input folder" in res.output
+    assert (folder / "data-00000-of-00001.arrow").read_bytes() == b""

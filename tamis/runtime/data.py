@@ -7,9 +7,18 @@ roles ``user``/``assistant``/``system``). Operators downstream never look at fil
 formats again.
 
 Supported inputs: Alpaca-style JSON (an array of ``{instruction, input, output}``),
-JSONL, Parquet, and ShareGPT (``{id, conversations: [{from, value}]}``, as a JSON
-array or JSONL). Records with a ``messages`` list of ``{role, content}`` and no
-``instruction`` are treated like ShareGPT conversations.
+JSONL, either of them gzip- or zstd-compressed (``.json.gz``, ``.jsonl.gz``,
+``.jsonl.zst``; zstd needs the ``zstandard`` package), Parquet, CSV and TSV (a header
+row, every cell a string), Arrow IPC / Feather v2 (``.arrow``, ``.feather``, ``.ipc``:
+file or streaming format), Hugging Face ``datasets`` folders written by
+``save_to_disk`` (one split's folder; a ``DatasetDict`` folder names its splits), and
+ShareGPT (``{id, conversations: [{from, value}]}``, as a JSON array or JSONL). Records
+with a ``messages`` list of ``{role, content}`` and no ``instruction`` are treated like
+ShareGPT conversations.
+
+Row numbers in messages: JSONL counts lines (blank ones too), JSON arrays, Parquet,
+Arrow and ``datasets`` folders count records from 1, CSV/TSV count the lines after the
+header (a cell spanning lines counts once).
 
 Why the care:
 
@@ -27,15 +36,27 @@ Why the care:
   content — identical across runs and machines, so score caches keyed by id survive
   reruns.
 * Inputs are only ever opened read-only.
+* **Valid pools never become Python dicts.** Alpaca-style pools in every format are
+  read by Polars' own readers and checked with vectorised expressions (types, nulls,
+  empty texts, ids, the ``columns`` mapping). Only rows that check flags go through the
+  per-record path, which gives the same row-level messages as before; conversations
+  (ShareGPT, ``messages``) always take the per-record path. See `_fast_load`.
 """
 
 from __future__ import annotations
 
 import codecs
+import csv
+import functools
+import gzip
 import hashlib
+import io
+import itertools
 import json
+import operator
 import re
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -61,9 +82,27 @@ __all__ = [
 CANONICAL_COLUMNS: tuple[str, ...] = ("id", "instruction", "input", "output", "messages")
 # Names a `columns=` mapping may target: the canonical columns plus the ShareGPT list.
 _MAPPABLE = frozenset(CANONICAL_COLUMNS) | {"conversations"}
-FORMATS: tuple[str, ...] = ("auto", "json", "alpaca", "jsonl", "parquet", "sharegpt")
+FORMATS: tuple[str, ...] = (
+    "auto", "json", "alpaca", "jsonl", "sharegpt", "parquet", "csv", "tsv", "arrow", "feather", "ipc", "hf",
+)
 
-Format = Literal["auto", "json", "alpaca", "jsonl", "parquet", "sharegpt"]
+Format = Literal["auto", "json", "alpaca", "jsonl", "sharegpt", "parquet", "csv", "tsv", "arrow", "feather", "ipc", "hf"]
+
+# What an explicit format says about the container (the bytes' layout); "sharegpt" and
+# "auto" say nothing about it, so the extension or the bytes decide.
+_FORMAT_CONTAINER = {
+    "json": "json", "alpaca": "json", "jsonl": "jsonl", "parquet": "parquet", "csv": "csv", "tsv": "tsv",
+    "arrow": "ipc", "feather": "ipc", "ipc": "ipc", "hf": "hf",
+}
+_EXTENSION_CONTAINER = {
+    ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet", ".csv": "csv",
+    ".tsv": "tsv", ".tab": "tsv", ".arrow": "ipc", ".feather": "ipc", ".ipc": "ipc",
+}
+_COMPRESSED_SUFFIXES = (".gz", ".gzip", ".zst", ".zstd")
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_ARROW_FILE_MAGIC = b"ARROW1"
+_ARROW_STREAM_MAGIC = b"\xff\xff\xff\xff"  # an IPC stream opens with a continuation marker
 Turns = Literal["first", "all"]
 
 MESSAGE_DTYPE = pl.List(pl.Struct({"role": pl.String, "content": pl.String}))
@@ -309,7 +348,7 @@ class _JsonArrayReader:
         return self.truncated_at_byte is not None
 
     def __iter__(self) -> Iterator[_Raw]:
-        with open(self.path, "rb") as fh:
+        with _open_binary(self.path) as fh:
             buf = _TextBuffer(fh, str(self.path), self.chunk)
             yield from self._elements(buf)
 
@@ -499,7 +538,7 @@ def _printable(name: str) -> str:
 
 def _iter_jsonl(path: Path, report: LoadReport) -> Iterator[_Raw]:
     """One record per non-blank line; a bad line is a bad record, not a fatal error."""
-    with open(path, "rb") as fh:
+    with _open_binary(path) as fh:
         for lineno, raw in enumerate(fh, start=1):
             if not raw.strip():
                 report.blank_lines += 1
@@ -524,6 +563,7 @@ def _parse_jsonl_line(raw: bytes, lineno: int) -> _Raw:
 
 # Polars raises several types for bad Parquet, and its Rust panics are BaseExceptions.
 _PARQUET_ERRORS = (Exception, pl.exceptions.PanicException)
+_POLARS_ERRORS = _PARQUET_ERRORS
 
 
 def _iter_parquet(path: Path, batch: int = 10_000) -> Iterator[_Raw]:
@@ -547,6 +587,230 @@ def _parquet_batch(path: Path, lazy: pl.LazyFrame, offset: int, size: int) -> pl
     except _PARQUET_ERRORS as e:
         rows = f"rows {offset + 1:,}-{offset + size:,}"
         raise DataError(f"{path}: cannot read as Parquet ({rows}; the file is corrupt or cut off): {e}") from e
+
+
+# --------------------------------------------------------------------------- compressed streams
+
+
+def _compression(path: Path) -> str | None:
+    """gzip | zstd | None, from the file's first bytes (not its name)."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head.startswith(_GZIP_MAGIC):
+        return "gzip"
+    if head.startswith(_ZSTD_MAGIC):
+        return "zstd"
+    return None
+
+
+def _zstandard(path: Path) -> Any:
+    try:
+        import zstandard
+    except ModuleNotFoundError as e:
+        raise DataError(
+            f"{path}: the file is zstd-compressed and reading it needs the 'zstandard' package "
+            "(pip install zstandard), or decompress it first (zstd -d)"
+        ) from e
+    return zstandard
+
+
+class _Decompressing(io.RawIOBase):
+    """A decompressed view of a gzip or zstd file. A stream that stops early (a file cut
+    off mid-transfer) just ends where the data ends, like a cut-off plain file, so the
+    readers report the cut record instead of failing; a corrupt one is a file error."""
+
+    def __init__(self, path: Path, fh: Any, kind: str) -> None:
+        self.path, self.kind = path, kind
+        if kind == "gzip":
+            self._src = gzip.GzipFile(fileobj=fh, mode="rb")
+            self._read = self._src.read1
+        else:
+            self._src = _zstandard(path).ZstdDecompressor().stream_reader(fh, read_across_frames=True, closefd=False)
+            self._read = self._src.read
+        self._done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if self._done:
+            return 0
+        try:
+            data = self._read(len(b))
+        except EOFError:  # gzip: "Compressed file ended before the end-of-stream marker"
+            self._done = True
+            return 0
+        except Exception as e:  # zlib.error, BadGzipFile, zstandard.ZstdError ...
+            if "end of input" in str(e) or "truncated" in str(e).lower():
+                self._done = True
+                return 0
+            raise DataError(f"{self.path}: cannot decompress ({self.kind}): {e}") from e
+        n = len(data)
+        b[:n] = data
+        return n
+
+
+@contextmanager
+def _open_binary(path: Path) -> Iterator[Any]:
+    """The file's bytes, decompressed when it is gzip or zstd (told by its magic bytes)."""
+    kind = _compression(path)
+    with open(path, "rb") as fh:
+        if kind is None:
+            yield fh
+        else:
+            yield io.BufferedReader(_Decompressing(path, fh, kind), buffer_size=1 << 20)
+
+
+# --------------------------------------------------------------------------- CSV, Arrow, datasets folders
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _csv_separator(container: str) -> str:
+    return "\t" if container == "tsv" else ","
+
+
+def _csv_header(path: Path, container: str) -> list[str]:
+    with open(path, "r", encoding="utf-8-sig", newline="", errors="replace") as fh:
+        return next(csv.reader(fh, delimiter=_csv_separator(container)), [])
+
+
+def _csv_hint(path: Path, container: str) -> str:
+    """Where Python's csv module sees the first ragged or broken record (Polars does not say)."""
+    try:
+        with open(path, "r", encoding="utf-8-sig", newline="") as fh:
+            reader = csv.reader(fh, delimiter=_csv_separator(container), strict=True)
+            header = next(reader, [])
+            for record in reader:
+                if record and len(record) > len(header):
+                    return f" (line {reader.line_num} has {len(record)} fields, the header {len(header)})"
+    except csv.Error as e:
+        return f" (near line {reader.line_num}: {e})"
+    except UnicodeDecodeError as e:
+        return f" (not valid UTF-8 near byte {e.start})"
+    return ""
+
+
+def _read_csv(path: Path, container: str, n_rows: int | None = None) -> pl.DataFrame:
+    """Every cell a string ("" for an empty one); a blank line is a row of nulls."""
+    kind = container.upper()
+    header = _csv_header(path, container)
+    dupes = sorted({name for name in header if header.count(name) > 1})
+    if dupes:
+        raise DataError(f"{path}: the {kind} header names {', '.join(map(repr, dupes))} more than once")
+    try:
+        return pl.read_csv(path, separator=_csv_separator(container), infer_schema=False,
+                           empty_string_is_null=False, n_rows=n_rows)
+    except _POLARS_ERRORS as e:
+        raise DataError(f"{path}: cannot read as {kind}: {_first_line(e)}{_csv_hint(path, container)}") from e
+
+
+def _csv_rows(frame: pl.DataFrame, report: LoadReport, id_column: str) -> tuple[pl.DataFrame, list[int]]:
+    """Drop blank lines (no text in any cell: counted), number the rest by line after the
+    header, and read an empty id cell as "no id" (CSV cannot write a null)."""
+    blank = pl.all_horizontal((pl.all().is_null()) | (pl.all() == "")) if frame.width else pl.lit(False)
+    keep = frame.select(~blank).to_series() if frame.width else pl.Series([True] * frame.height)
+    numbered = frame.with_row_index("\0row", offset=1).filter(keep)
+    report.blank_lines += frame.height - numbered.height
+    if id_column in frame.columns:
+        numbered = numbered.with_columns(pl.when(pl.col(id_column) == "").then(None).otherwise(pl.col(id_column)).alias(id_column))
+    return numbered.drop("\0row"), numbered["\0row"].to_list()
+
+
+def _ipc_is_stream(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if head.startswith(b"FEA1"):
+        raise DataError(f"{path}: Feather v1 is not supported; save it again as Feather v2 / Arrow IPC")
+    return not head.startswith(_ARROW_FILE_MAGIC)
+
+
+def _read_ipc(path: Path, n_rows: int | None = None) -> pl.DataFrame:
+    """An Arrow IPC file (Feather v2) or stream, whole."""
+    try:
+        if _ipc_is_stream(path):
+            return pl.read_ipc_stream(path, n_rows=n_rows)
+        return pl.read_ipc(path, n_rows=n_rows)
+    except DataError:
+        raise
+    except _POLARS_ERRORS as e:
+        raise DataError(f"{path}: cannot read as Arrow IPC / Feather: {_first_line(e)}") from e
+
+
+def _hf_splits(path: Path) -> list[str]:
+    listing = path / "dataset_dict.json"
+    if listing.is_file():
+        try:
+            splits = json.loads(listing.read_text(encoding="utf-8")).get("splits") or []
+            return [str(s) for s in splits]
+        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+            pass
+    return sorted(p.name for p in path.iterdir() if p.is_dir() and (p / "state.json").is_file())
+
+
+def _is_hf_folder(path: Path) -> bool:
+    return any((path / name).is_file() for name in ("state.json", "dataset_info.json", "dataset_dict.json"))
+
+
+def _hf_files(path: Path) -> list[Path]:
+    """The data files of one split written by `Dataset.save_to_disk`, in row order."""
+    if not (path / "state.json").is_file():
+        splits = _hf_splits(path)
+        if splits:
+            raise DataError(
+                f"{path}: a Hugging Face DatasetDict with splits {', '.join(splits)}; "
+                f"pass one split's folder, e.g. --pool {path / splits[0]}"
+            )
+        if not _is_hf_folder(path):
+            raise DataError(f"{path}: not a regular file (a folder, and not one that datasets' save_to_disk wrote: no state.json)")
+    state: dict[str, Any] = {}
+    if (path / "state.json").is_file():
+        try:
+            state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{path / 'state.json'}: not valid JSON: {e}") from e
+    if state.get("_indices_data_files"):
+        raise DataError(f"{path}: saved with an indices mapping; save it again after dataset.flatten_indices()")
+    names = [str(f["filename"]) for f in state.get("_data_files") or [] if isinstance(f, dict) and "filename" in f]
+    names = names or sorted(p.name for p in path.glob("data-*.arrow"))
+    if not names:
+        raise DataError(f"{path}: a datasets folder without data files (no data-*.arrow)")
+    missing = [n for n in names if not (path / n).is_file()]
+    if missing:
+        raise DataError(f"{path}: data file(s) listed in state.json are missing: {', '.join(missing)}")
+    return [path / n for n in names]
+
+
+def _read_hf(path: Path, n_rows: int | None = None) -> pl.DataFrame:
+    frames: list[pl.DataFrame] = []
+    for file in _hf_files(path):
+        left = None if n_rows is None else n_rows - sum(f.height for f in frames)
+        if left is not None and left <= 0:
+            break
+        frames.append(_read_ipc(file, n_rows=left))
+    try:
+        return pl.concat(frames, how="vertical") if len(frames) > 1 else frames[0]
+    except _POLARS_ERRORS as e:
+        raise DataError(f"{path}: the data files do not share one schema: {_first_line(e)}") from e
+
+
+def _read_table(path: Path, container: str, n_rows: int | None = None) -> pl.DataFrame:
+    if container in ("csv", "tsv"):
+        return _read_csv(path, container, n_rows)
+    if container == "ipc":
+        return _read_ipc(path, n_rows)
+    return _read_hf(path, n_rows)
+
+
+def _iter_frame(frame: pl.DataFrame, rows: list[int] | None = None, batch: int = 10_000) -> Iterator[_Raw]:
+    """The records of an in-memory table, numbered from 1 (or by `rows`)."""
+    for offset in range(0, frame.height, batch):
+        chunk = frame.slice(offset, batch).iter_rows(named=True)
+        for i, record in enumerate(chunk, start=offset):
+            yield _Raw(rows[i] if rows is not None else i + 1, record)
 
 
 # --------------------------------------------------------------------------- normalisation
@@ -802,8 +1066,10 @@ def load_pool(
     """Load a pool file into the canonical frame.
 
     `format`: "auto" (by extension, then by sniffing), "json"/"alpaca" (a JSON array of
-    instruction records), "jsonl", "parquet", "sharegpt" (conversation records, JSON
-    array or JSONL). `columns` maps the user's field names to canonical ones, e.g.
+    instruction records), "jsonl", "sharegpt" (conversation records, JSON array or
+    JSONL), "parquet", "csv", "tsv", "arrow"/"feather"/"ipc" (Arrow IPC file or stream),
+    "hf" (a folder written by `datasets`' `save_to_disk`). gzip and zstd compression of
+    JSON and JSONL is told by the bytes. `columns` maps the user's field names to canonical ones, e.g.
     ``{"prompt": "instruction", "response": "output"}``. `limit` caps the rows loaded
     and stops reading there. `turns` ("first" | "all") says which exchanges of a
     conversation become rows. Raises DataError listing every bad record unless
@@ -815,9 +1081,15 @@ def load_pool(
     _check_file(path)
     if limit is not None and limit < 0:
         raise DataError(f"--limit must be ≥ 0 (the number of pool rows to read), got {limit}")
-    container = _container(path, format)
-    report = LoadReport(path=str(path), format=container if opts.schema == "auto" else f"{container}/{opts.schema}")
-    rows, problems = _collect(path, container, opts, report, skip_bad=skip_bad, limit=limit)
+    container, compression = _container(path, format)
+    label = container if compression is None else f"{container}+{compression}"
+    report = LoadReport(path=str(path), format=label if opts.schema == "auto" else f"{label}/{opts.schema}")
+    fast = _fast_load(path, container, opts, report, limit=limit)
+    if fast is not None:
+        frame, problems = fast
+    else:
+        report = LoadReport(path=report.path, format=report.format)  # whatever the fast path counted is void
+        rows, problems = _collect(path, container, opts, report, skip_bad=skip_bad, limit=limit)
     if problems and not skip_bad:
         raise DataError(
             f"{path}: {len(problems)} problem(s) in {report.skipped} of {report.records_read} "
@@ -826,14 +1098,15 @@ def load_pool(
         )
     report.problems = problems
     report.warnings = _warnings(report)
-    frame = _build_frame(rows, report)
+    if fast is None:
+        frame = _build_frame(rows, report)
     report.rows_loaded = frame.height
     return LoadedPool(frame, report)
 
 
 def _options(format: str, columns: dict[str, str] | None, turns: str) -> _Options:
     if format not in FORMATS:
-        raise DataError(f"unknown format {format!r}; expected one of {', '.join(FORMATS)}")
+        raise DataError(f"unknown pool format {format!r}; --format takes one of: {', '.join(FORMATS)}")
     if turns not in ("first", "all"):
         raise DataError(f"turns must be 'first' or 'all', got {turns!r}")
     columns = dict(columns or {})
@@ -851,22 +1124,37 @@ def _options(format: str, columns: dict[str, str] | None, turns: str) -> _Option
 def _check_file(path: Path) -> None:
     if not path.exists():
         raise DataError(f"{path}: no such file")
-    if not path.is_file():
+    if path.is_dir():
+        if not _is_hf_folder(path) and not _hf_splits(path):
+            raise DataError(f"{path}: not a regular file (a folder, and not one that datasets' save_to_disk wrote: no state.json)")
+    elif not path.is_file():
         raise DataError(f"{path}: not a regular file")
 
 
-def _container(path: Path, format: str) -> str:
-    """json | jsonl | parquet: the explicit format, else the extension, else the bytes."""
-    if format in ("json", "alpaca"):
-        return "json"
-    if format in ("jsonl", "parquet"):
-        return format
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        return "jsonl"
-    if suffix in (".parquet", ".pq"):
-        return "parquet"
-    return _sniff(path)
+def _container(path: Path, format: str) -> tuple[str, str | None]:
+    """(container, compression): json | jsonl | parquet | csv | tsv | ipc | hf, and gzip |
+    zstd | None. The explicit format, else the extension, else the bytes decide."""
+    if path.is_dir():
+        if format not in ("auto", "hf", "sharegpt", "json", "alpaca"):
+            raise DataError(f"{path}: a folder, not a {format} file")
+        return "hf", None
+    if format == "hf":
+        raise DataError(f"{path}: --format hf takes a folder that datasets' save_to_disk wrote, not a file")
+    compression = _compression(path)
+    if compression == "zstd":
+        _zstandard(path)  # say what to install before anything else
+    container = _FORMAT_CONTAINER.get(format)
+    if container is None:
+        name = path.name.lower()
+        for suffix in _COMPRESSED_SUFFIXES:
+            name = name.removesuffix(suffix)
+        container = _EXTENSION_CONTAINER.get(Path(name).suffix) or _sniff(path)
+    if compression is not None and container not in ("json", "jsonl"):
+        raise DataError(
+            f"{path}: a {compression}-compressed {container} file; decompress it first "
+            "(compressed JSON and JSONL are read as they are)"
+        )
+    return container, compression
 
 
 # What a user can do about a pool of the wrong shape (the CLI has no format flag).
@@ -878,10 +1166,12 @@ _SNIFF_BYTES = 1 << 20  # enough for the first two lines of any sane JSONL file
 
 
 def _sniff(path: Path) -> str:
-    with open(path, "rb") as fh:
+    with _open_binary(path) as fh:
         head = fh.read(_SNIFF_BYTES)
     if head.startswith(b"PAR1"):
         return "parquet"
+    if head.startswith((_ARROW_FILE_MAGIC, _ARROW_STREAM_MAGIC, b"FEA1")):
+        return "ipc"
     text = head.decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
     if text[:1] == "[":
         return "json"
@@ -890,8 +1180,8 @@ def _sniff(path: Path) -> str:
             raise DataError(f"{path}: the file holds a JSON object written over several lines, not records; {_POOL_SHAPES}")
         return "jsonl"
     raise DataError(
-        f"{path}: cannot tell the format: the file is not a JSON list of records, JSONL or Parquet; "
-        "check that it is the pool you meant"
+        f"{path}: cannot tell the format: the file is not a JSON list of records, JSONL, Parquet or Arrow; "
+        "check that it is the pool you meant (CSV and TSV pools need a .csv or .tsv name, or --format csv)"
     )
 
 
@@ -920,18 +1210,24 @@ def _is_json_line(line: str) -> bool:
     return True
 
 
-def _raw_records(path: Path, container: str, report: LoadReport) -> tuple[Iterable[_Raw], _JsonArrayReader | None]:
+def _raw_records(path: Path, container: str, report: LoadReport, opts: _Options) -> tuple[Iterable[_Raw], _JsonArrayReader | None]:
     if container == "json":
         reader = _JsonArrayReader(path)
         return reader, reader
     if container == "jsonl":
         return _iter_jsonl(path, report), None
-    return _iter_parquet(path), None
+    if container == "parquet":
+        return _iter_parquet(path), None
+    frame = _read_table(path, container)
+    if container in ("csv", "tsv"):
+        frame, rows = _csv_rows(frame, report, _user_name(opts, "id"))
+        return _iter_frame(frame, rows), None
+    return _iter_frame(frame), None
 
 
 def _collect(path: Path, container: str, opts: _Options, report: LoadReport, *, skip_bad: bool, limit: int | None) -> tuple[list[dict[str, Any]], list[RowProblem]]:
     """Read records until the end (or `limit` good rows), assigning ids in file order."""
-    records, reader = _raw_records(path, container, report)
+    records, reader = _raw_records(path, container, report, opts)
     ids = _IdAssigner()
     rows: list[dict[str, Any]] = []
     problems: list[RowProblem] = []
@@ -997,6 +1293,482 @@ def _build_frame(rows: list[dict[str, Any]], report: LoadReport) -> pl.DataFrame
     schema = canonical_schema(with_messages)
     data = {name: [r[name] for r in rows] for name in schema}
     return pl.DataFrame(data, schema=schema)
+
+
+# --------------------------------------------------------------------------- the vectorised path
+#
+# Alpaca-style pools are read by Polars' own readers and checked column-wise. A row
+# that the checks flag (a null or blank text, a value that may not have been a string
+# in the file, ...) is handed to the per-record code above, which says exactly what is
+# wrong with it (or finds nothing, and the row stays); so messages, counts and ids are
+# the per-record path's, and valid pools never become Python dicts. Whatever the checks
+# cannot vouch for goes to the per-record path whole: conversations (`messages`,
+# `conversations`), a cut-off or malformed JSON file, bad rows under a `limit`, columns
+# of unexpected types, a mapped field that some records also carry under its own name,
+# a JSON array with a `limit` or with flagged rows (their messages need line numbers),
+# JSONL with a byte-order mark.
+#
+# Where the two paths can still differ (JSON and JSONL only, both documented in the
+# tests): a record holding the same key twice keeps the first value here (Polars) and
+# the last on the per-record path (Python's json); and `ignored_fields` counts the
+# non-null values of the fields seen in the first 100 records, where the per-record
+# path counts every field of every record, null or not.
+
+
+@functools.lru_cache(maxsize=None)
+def _whitespace() -> str:
+    """Python's whitespace (what `str.strip()` removes) as a Rust-regex class body."""
+    from tamis.runtime.text_scorers import python_class
+
+    return python_class(r"\s")
+
+
+def _blank_pattern() -> str:
+    """Matches a string that `str.strip()` empties (Python's whitespace, not Rust's)."""
+    return f"^[{_whitespace()}]*$"
+
+
+# What Polars' JSON readers make of a non-string read into a string column: numbers,
+# true/false, and lists/objects written back as JSON. A real string that looks like one
+# is checked record by record (and kept).
+_COERCED_BODY = r"-?[0-9][0-9.eE+\-]*|true|false|\[[\s\S]*\]|\{[\s\S]*\}"
+_COERCED = f"^(?:{_COERCED_BODY})$"
+_TEXT = ("instruction", "input", "output")
+_CONVERSATION = ("messages", "conversations")
+_CHUNK = 1 << 14  # rows per content-id batch: ~7 MB of payload at Alpaca's sizes
+_MANY_LOOKALIKES = 1000  # JSONL rows whose text looks like a coerced value, above which the bytes are asked
+
+
+def _is_text(dtype: pl.DataType) -> bool:
+    return dtype in (pl.String, pl.Null, pl.Categorical) or isinstance(dtype, (pl.Categorical, pl.Enum))
+
+
+def _is_int(dtype: pl.DataType) -> bool:
+    return dtype.is_integer()
+
+
+def _sources(opts: _Options, available: Iterable[str]) -> dict[str, str | None]:
+    """The column each canonical field comes from, as `_apply_mapping` picks it for a
+    record that has every column: a mapped field wins; an unmapped canonical name
+    stands for itself unless it is itself mapped elsewhere."""
+    present = set(available)
+    out: dict[str, str | None] = {}
+    for name in ("id", *_TEXT, *_CONVERSATION):
+        if name in opts.reverse:
+            out[name] = opts.reverse[name] if opts.reverse[name] in present else None
+        elif name not in opts.columns and name in present:
+            out[name] = name
+        else:
+            out[name] = None
+    return out
+
+
+@dataclass
+class _Table:
+    """What a fast reader hands over: the user's columns as read, and how to number rows."""
+
+    frame: pl.DataFrame
+    rows: list[int] | None = None  # record numbers when not 1..n (CSV: lines after the header)
+    json: bool = False  # values may have been coerced to strings by Polars' JSON readers
+    extras_counted: dict[str, int] | None = None  # ignored-field counts when not "every record"
+
+
+def _fast_load(path: Path, container: str, opts: _Options, report: LoadReport, *, limit: int | None) -> tuple[pl.DataFrame, list[RowProblem]] | None:
+    """The canonical frame and the problems, or None: take the per-record path."""
+    if opts.schema == "sharegpt" or limit == 0:
+        return None
+    table = _fast_read(path, container, opts, report, limit)
+    if table is None:
+        return None
+    raw = table.frame
+    sources = _sources(opts, raw.columns)
+    for name in _CONVERSATION:
+        if sources[name] is not None and raw[sources[name]].null_count() < raw.height:
+            return None  # conversations: the per-record path
+    for name in ("instruction", "output"):
+        if sources[name] is None or not _is_text(raw.schema[sources[name]]):
+            return None  # every record is bad: the per-record path says so for each
+    if sources["input"] is not None and not _is_text(raw.schema[sources["input"]]):
+        return None
+    if sources["id"] is not None and not (_is_text(raw.schema[sources["id"]]) or _is_int(raw.schema[sources["id"]])):
+        return None
+    if table.json and _mapped_and_own_name(raw, opts):
+        return None
+    canon = _canonical_columns(raw, sources)
+    names, _ = _checked(sources, raw)
+    flagged = _flags(canon, names, table.json)
+    keep, problems, fixes = _check_flagged(path, container, opts, report, table, canon, flagged, names, sources)
+    if keep is None or (problems and limit is not None):
+        return None  # a limit counts good rows: reading on past bad ones is the per-record path's job
+    report.records_read = raw.height
+    report.stopped_at_limit = limit is not None and raw.height >= limit
+    _count_ignored(report, raw, sources, table)
+    if fixes:
+        canon = _apply_fixes(canon, fixes)
+    if keep is not True:
+        canon = canon.filter(keep)
+    ids, renamed = _assign_ids(canon)
+    report.duplicate_ids_renamed = renamed
+    return canon.with_columns(ids.alias("id")).select(["id", *_TEXT]), problems
+
+
+def _mapped_and_own_name(raw: pl.DataFrame, opts: _Options) -> bool:
+    """A JSON record without the mapped field but with the canonical one uses the latter;
+    Polars cannot tell a missing field from a null, so such files go record by record."""
+    for name, user in opts.reverse.items():
+        if name in raw.columns and name not in opts.columns and user in raw.columns:
+            if raw.select((pl.col(user).is_null() & pl.col(name).is_not_null()).any()).item():
+                return True
+    return False
+
+
+def _canonical_columns(raw: pl.DataFrame, sources: dict[str, str | None]) -> pl.DataFrame:
+    exprs = []
+    for name in ("id", *_TEXT):
+        src = sources[name]
+        if src is None:
+            exprs.append(pl.lit(None if name == "id" else "", dtype=pl.String).alias(name))
+            continue
+        col = pl.col(src).cast(pl.String)
+        exprs.append((col.fill_null("") if name == "input" else col).alias(name))
+    return raw.select(exprs)
+
+
+def _checked(sources: dict[str, str | None], raw: pl.DataFrame) -> tuple[list[str], bool]:
+    """The canonical columns the checks read, and whether the id is text."""
+    id_text = sources["id"] is not None and _is_text(raw.schema[sources["id"]])
+    names = ["instruction", "output"] + (["input"] if sources["input"] is not None else []) + (["id"] if id_text else [])
+    return names, id_text
+
+
+def _flags(canon: pl.DataFrame, names: list[str], json_values: bool) -> pl.Series:
+    """Rows the per-record path must look at, one pass per column: a missing or blank
+    instruction or output, a blank id and, in JSON, any value Polars may have turned
+    into a string (5, 1.0, true, [..] read as "5", "1", "true", "[..]") or a NUL (what
+    it makes of a lone surrogate like \\ud83d)."""
+    checks = [pl.col("instruction").is_null(), pl.col("output").is_null()]
+    for name in names:
+        blank = f"[{_whitespace()}]*" if name != "input" else None
+        if json_values:
+            body = _COERCED_BODY if blank is None else f"{blank}|{_COERCED_BODY}"
+            checks.append(pl.col(name).str.contains(f"^(?:{body})$") | pl.col(name).str.contains("\x00", literal=True))
+        elif blank is not None:
+            checks.append(pl.col(name).str.contains(f"^{blank}$"))
+    return canon.select(pl.any_horizontal(c.fill_null(False) for c in checks)).to_series()
+
+
+def _lookalikes_only(canon: pl.DataFrame, flagged: pl.Series, names: list[str]) -> tuple[pl.Series, list[str]]:
+    """Of the flagged JSON rows: (the ones only flagged for looking like a coerced value,
+    the columns where those values are). Found on the flagged rows alone."""
+    rows = canon.filter(flagged)
+    hard = [pl.col("instruction").is_null(), pl.col("output").is_null()]
+    for name in names:
+        hard.append(pl.col(name).str.contains("\x00", literal=True))
+        if name != "input":
+            hard.append(pl.col(name).str.contains(_blank_pattern()))
+    soft = {name: pl.col(name).str.contains(_COERCED) for name in names}
+    found = rows.select(pl.any_horizontal(h.fill_null(False) for h in hard).alias("\0hard"),
+                        *(e.fill_null(False).alias(n) for n, e in soft.items()))
+    only = ~found["\0hard"]
+    mask = pl.Series([False] * flagged.len()).scatter(flagged.arg_true().filter(only), True) if only.any() else None
+    return (mask if mask is not None else pl.Series([False] * flagged.len())), [n for n in soft if (found[n] & only).any()]
+
+
+def _check_flagged(path: Path, container: str, opts: _Options, report: LoadReport, table: _Table, canon: pl.DataFrame,
+                   flagged: pl.Series, names: list[str], sources: dict[str, str | None]) -> tuple[Any, list[RowProblem], dict[int, dict[str, Any]]]:
+    """Run the per-record checks on flagged rows: (keep mask or True or None, problems,
+    values of flagged rows that turned out fine). None: give up, per-record path."""
+    n_flagged = flagged.sum()
+    if not n_flagged:
+        return True, [], {}
+    if table.json and (container == "json" or n_flagged > _MANY_LOOKALIKES):
+        # many numeric-looking texts (answers like "42"), or a JSON array, whose records
+        # have no lines to re-read: ask the file's bytes once whether those are strings
+        lookalike, columns = _lookalikes_only(canon, flagged, names)
+        if lookalike.any() and _json_values_are_strings(path, table.frame, [sources[n] for n in columns]):
+            flagged = flagged & ~lookalike
+            n_flagged = flagged.sum()
+            if not n_flagged:
+                return True, [], {}
+        if container == "json":
+            return None, [], {}  # messages need each record's line: the per-record reader has them
+    indices = flagged.arg_true().to_list()
+    if container == "jsonl":
+        raws = _jsonl_records_at(path, indices)
+    else:
+        picked = table.frame[indices]
+        rows = [table.rows[i] if table.rows is not None else i + 1 for i in indices]
+        raws = [_Raw(row, record) for row, record in zip(rows, picked.iter_rows(named=True))]
+    problems: list[RowProblem] = []
+    bad: list[int] = []
+    fixes: dict[int, dict[str, Any]] = {}
+    for index, raw in zip(indices, raws):
+        new_rows, issues = _normalise(raw, opts, Counter())
+        if issues:
+            bad.append(index)
+            report.skipped += 1
+            for issue in issues:
+                report.skip_reasons[issue.key] += 1
+                problems.append(issue.problem(str(path), raw.row, raw.line))
+        elif len(new_rows) != 1 or new_rows[0]["messages"] is not None:
+            return None, [], {}
+        elif table.json:
+            fixes[index] = new_rows[0]
+    if not bad:
+        return True, problems, fixes
+    keep = pl.Series("keep", [True] * flagged.len()).scatter(bad, False)
+    return keep, problems, fixes
+
+
+def _json_values_are_strings(path: Path, frame: pl.DataFrame, keys: list[str | None]) -> bool:
+    """Whether every non-null value of these fields is written as a JSON string, told
+    from the file's bytes: each field's occurrences must be exactly its string values
+    (as `"key": "` or `"key":"`) and its nulls. Anything else (a number, a nested field
+    of the same name, other spacing) says no, and the file goes record by record."""
+    patterns: list[bytes] = []
+    for key in keys:
+        if key is not None:
+            quoted = json.dumps(key, ensure_ascii=False).encode("utf-8")
+            patterns += [quoted, quoted + b': "', quoted + b':"', quoted + b": null", quoted + b":null"]
+    counts = _count_in_file(path, patterns)
+    for key in keys:
+        if key is None:
+            continue
+        quoted = json.dumps(key, ensure_ascii=False).encode("utf-8")
+        strings = counts[quoted + b': "'] + counts[quoted + b':"']
+        nulls = counts[quoted + b": null"] + counts[quoted + b":null"]
+        if strings != frame.height - frame[key].null_count() or counts[quoted] != strings + nulls:
+            return False
+    return True
+
+
+def _count_in_file(path: Path, patterns: list[bytes], chunk: int = 1 << 24) -> dict[bytes, int]:
+    """Occurrences of each pattern in the (decompressed) file, read a chunk at a time."""
+    counts = dict.fromkeys(patterns, 0)
+    keep = max(map(len, patterns)) - 1
+    tail = b""
+    with _open_binary(path) as fh:
+        while data := fh.read(chunk):
+            window = tail + data  # a match across the seam ends in `data`; none fits in `tail`
+            for pattern in patterns:
+                counts[pattern] += window.count(pattern)
+            tail = window[-keep:] if keep else b""
+    return counts
+
+
+def _apply_fixes(canon: pl.DataFrame, fixes: dict[int, dict[str, Any]]) -> pl.DataFrame:
+    """Flagged JSON rows that were fine: take Python's reading of them."""
+    at = list(fixes)
+    columns = []
+    for name in ("id", *_TEXT):
+        column = canon[name].clone()
+        column.scatter(at, [fixes[i][name] for i in at])
+        columns.append(column)
+    return pl.DataFrame(columns)
+
+
+def _count_ignored(report: LoadReport, raw: pl.DataFrame, sources: dict[str, str | None], table: _Table) -> None:
+    used = {s for s in sources.values() if s is not None}
+    for name in raw.columns:
+        if name in used:
+            continue
+        n = table.extras_counted.get(name, 0) if table.extras_counted is not None else raw.height
+        if n:
+            report.ignored_fields[name] += n
+
+
+def _jsonl_records_at(path: Path, indices: list[int]) -> list[_Raw]:
+    """The JSONL records with these 0-based positions (blank lines do not count), parsed
+    as the per-record reader parses them, with their line numbers."""
+    wanted = iter(indices)
+    target = next(wanted, None)
+    found: list[_Raw] = []
+    ordinal = -1
+    with _open_binary(path) as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if target is None:
+                break
+            if not line.strip():
+                continue
+            ordinal += 1
+            if ordinal == target:
+                found.append(_parse_jsonl_line(line.removeprefix(codecs.BOM_UTF8) if lineno == 1 else line, lineno))
+                target = next(wanted, None)
+    if len(found) != len(indices):
+        raise DataError(f"{path}: changed while it was being read")
+    return found
+
+
+# ------------------------------------------------------------------ fast readers
+
+
+def _fast_read(path: Path, container: str, opts: _Options, report: LoadReport, limit: int | None) -> _Table | None:
+    try:
+        if container == "parquet":
+            lazy = pl.scan_parquet(path)
+            return _Table((lazy.head(limit) if limit is not None else lazy).collect())
+        if container == "jsonl":
+            return _fast_jsonl(path, opts, report, limit)
+        if container == "json":
+            return _fast_json(path, opts, limit)
+    except DataError:
+        raise
+    except _POLARS_ERRORS:
+        return None  # the per-record reader finds (and names) what is wrong
+    frame = _read_table(path, container)  # errors here are the per-record path's too
+    rows = None
+    if container in ("csv", "tsv"):
+        frame, rows = _csv_rows(frame, report, _user_name(opts, "id"))
+    if limit is not None and frame.height > limit:
+        frame, rows = frame.head(limit), (rows[:limit] if rows is not None else None)
+    return _Table(frame, rows)
+
+
+def _json_schema(opts: _Options, inferred: Mapping[str, pl.DataType], int_ids: bool) -> dict[str, pl.DataType]:
+    """Every field the mapping may read, as strings (Polars fills absent ones with null),
+    an integer id as such where the reader is strict about it (JSONL's), and the other
+    fields seen in the first records, only to count them as ignored."""
+    schema: dict[str, pl.DataType] = {}
+    for name in ("id", *_TEXT, *_CONVERSATION):
+        user = _user_name(opts, name)
+        if name == "id" and int_ids and user in inferred and _is_int(inferred[user]):
+            schema[user] = pl.Int64()
+        elif user not in schema:
+            schema[user] = pl.String()
+        if name in opts.reverse and name not in opts.columns:
+            schema.setdefault(name, pl.String())  # its own name, for _mapped_and_own_name
+    for name in inferred:
+        schema.setdefault(name, pl.String())
+    return schema
+
+
+def _fast_jsonl(path: Path, opts: _Options, report: LoadReport, limit: int | None) -> _Table | None:
+    with open(path, "rb") as fh:
+        if fh.read(3) == codecs.BOM_UTF8:
+            return None  # Polars' reader stops at a byte-order mark
+    inferred = pl.scan_ndjson(path, infer_schema_length=100).collect_schema()
+    if any(_user_name(opts, name) in inferred for name in _CONVERSATION):
+        return None
+    schema = _json_schema(opts, inferred, int_ids=True)
+    frame = pl.read_ndjson(path, schema=schema, n_rows=limit)
+    report.blank_lines = _jsonl_lines(path, frame.height if limit is not None and frame.height >= limit else None) - frame.height
+    counted = {name: frame.height - frame[name].null_count() for name in frame.columns}
+    return _Table(frame, json=True, extras_counted=counted)
+
+
+def _jsonl_lines(path: Path, records: int | None) -> int:
+    """Lines up to the last record read (all of them when `records` is None), as
+    Python's line iteration counts them: the records plus the blank lines."""
+    if records is None:
+        try:
+            return pl.scan_csv(path, has_header=False, separator="\x1f", quote_char=None,
+                               infer_schema=False).select(pl.len()).collect().item()
+        except _POLARS_ERRORS:
+            pass
+    lines = seen = 0
+    with _open_binary(path) as fh:
+        for line in fh:
+            lines += 1
+            if line.strip():
+                seen += 1
+                if records is not None and seen >= records:
+                    break
+    return lines
+
+
+def _fast_json(path: Path, opts: _Options, limit: int | None) -> _Table | None:
+    if limit is not None:
+        return None  # the per-record reader stops at the limit; Polars would read it all
+    records = iter(_JsonArrayReader(path))
+    try:  # the first records' fields (Polars refuses fields it did not see first)
+        head = list(itertools.islice(records, 100))
+    finally:
+        records.close()  # type: ignore[attr-defined]
+    if any(raw.issue is not None or not isinstance(raw.value, dict) for raw in head):
+        return None
+    inferred = {k: pl.String() for raw in head for k in raw.value}
+    if any(_user_name(opts, name) in inferred for name in _CONVERSATION):
+        return None
+    frame = pl.read_json(path, schema=_json_schema(opts, inferred, int_ids=False))
+    if limit is not None:
+        frame = frame.head(limit)
+    counted = {name: frame.height - frame[name].null_count() for name in frame.columns}
+    return _Table(frame, json=True, extras_counted=counted)
+
+
+# ------------------------------------------------------------------ ids, vectorised
+
+# json.dumps([...], ensure_ascii=False) escapes exactly these (JSON's mandatory escapes).
+_ESCAPE_FROM = ["\\", '"'] + [chr(i) for i in range(32)]
+_SHORT = {"\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_ESCAPE_TO = ["\\\\", '\\"'] + [_SHORT.get(chr(i), f"\\u{i:04x}") for i in range(32)]
+
+
+def _payload(frame: pl.DataFrame) -> list[bytes]:
+    """The UTF-8 bytes `content_id` hashes, `["instruction","input","output"]`, per row."""
+    def body(column: str) -> pl.Expr:
+        return pl.col(column).str.replace_many(_ESCAPE_FROM, _ESCAPE_TO)
+
+    return frame.select(pl.concat_str([
+        pl.lit('["'), body("instruction"), pl.lit('","'), body("input"), pl.lit('","'), body("output"), pl.lit('"]'),
+    ]).cast(pl.Binary)).to_series().to_list()
+
+
+def _digests(payloads: list[bytes]) -> Any:
+    import numpy as np
+
+    hasher = functools.partial(hashlib.blake2b, digest_size=8)
+    joined = b"".join(map(operator.methodcaller("digest"), map(hasher, payloads)))
+    return np.frombuffer(joined, dtype=np.uint8).reshape(-1, 8)
+
+
+def content_ids(frame: pl.DataFrame) -> pl.Series:
+    """`content_id` of every row of a frame with string instruction/input/output (no
+    nulls), built column-wise: Polars writes each row's JSON payload, and only the
+    hashing is a call per row (blake2b from C, no Python frame in between)."""
+    return _content_ids(frame)[0]
+
+
+def _content_ids(frame: pl.DataFrame) -> tuple[pl.Series, Any]:
+    """(hex ids, the digests as an n×8 uint8 array). Escaping every row is cheaper here
+    than finding the rows that need it."""
+    import numpy as np
+
+    digests = np.empty((frame.height, 8), dtype=np.uint8)
+    for offset in range(0, frame.height, _CHUNK):
+        chunk = frame.slice(offset, _CHUNK)
+        digests[offset : offset + chunk.height] = _digests(_payload(chunk))
+    hexes = _HEX_DIGITS()[digests].view("S16").ravel()
+    return pl.Series("id", hexes).cast(pl.String), digests
+
+
+@functools.lru_cache(maxsize=1)
+def _HEX_DIGITS() -> Any:
+    import numpy as np
+
+    return np.array([f"{i:02x}".encode() for i in range(256)], dtype="S2")
+
+
+def _assign_ids(canon: pl.DataFrame) -> tuple[pl.Series, int]:
+    """Own ids where given, content ids elsewhere, repeats made unique as _IdAssigner does."""
+    import numpy as np
+
+    missing = canon["id"].is_null()
+    n_missing = missing.sum()
+    if n_missing == canon.height:  # no own ids (Alpaca): repeats are repeated digests
+        base, digests = _content_ids(canon)
+        keys = np.sort(digests.view("<u8").ravel())  # 8 bytes a row, not a hash table of strings
+        repeated = bool((keys[1:] == keys[:-1]).any())
+    else:
+        base = canon["id"]
+        if n_missing:
+            base = base.clone().scatter(missing.arg_true(), content_ids(canon.filter(missing)))
+        repeated = base.is_duplicated().any()
+    if not repeated:
+        return base, 0
+    ids = _IdAssigner()
+    unique = [ids.assign({"id": b}) for b in base.to_list()]
+    return pl.Series("id", unique, dtype=pl.String), ids.renamed
 
 
 # --------------------------------------------------------------------------- packaged assets

@@ -170,6 +170,9 @@ def check_outputs(outputs: dict[str, Path], inputs: list[Path]) -> None:
     for flag, path in outputs.items():
         real = path.resolve()
         for given, real_in in real_inputs:
+            if real_in.is_dir() and real.is_relative_to(real_in):  # a folder pool (`datasets`): its files are inputs
+                raise OutputError(f"{flag} {path}: inside the input folder {given}; tamis never writes into its "
+                                  "inputs — choose another output path")
             if real == real_in or (path.exists() and os.path.samefile(path, given)):
                 raise OutputError(f"{flag} {path}: that is the input {given}; tamis never overwrites its inputs "
                                   "— choose another output path")
