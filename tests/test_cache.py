@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 import polars as pl
@@ -192,3 +193,472 @@ def test_disabled_artifacts_live_only_for_the_run(tmp_path: Path) -> None:
 
     gc.collect()
     assert not root.exists()
+
+
+# --------------------------------------------------------------------------- scaling: naming, journals, resume
+
+SCHEMA = {"value": pl.Float64, "reason": pl.String}
+
+
+def rows(ids: list[str], base: float = 0.0, reason: str | None = None) -> pl.DataFrame:
+    return pl.DataFrame({"id": ids, "value": [base + i for i in range(len(ids))], "reason": [reason] * len(ids)},
+                        schema={"id": pl.String, **SCHEMA})
+
+
+def _count_listings(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every directory listing (os.scandir, os.listdir, Path.iterdir) is recorded."""
+    import os
+
+    seen: list[str] = []
+    scandir, listdir, iterdir = os.scandir, os.listdir, Path.iterdir
+    monkeypatch.setattr(os, "scandir", lambda p=".": (seen.append(str(p)), scandir(p))[1])
+    monkeypatch.setattr(os, "listdir", lambda p=".": (seen.append(str(p)), listdir(p))[1])
+    monkeypatch.setattr(Path, "iterdir", lambda self: (seen.append(str(self)), iterdir(self))[1])
+    return seen
+
+
+def test_put_numbers_shards_without_listing_the_folder_each_time(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import tamis.runtime.cache as cache_mod
+
+    monkeypatch.setattr(cache_mod, "fsync_file", lambda p: None)  # speed only; the naming is what is tested
+    monkeypatch.setattr(cache_mod, "fsync_dir", lambda p: None)
+    cache = ScoreCache(tmp_path)
+    listings = _count_listings(monkeypatch)
+    for i in range(40):
+        cache.put("k", rows([f"r{i}"], base=i))
+    assert len(listings) <= 1  # one listing seeds the counter; then never again
+    monkeypatch.undo()
+    assert [p.name for p in cache.shards("k")] == [f"shard-{i:05d}.parquet" for i in range(40)]
+    # another process (a fresh cache object) continues after the numbers it finds, listing once
+    other = ScoreCache(tmp_path)
+    assert other.put("k", rows(["x"])).name == "shard-00040.parquet"
+    # a stale counter (someone else wrote meanwhile) skips the taken numbers, never overwrites
+    assert cache.put("k", rows(["y"])).name == "shard-00041.parquet"
+    found, missing = ScoreCache(tmp_path).get("k", ["r0", "r39", "x", "y", "z"])
+    assert found["r39"] == {"value": 39.0, "reason": None} and missing == ["z"]
+    # very stale (another process wrote 100 shards since): it lists again once, not per number
+    monkeypatch.setattr(cache_mod, "fsync_file", lambda p: None)
+    monkeypatch.setattr(cache_mod, "fsync_dir", lambda p: None)
+    for i in range(100):
+        other.put("k", rows([f"o{i}"]))
+    listings = _count_listings(monkeypatch)
+    assert cache.put("k", rows(["late"])).name == "shard-00142.parquet" and len(listings) == 1
+
+
+def test_writer_appends_chunks_without_listing_or_fsync_and_compacts_at_close(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    cache = ScoreCache(tmp_path)
+    fsyncs: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd))[1])
+    listings = _count_listings(monkeypatch)
+    with cache.writer("k", sync_seconds=3600) as out:
+        for i in range(300):
+            out.put(rows([f"r{i}a", f"r{i}b"], base=i))
+        during = (len(listings), len(fsyncs))
+        journal = out.journal
+        assert journal is not None and journal.name == "shard-00000.journal" and journal.exists()
+        # readable while it is being written: a journal is part of the cache
+        assert ScoreCache(tmp_path).lookup("k", ["r299b"], SCHEMA).row(0) == ("r299b", 300.0, None)
+    monkeypatch.undo()
+    assert during[0] <= 1  # the journal's number: one listing for the whole run
+    assert during[1] == 0  # no fsync per chunk (nor for the journal's name, until its first synced chunk)
+    assert not journal.exists()  # compacted into the shard of its number
+    assert [p.name for p in cache.shards("k")] == ["shard-00000.parquet"] == [p.name for p in out.shards]
+    assert sorted(p.name for p in cache.key_dir("k").iterdir()) == ["shard-00000.parquet"]
+    hits = ScoreCache(tmp_path).lookup("k", [f"r{i}b" for i in range(300)], SCHEMA).sort("value")
+    assert hits["value"].to_list() == [float(i + 1) for i in range(300)]
+
+
+def test_writer_compacts_every_so_many_rows_and_syncs_by_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    cache = ScoreCache(tmp_path)
+    with cache.writer("k", compact_rows=10, sync_seconds=0.0, background=False) as out:
+        fsyncs: list[int] = []
+        real_fsync = os.fsync
+        monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd))[1])
+        for i in range(12):
+            out.put(rows([f"a{i}", f"b{i}"]))
+        monkeypatch.undo()
+        assert len(out.shards) == 2  # 24 rows: compacted at 10 and 20 (at the chunk that reached them)
+        assert len(fsyncs) >= 12  # sync_seconds=0: every chunk is synced (a slow judge's case)
+    assert [p.name for p in cache.shards("k")] == ["shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet"]
+    assert not list(cache.key_dir("k").glob("*.journal"))
+    assert ScoreCache(tmp_path).lookup("k", [f"a{i}" for i in range(12)], SCHEMA).height == 12
+
+
+def test_background_compaction_keeps_the_order_and_reports_its_failure(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = ScoreCache(tmp_path)
+    with cache.writer("k", compact_rows=4) as out:
+        out.put(rows(["x", "y", "z", "w"], base=1.0))  # journal 0 full: compacted on a thread, as shard 0
+        out.put(rows(["y"], base=2.0))  # journal 1: a later value for y, ranked after shard 0 whenever it lands
+        assert cache.get("k", ["y"])[0]["y"]["value"] == 2.0
+    assert [p.name for p in cache.shards("k")] == ["shard-00000.parquet", "shard-00001.parquet"]
+    assert cache.get("k", ["x", "y"])[0] == {"x": {"value": 1.0, "reason": None}, "y": {"value": 2.0, "reason": None}}
+
+    def disk_full(*args: object, **kwargs: object) -> Path:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ScoreCache, "_write_shard", disk_full)
+    out = cache.writer("k2", compact_rows=2)
+    out.put(rows(["a", "b"]))  # compaction fails in the background...
+    with pytest.raises(OSError, match="disk full"):
+        out.close()  # ...and says so; the journal keeps the chunk
+    assert [p.name for p in cache.key_dir("k2").iterdir()] == ["shard-00000.journal"]
+    assert cache.get("k2", ["a", "b"])[1] == []
+
+
+def test_many_small_writes_stay_linear(tmp_path: Path) -> None:
+    """Time per chunk does not grow with the number of chunks already written (the old `put`
+    listed the folder on every write: quadratic). Coarse, best of two, generous bound."""
+    import time
+
+    def run(n: int, where: str) -> float:
+        best = float("inf")
+        for attempt in range(2):
+            cache = ScoreCache(tmp_path / f"{where}-{attempt}")
+            chunks = [rows([f"{i}-{j}" for j in range(4)]) for i in range(n)]
+            t0 = time.perf_counter()
+            with cache.writer("k", sync_seconds=3600, compact_rows=n * 4 + 1) as out:
+                for chunk in chunks:
+                    out.put(chunk)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    small, large = run(250, "small"), run(2000, "large")
+    assert large < small * 8 * 2.5, (small, large)  # 8× the chunks; quadratic would be ~64×
+
+
+def _write_and_die(root: str, chunks: int, torn: bool) -> None:  # runs in a child process
+    import os
+    import signal
+
+    import polars as pl
+
+    from tamis.runtime.cache import ScoreCache
+
+    out = ScoreCache(root).writer("k", sync_seconds=3600)
+    for i in range(chunks):
+        out.put(pl.DataFrame({"id": [f"c{i}-{j}" for j in range(8)], "value": [float(i)] * 8, "reason": [None] * 8},
+                             schema={"id": pl.String, "value": pl.Float64, "reason": pl.String}))
+    if torn:  # a chunk cut off mid-write, as a kill inside `write` would leave it
+        os.write(out._fd, b"TSJ1" + (10_000).to_bytes(8, "little") + b"\0\0\0\0" + b"partial")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
+@pytest.mark.parametrize("torn", [False, True])
+def test_a_killed_writer_loses_at_most_the_chunk_in_flight(tmp_path: Path, torn: bool) -> None:
+    import multiprocessing
+
+    child = multiprocessing.get_context("spawn").Process(target=_write_and_die, args=(str(tmp_path), 5, torn))
+    child.start()
+    child.join(60)
+    assert child.exitcode == -9  # really killed: no close, no compaction
+    cache = ScoreCache(tmp_path)
+    assert [p.name for p in cache.key_dir("k").iterdir()] == ["shard-00000.journal"]
+    wanted = [f"c{i}-{j}" for i in range(6) for j in range(8)]
+    hits, missing = cache.get_frame("k", wanted, SCHEMA)
+    assert hits.height == 40 and missing == wanted[40:]
+    # the next run writes the rest beside the orphan journal; later entries win for repeated ids
+    with cache.writer("k") as out:
+        out.put(rows(["c0-0", "c5-0"], base=100.0))
+    got = dict(ScoreCache(tmp_path).lookup("k", wanted, SCHEMA).select("id", "value").iter_rows())
+    assert got["c0-0"] == 100.0 and got["c5-0"] == 101.0 and got["c4-7"] == 4.0 and len(got) == 41
+
+
+def test_a_damaged_journal_frame_ends_the_journal_never_reads_garbage(tmp_path: Path) -> None:
+    cache = ScoreCache(tmp_path)
+    out = cache.writer("k", sync_seconds=3600)
+    for i in range(3):
+        out.put(rows([f"r{i}"], base=i))
+    journal = out.journal
+    out._close_fd()  # as if killed
+    data = bytearray(journal.read_bytes())
+    data[-3] ^= 0xFF  # the last chunk's bytes changed (a power loss, a bad sector): its CRC fails
+    journal.write_bytes(bytes(data))
+    hits, missing = cache.get_frame("k", ["r0", "r1", "r2"], SCHEMA)
+    assert sorted(hits["id"].to_list()) == ["r0", "r1"] and missing == ["r2"]
+
+
+def _race(root: str, who: int, n: int, start) -> None:  # runs in a child process
+    import polars as pl
+
+    from tamis.runtime.cache import ScoreCache
+
+    cache = ScoreCache(root)
+    schema = {"id": pl.String, "value": pl.Float64, "reason": pl.String}
+    start.wait()
+    with cache.writer("k", compact_rows=40, sync_seconds=3600) as out:
+        for i in range(n):
+            ids = [f"{who}-{i}-{j}" for j in range(4)] + [f"shared-{i}"]
+            out.put(pl.DataFrame({"id": ids, "value": [float(i)] * 5, "reason": [None] * 5}, schema=schema))
+            if i % 10 == 0:  # and one-shot shards in between, claiming numbers from the same space
+                cache.put("k", pl.DataFrame({"id": [f"{who}-put-{i}"], "value": [1.0], "reason": [None]},
+                                            schema=schema))
+
+
+def test_two_processes_writing_one_key_never_clobber_each_other(tmp_path: Path) -> None:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Event()
+    n = 120
+    children = [ctx.Process(target=_race, args=(str(tmp_path), who, n, start)) for who in (1, 2)]
+    for c in children:
+        c.start()
+    start.set()
+    for c in children:
+        c.join(120)
+        assert c.exitcode == 0
+    cache = ScoreCache(tmp_path)
+    names = sorted(p.name for p in cache.key_dir("k").iterdir())
+    assert all(name.endswith(".parquet") for name in names), names  # no journal or temporary file left
+    numbers = [int(name[6:11]) for name in names]
+    assert len(numbers) == len(set(numbers))
+    wanted = ([f"{who}-{i}-{j}" for who in (1, 2) for i in range(n) for j in range(4)]
+              + [f"shared-{i}" for i in range(n)] + [f"{who}-put-{i}" for who in (1, 2) for i in range(0, n, 10)])
+    hits, missing = cache.get_frame("k", wanted, SCHEMA)
+    assert missing == [] and hits.height == len(wanted)
+    assert hits.filter(pl.col("id") == "shared-7")["value"].to_list() == [7.0]
+
+
+def test_journal_and_shards_are_checked_against_the_schema(tmp_path: Path) -> None:
+    cache = ScoreCache(tmp_path)
+    out = cache.writer("k")
+    out.put(pl.DataFrame({"id": ["b"], "reason": ["x"]}))  # a damaged chunk: no value column
+    with pytest.raises(CacheError, match=r"corrupt cache entry .*shard-00000\.journal: missing column\(s\) value"):
+        cache.lookup("k", ["b"], SCHEMA)
+    out.close()
+    with pytest.raises(CacheError, match=r"corrupt cache entry .*shard-00000\.parquet: missing column\(s\) value"):
+        cache.get("k", ["b"], schema=SCHEMA)
+    cache.clear("k")
+    with cache.writer("k") as out:
+        out.put(pl.DataFrame({"id": ["a"], "value": ["1.0"], "reason": [None]},
+                             schema={"id": pl.String, "value": pl.String, "reason": pl.String}))
+    with pytest.raises(CacheError, match="value is String, expected Float64"):
+        cache.lookup("k", ["a"], SCHEMA)
+
+
+def test_an_all_null_column_is_read_with_the_expected_type(tmp_path: Path) -> None:
+    cache = ScoreCache(tmp_path)
+    cache.put("k", pl.DataFrame({"id": ["a"], "value": [1.0], "reason": [None]}))  # reason: Null type
+    with cache.writer("k") as out:
+        out.put(pl.DataFrame({"id": ["b"], "value": [None], "reason": ["skipped"]}))  # value: Null type
+    hits = cache.lookup("k", ["a", "b"], SCHEMA).sort("id")
+    assert hits.schema == {"id": pl.String, **SCHEMA}
+    assert hits.rows() == [("a", 1.0, None), ("b", None, "skipped")]
+
+
+def test_later_entries_win_across_shards_and_journals(tmp_path: Path) -> None:
+    cache = ScoreCache(tmp_path)
+    with cache.writer("k") as out:
+        out.put(rows(["x", "y"], base=1.0))
+    cache.put("k", rows(["y"], base=5.0))
+    assert dict(cache.lookup("k", ["x", "y"]).select("id", "value").iter_rows()) == {"x": 1.0, "y": 5.0}
+    out = cache.writer("k")
+    out.put(rows(["y"], base=7.0))
+    out.put(rows(["y"], base=8.0))  # within a journal, later chunks win
+    assert cache.get("k", ["y"])[0] == {"y": {"value": 8.0, "reason": None}}
+    out.close()
+    assert cache.get("k", ["y"])[0] == {"y": {"value": 8.0, "reason": None}}
+    assert cache.get("k", ["x"])[0] == {"x": {"value": 1.0, "reason": None}}
+
+
+def test_writer_keeps_the_chunks_done_when_the_scorer_fails(tmp_path: Path) -> None:
+    cache = ScoreCache(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        with cache.writer("k") as out:
+            out.put(rows(["a", "b"]))
+            raise KeyboardInterrupt  # Ctrl-C while the next chunk is being scored
+    assert [p.name for p in cache.key_dir("k").iterdir()] == ["shard-00000.parquet"]
+    assert cache.get("k", ["a", "b", "c"])[1] == ["c"]
+
+
+def test_disabled_writer_clear_and_describe(tmp_path: Path) -> None:
+    off = ScoreCache(tmp_path, disabled=True)
+    with off.writer("k") as out:
+        out.put(rows(["a"]))
+    off.describe("k", {"op": "x"})
+    assert off.lookup("k", ["a"], SCHEMA).height == 0 and not any(tmp_path.iterdir())
+    cache = ScoreCache(tmp_path)
+    cache.describe("k", {"op": "x"})
+    cache.describe("k", {"op": "changed"})  # recorded once
+    assert '"x"' in (cache.key_dir("k") / "key.json").read_text()
+    out = cache.writer("k")
+    out.put(rows(["a"]))
+    cache.put("k", rows(["b"]))
+    cache.clear("k")  # shards, journals, the key's description: all gone
+    assert not cache.key_dir("k").exists() and cache.lookup("k", ["a", "b"]).height == 0
+    cache.put("k", rows(["c"]))
+    assert [p.name for p in cache.shards("k")] == ["shard-00000.parquet"]
+
+
+def _old_read_all(folder: Path) -> pl.DataFrame | None:
+    """The reader before journals: every shard read on its own, concatenated, last row per id."""
+    import re
+
+    found = sorted((int(m.group(1)), p.name, p) for p in folder.iterdir()
+                   if (m := re.match(r"^shard-(\d+)(?:-[0-9a-f]+)?\.parquet$", p.name)))
+    if not found:
+        return None
+    merged = pl.concat([pl.read_parquet(p) for _, _, p in found], how="diagonal_relaxed")
+    return merged.unique(subset="id", keep="last", maintain_order=True)
+
+
+def test_vectorised_resume_equals_the_old_reader_and_a_replay(tmp_path: Path) -> None:
+    import random
+
+    rng = random.Random(7)
+    cache = ScoreCache(tmp_path)
+    truth: dict[str, tuple[float | None, str | None]] = {}
+
+    def chunk() -> pl.DataFrame:
+        ids = rng.sample([f"r{i}" for i in range(80)], rng.randint(1, 6))
+        value = [None if rng.random() < 0.2 else rng.random() for _ in ids]
+        reason = [None if v is not None else rng.choice(["empty", "too long", ""]) for v in value]
+        truth.update({i: (v, r) for i, v, r in zip(ids, value, reason)})
+        return pl.DataFrame({"id": ids, "value": value, "reason": reason}, schema={"id": pl.String, **SCHEMA})
+
+    # runs one after the other, as resumed runs are: one-shot shards, and writers whose journal
+    # is compacted every 25 rows; the last writer is left open (a journal at the end, as if killed)
+    for step in range(12):
+        if step % 3 == 0:
+            cache.put("k", chunk())
+            continue
+        out = cache.writer("k", compact_rows=25)
+        for _ in range(rng.randint(1, 9)):
+            out.put(chunk())
+        if step < 11:
+            out.close()
+    assert list(cache.key_dir("k").glob("*.journal"))
+    wanted = [f"r{i}" for i in range(90)]
+    hits, missing = ScoreCache(tmp_path).get_frame("k", wanted, SCHEMA)
+    assert {i: (v, r) for i, v, r in hits.iter_rows()} == {i: truth[i] for i in wanted if i in truth}
+    assert missing == [i for i in wanted if i not in truth]
+    out.close()  # everything in Parquet: the old reader sees what the new one sees
+    old = _old_read_all(cache.key_dir("k"))
+    new = ScoreCache(tmp_path).lookup("k", wanted, SCHEMA)
+    assert new.sort("id").equals(old.filter(pl.col("id").is_in(wanted)).select(new.columns).sort("id"))
+
+
+def test_align_lines_stored_results_up_with_the_ids_asked(tmp_path: Path) -> None:
+    cache = ScoreCache(tmp_path)
+    values, found = cache.align("k", ["a", "b"], SCHEMA)  # nothing stored yet
+    assert values.rows() == [("a", None, None), ("b", None, None)] and found.to_list() == [False, False]
+    cache.put("k", rows(["a", "b"], base=1.0))
+    with cache.writer("k") as out:
+        out.put(rows(["b"], base=9.0, reason="again"))  # b stored twice: the later row wins
+    values, found = cache.align("k", pl.Series(["c", "b", "a", "b"]), SCHEMA)
+    assert values.schema == {"id": pl.String, **SCHEMA}
+    assert values.rows() == [("c", None, None), ("b", 9.0, "again"), ("a", 1.0, None), ("b", 9.0, "again")]
+    assert found.to_list() == [False, True, True, True]
+
+
+def _old_cached_rows(cache: ScoreCache, cfg, semantic, frame, report, schema, compute, names) -> pl.DataFrame:
+    """`LocalExecutor._cached_rows` before it worked on frames (a dict and lists per row)."""
+    import time
+    from collections import Counter
+
+    from tamis.runtime.executor import _next_chunk
+
+    key = fingerprint(semantic)
+    cache.describe(key, semantic)
+    row_keys = row_content_hashes(frame)
+    by_key = dict(zip(row_keys, range(frame.height)))
+    found, missing = cache.get(key, list(dict.fromkeys(row_keys)), schema=schema)
+    report.cached_rows = len(found)
+    todo = [by_key[k] for k in missing]
+    start, size = 0, min(cfg.chunk_rows, 8)
+    while start < len(todo):
+        idx = todo[start:start + size]
+        t0 = time.perf_counter()
+        chunk = pl.DataFrame({"id": [row_keys[i] for i in idx], **compute(frame[idx])},
+                             schema={"id": pl.String, **schema})
+        cache.put(key, chunk)
+        found.update({r["id"]: r for r in chunk.iter_rows(named=True)})
+        report.scored_rows += len(idx)
+        start += len(idx)
+        size = _next_chunk(len(idx), time.perf_counter() - t0, cfg.chunk_rows, cfg.checkpoint_seconds)
+    values = [found[k] for k in row_keys]
+    if "reason" in schema:
+        report.skipped = dict(sorted(Counter(v["reason"] for v in values if v["reason"]).items()))
+    return pl.DataFrame({"id": frame["id"], **{name: pl.Series([v[col] for v in values], dtype=schema[col])
+                                               for col, name in names.items()}})
+
+
+@pytest.mark.parametrize("no_cache", [False, True])
+@pytest.mark.parametrize("repeats", [50, 1000])  # rows 50.. repeat the contents of rows 0..; or no repeats
+def test_cached_rows_on_frames_equals_the_row_by_row_version(tmp_path: Path, no_cache: bool, repeats: int) -> None:
+    from tamis.runtime.executor import LocalExecutor, RunConfig, StageReport
+
+    n = 70
+    texts = [f"answer {i % repeats}" if i % 9 else "" for i in range(n)]  # empty answers get a null and a reason
+    frame = pl.DataFrame({"id": [f"p{i}" for i in range(n)], "instruction": [f"q{i % repeats}" for i in range(n)],
+                          "input": [""] * n, "output": texts})
+    schema = {"value": pl.Float64, "cond": pl.Float64, "reason": pl.String}
+    names = {"value": "ifd", "cond": "ifd_cond", "reason": "ifd_reason"}
+    semantic = {"op": "toy"}
+
+    def make_compute(log: list[list[str]]):
+        def compute(chunk: pl.DataFrame) -> dict:
+            log.append(chunk["id"].to_list())
+            outs = chunk["output"].to_list()
+            return {"value": [float(len(t)) if t else None for t in outs], "cond": [1.5] * len(outs),
+                    "reason": [None if t else ("empty answer" if len(t) == 0 else "") for t in outs]}
+        return compute
+
+    results = []
+    for name in ("old", "new"):
+        cfg = RunConfig(pool="-", cache_dir=str(tmp_path / name), no_cache=no_cache, chunk_rows=16, progress=False)
+        ex = LocalExecutor(None, cfg)  # type: ignore[arg-type]  # _cached_rows needs no graph
+        first_part = frame.head(23)  # an earlier run scored some rows
+        run = ex._cached_rows if name == "new" else (
+            lambda *a, ex=ex, cfg=cfg: _old_cached_rows(ex.cache.scores, cfg, *a))
+        run(semantic, first_part, StageReport("s", "l", 23, 0, 0.0), schema, make_compute([]), names)
+        log: list[list[str]] = []
+        report = StageReport("s", "l", n, 0, 0.0)
+        out = run(semantic, frame, report, schema, make_compute(log), names)
+        results.append((out, report.cached_rows, report.scored_rows, report.skipped, log))
+    (old, *old_counts, old_log), (new, *new_counts, new_log) = results
+    assert new.equals(old) and new.columns == ["id", "ifd", "ifd_cond", "ifd_reason"]
+    assert new_counts == old_counts and new_log == old_log
+    assert new_counts[2] == {"empty answer": 8}
+    if not no_cache:
+        distinct = frame.select("instruction", "output").unique().height
+        assert new_counts[0] > 0 and new_counts[0] + new_counts[1] == distinct
+
+
+def test_row_content_hashes_equal_json_dumps_row_by_row() -> None:
+    import hashlib
+    import json
+    import random
+
+    def reference(frame: pl.DataFrame) -> list[str]:
+        present = [c for c in ("instruction", "input", "output", "messages") if c in frame.columns]
+        texts = [json.dumps(r, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+                 for r in frame.select(present).iter_rows()]
+        return [hashlib.blake2b(t.encode("utf-8"), digest_size=16).hexdigest() for t in texts]
+
+    rng = random.Random(3)
+    alphabet = [chr(i) for i in range(0x30)] + list('"\\/ab é中😀\u2028\u2029\x7f\ufeff\U0010ffff')
+
+    def text() -> str | None:
+        return None if rng.random() < 0.1 else "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 10)))
+
+    n = 3000
+    frame = pl.DataFrame({c: [text() for _ in range(n)] for c in ("instruction", "input", "output")},
+                         schema={c: pl.String for c in ("instruction", "input", "output")})
+    assert row_content_hashes(frame) == reference(frame)
+    nulls = pl.DataFrame({"instruction": ["a", "b"], "input": [None, None], "output": ["x", "y"]})  # input: Null type
+    assert row_content_hashes(nulls) == reference(nulls)
+    chat = pl.DataFrame({"instruction": ["q"], "messages": [[{"from": "human", "value": 'hi\n"'}]]})
+    assert row_content_hashes(chat) == reference(chat)
+    # a literal, so a change in the row text (which would orphan every cached score) is caught
+    assert row_content_hashes(pl.DataFrame({"instruction": ["q"], "input": [""], "output": ["a\n\"b\""]})) == \
+        ["7b47ff45f874f03310d3c6e345b88cda"]

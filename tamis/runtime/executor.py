@@ -326,32 +326,63 @@ class LocalExecutor:
                      compute, names: dict[str, str]) -> pl.DataFrame:
         """`frame`'s ids and result columns (renamed by `names`: result column → stage column),
         from the cache where present; `compute(chunk)` gives the rest chunk by chunk (a dict of
-        lists in `schema`), each persisted as it is done."""
+        lists in `schema`), each persisted as it is done. Rows are keyed by content, so rows
+        with equal content are computed once. Past the content hashes, everything here works on
+        frames (one join to resume, slices or gathers per chunk), never on a Python object per row."""
         from tamis.runtime.cache import fingerprint, row_content_hashes
 
+        scores = self.cache.scores
         key = fingerprint(semantic)
-        self.cache.scores.describe(key, semantic)
-        row_keys = row_content_hashes(frame)
-        by_key = dict(zip(row_keys, range(frame.height)))
-        found, missing = self.cache.scores.get(key, list(dict.fromkeys(row_keys)), schema=schema)
-        report.cached_rows = len(found)
-        todo = [by_key[k] for k in missing]
-        start, size = 0, min(self.cfg.chunk_rows, 8)  # a small first chunk measures the rate
-        while start < len(todo):
-            idx = todo[start:start + size]
-            t0 = time.perf_counter()
-            rows = pl.DataFrame({"id": [row_keys[i] for i in idx], **compute(frame[idx])},
-                                schema={"id": pl.String, **schema})
-            self.cache.scores.put(key, rows)  # persisted chunk by chunk: a kill loses at most one chunk
-            found.update({r["id"]: r for r in rows.iter_rows(named=True)})
-            report.scored_rows += len(idx)
-            start += len(idx)
-            size = _next_chunk(len(idx), time.perf_counter() - t0, self.cfg.chunk_rows, self.cfg.checkpoint_seconds)
-        values = [found[k] for k in row_keys]
+        scores.describe(key, semantic)
+        dtypes = {"id": pl.String, **schema}
+        row_keys = pl.Series("id", row_content_hashes(frame), dtype=pl.String)
+        values, found = scores.align(key, row_keys, schema)  # one row per frame row, null where not cached
+        row = "⟨row⟩"  # a name no result column can have
+        missing = pl.DataFrame([row_keys]).with_row_index(row).filter(~found)
+        if row_keys.n_unique() == frame.height:  # no content repeated (the usual case): rows are contents
+            report.cached_rows = frame.height - missing.height
+            todo = missing[row]
+        else:  # counted once each; each missing content computed once, in first-seen order, from its last row
+            report.cached_rows = row_keys.filter(found).n_unique()
+            todo = missing.group_by("id", maintain_order=True).agg(pl.col(row).last())[row]
+        done = []
+        with scores.writer(key, sync_seconds=self.cfg.checkpoint_seconds) as out:
+            start, size = 0, min(self.cfg.chunk_rows, 8)  # a small first chunk measures the rate
+            while start < len(todo):
+                idx = todo.slice(start, size)
+                t0 = time.perf_counter()
+                first = idx[0]
+                if idx[-1] - first + 1 == len(idx) and idx.is_sorted():  # consecutive rows (a first run's)
+                    chunk, ids = frame.slice(first, len(idx)), row_keys.slice(first, len(idx))
+                else:  # a gather costs far more than a slice, per chunk
+                    chunk, ids = frame[idx], row_keys.gather(idx)
+                got = compute(chunk)
+                if got.keys() == schema.keys():  # column by column: the same frame, in half the time
+                    rows = pl.DataFrame([ids, *[pl.Series(c, got[c], dtype=t) for c, t in schema.items()]])
+                else:  # Polars says what does not match
+                    rows = pl.DataFrame({"id": ids, **got}, schema=dtypes)
+                out.put(rows, check=False)  # persisted chunk by chunk (ids: distinct hashes): a kill loses one
+                done.append(rows)
+                report.scored_rows += len(idx)
+                start += len(idx)
+                size = _next_chunk(len(idx), time.perf_counter() - t0, self.cfg.chunk_rows,
+                                   self.cfg.checkpoint_seconds)
+        if done:  # the missing rows get the computed values; the rest keep the cached ones, in row order
+            results = pl.concat(done, how="vertical")
+            if results.height == missing.height:  # no content repeated: results are the missing rows, in order
+                computed = results.insert_column(0, missing[row])
+            else:
+                computed = missing.join(results, on="id", how="left", maintain_order="left")
+            values = (computed if not report.cached_rows else
+                      pl.concat([values.with_row_index(row).filter(found), computed], how="vertical").sort(row)
+                      ).drop(row)
         if "reason" in schema:
-            report.skipped = dict(sorted(Counter(v["reason"] for v in values if v["reason"]).items()))
-        return pl.DataFrame({"id": frame["id"], **{name: pl.Series([v[col] for v in values], dtype=schema[col])
-                                                   for col, name in names.items()}})
+            reasons = values.get_column("reason").drop_nulls()
+            if reasons.dtype == pl.String:
+                reasons = reasons.filter(reasons != "")
+            counts = reasons.value_counts(name="n").sort("reason")
+            report.skipped = dict(zip(counts["reason"].to_list(), counts["n"].to_list()))
+        return values.select([pl.col(col).alias(name) for col, name in names.items()]).insert_column(0, frame["id"])
 
     # ---- models and datasets, built by their kernels on first use ---------------------------
     def _stage_model(self, n: str, report: StageReport):
