@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import networkx as nx
@@ -168,6 +168,7 @@ class LocalExecutor:
         self.stages: list[StageReport] = []
         self.scores: pl.DataFrame | None = None
         self.pool_size = 0
+        self._order: list[str] = []  # the operators this run executes, in order (for "[2/4] score ifd")
 
     # ---- entry ------------------------------------------------------------
     def run(self) -> RunResult:
@@ -185,9 +186,9 @@ class LocalExecutor:
         self.scores = pool.select("id")
         out = self.g.graph["output"]
         needed = nx.ancestors(self.g, out)
-        for n in nx.topological_sort(self.g):
-            if n in needed and self.g.nodes[n]["kind"] == "op":
-                self._run_op(n)
+        self._order = [n for n in nx.topological_sort(self.g) if n in needed and self.g.nodes[n]["kind"] == "op"]
+        for n in self._order:
+            self._run_op(n)
         last = next(p for p, _, d in self.g.in_edges(out, data=True) if d["flow"] == "data")
         selected = self._frames[last] if last != "data:pool" else pool
         selected = selected.drop([c for c in INTERNAL_COLUMNS if c in selected.columns])
@@ -295,7 +296,8 @@ class LocalExecutor:
         main = next(iter(a["columns_out"]))
         params = {q.name: p[q.name] for q in spec.params if q.name in p}
         model = self._stage_model(n, report) if self._model_of(n) else None
-        options = self.cfg.options()
+        # a cached kernel's rows are counted on the stage's one bar (`_cached_rows`), not on a bar per chunk
+        options = replace(self.cfg.options(), progress=False) if k.cached else self.cfg.options()
         names = {col: main + suffix for col, suffix in k.names.items()}
 
         def compute(chunk: pl.DataFrame) -> dict:
@@ -346,7 +348,8 @@ class LocalExecutor:
             report.cached_rows = row_keys.filter(found).n_unique()
             todo = missing.group_by("id", maintain_order=True).agg(pl.col(row).last())[row]
         done = []
-        with scores.writer(key, sync_seconds=self.cfg.checkpoint_seconds) as out:
+        bar = self._stage_bar(report, total=report.cached_rows + len(todo))
+        with bar, scores.writer(key, sync_seconds=self.cfg.checkpoint_seconds) as out:
             start, size = 0, min(self.cfg.chunk_rows, 8)  # a small first chunk measures the rate
             while start < len(todo):
                 idx = todo.slice(start, size)
@@ -364,6 +367,7 @@ class LocalExecutor:
                 out.put(rows, check=False)  # persisted chunk by chunk (ids: distinct hashes): a kill loses one
                 done.append(rows)
                 report.scored_rows += len(idx)
+                bar.update(len(idx))
                 start += len(idx)
                 size = _next_chunk(len(idx), time.perf_counter() - t0, self.cfg.chunk_rows,
                                    self.cfg.checkpoint_seconds)
@@ -383,6 +387,15 @@ class LocalExecutor:
             counts = reasons.value_counts(name="n").sort("reason")
             report.skipped = dict(zip(counts["reason"].to_list(), counts["n"].to_list()))
         return values.select([pl.col(col).alias(name) for col, name in names.items()]).insert_column(0, frame["id"])
+
+    def _stage_bar(self, report: StageReport, total: int):
+        """One bar per stage: rows done of rows to do, cached rows counted at once, "[2/4] label"."""
+        from tqdm.auto import tqdm
+
+        where = f"[{self._order.index(report.node) + 1}/{len(self._order)}] " if report.node in self._order else ""
+        label = report.label if len(report.label) <= 48 else report.label[:47] + "…"
+        return tqdm(total=total, initial=report.cached_rows, unit="row", desc=where + label, smoothing=0.1,
+                    disable=not self.cfg.progress)
 
     # ---- models and datasets, built by their kernels on first use ---------------------------
     def _stage_model(self, n: str, report: StageReport):
