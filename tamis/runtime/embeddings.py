@@ -85,17 +85,6 @@ def embed(model, texts: list[str], progress: bool = False) -> np.ndarray:
     return llm_last_token(model, texts)
 
 
-def encode(name: str, texts: list[str], model_paths: dict[str, str], device: str = "cpu",
-           batch_size: int = 64, progress: bool = True) -> np.ndarray:
-    """L2-normalised sentence embeddings (the encoder's own pooling: mean pooling for MiniLM)."""
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(resolve_encoder_path(name, model_paths), device=device, local_files_only=True)
-    emb = model.encode(texts, batch_size=batch_size, show_progress_bar=progress, convert_to_numpy=True,
-                       normalize_embeddings=True)
-    return emb.astype(np.float32)
-
-
 def llm_last_token(lm, texts: list[str], max_length: int = 2048, batch_size: int = 8) -> np.ndarray:
     """DEITA's embedding: the final layer's hidden state at the last real token, L2-normalised."""
     tok = lm.tokenizer

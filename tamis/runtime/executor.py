@@ -19,7 +19,7 @@ import polars as pl
 
 from tamis.dsl import registry as reg
 from tamis.errors import TamisError
-from tamis.ops.kernel import BuildEnv, ExecOptions, Kernel, Lazy, kernel_for, kernels
+from tamis.ops.kernel import BuildEnv, ExecOptions, Kernel, Lazy, kernel_for, kernels, node_kernel
 
 # The engine's own stages: the language's row algebra. Everything a stage computes (scorers,
 # samplers, expression functions, models, datasets) comes from the kernel table.
@@ -118,10 +118,9 @@ def _missing_kernel(a: dict) -> str | None:
     """What an operator node lacks to run, as a phrase, or None."""
     if a["op"] not in STAGES:
         return f"`{a['op']}`"
-    if a["op"] == "score" and kernel_for("scorer", a["params"]["scorer"]) is None:
-        return f"scorer `{a['params']['scorer']}`"
-    if a["op"] == "diverse" and kernel_for("sampler", a["params"]["sampler"]) is None:
-        return f"sampler `{a['params']['sampler']}`"
+    if a["op"] in ("score", "diverse") and node_kernel(a) is None:
+        family = "scorer" if a["op"] == "score" else "sampler"
+        return f"{family} `{a['params'][family]}`"
     return None
 
 
