@@ -44,9 +44,11 @@ from typing import Any, Iterator
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from _machine import cpu_model, machine, machine_line  # noqa: E402
 
 from tamis.runtime.lm_scoring import score_answers  # noqa: E402
 from tamis.runtime.models import LoadedLM, choose_dtype, dtype_name, load_causal_lm, resolve_device, smollm2_asset  # noqa: E402
@@ -91,12 +93,7 @@ def rows_file(path: Path, n: int) -> list[dict[str, str]]:
 
 def machine_name(device: torch.device) -> str:
     """The CPU model (and the GPU's, when scoring on one): results are only comparable on the same machine."""
-    cpu = "unknown CPU"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    cpu = f"{cpu}, {os.cpu_count()} cores"
+    cpu = f"{cpu_model()}, {os.cpu_count()} cores"
     return f"{torch.cuda.get_device_name(device)}; CPU {cpu}" if device.type == "cuda" else cpu
 
 
@@ -365,6 +362,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     fast_dtype = choose_dtype(device, "auto")
     model_path = args.model or smollm2_asset()
 
+    print("# " + machine_line(machine(dtype=dtype_name(fast_dtype), device=str(device))), flush=True)
     print(f"# device {device} ({machine_name(device)}; {torch.get_num_threads()} threads), fast dtype "
           f"{dtype_name(fast_dtype)}, model {model_path}, rows {n}, max_length {max_length}, repeats {args.repeat}, "
           f"load {os.getloadavg()[0]:.2f}")
@@ -459,6 +457,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "max_length": max_length,
         "device": str(device),
         "machine": machine_name(device),
+        "machine_info": machine(dtype=dtype_name(fast_dtype), device=str(device)),
         "dtype": dtype_name(fast_dtype),
         "fast_is_fp32": same,
         "load_avg": round(os.getloadavg()[0], 2),

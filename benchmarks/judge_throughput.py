@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from _machine import machine, machine_line  # noqa: E402
 from ifd_throughput import best_of, measured, sharegpt_first_turns  # noqa: E402
 
 from tamis.runtime.judge import ALPAGASUS, rate  # noqa: E402
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n = args.n or (8 if args.quick else 32)
     device = resolve_device(args.device)
     model_path = args.model or smollm2_asset()
+    info = machine(dtype=args.dtype, device=str(device))
+    print("# " + machine_line(info), flush=True)
     print(f"# device {device} ({torch.get_num_threads()} threads), dtype {args.dtype}, judge {model_path}, rows {n}, "
           f"max_tokens {args.max_tokens}, load {os.getloadavg()[0]:.2f}")
     rows = sharegpt_first_turns(n)
@@ -118,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "device": str(device),
         "dtype": args.dtype,
         "load_avg": round(os.getloadavg()[0], 2),
+        "machine": info,
     }
     print(json.dumps(result))
     return result

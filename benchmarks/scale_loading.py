@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import resource
 import subprocess
@@ -43,6 +42,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TOP = 0.10
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import print_machine  # noqa: E402
 
 
 # --------------------------------------------------------------------------- data
@@ -154,17 +155,6 @@ def _run_worker(kind: str, path: Path) -> dict:
 # --------------------------------------------------------------------------- driver
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="10000,100000,1000000")
@@ -186,8 +176,8 @@ def main() -> None:
     tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="tamis-scale-")
     workdir = Path(args.workdir or tmp.name)  # type: ignore[union-attr]
     workdir.mkdir(parents=True, exist_ok=True)
-    model = cpu_model()
-    print(f"CPU: {model} ({os.cpu_count()} logical cores); Python {platform.python_version()}", flush=True)
+    info = print_machine()
+    model = info["cpu"]
     import polars as pl
 
     print(f"Polars {pl.__version__}; each number from a fresh subprocess; CPU = user+sys after imports", flush=True)
@@ -220,7 +210,8 @@ def main() -> None:
             jsonl.unlink(missing_ok=True)
             parquet.unlink(missing_ok=True)
     by = {(r["rows"], r["format"]): r for r in results}
-    summary = {"cpu_model": model, "cores": os.cpu_count(), "polars": pl.__version__, "top": TOP, "results": results}
+    summary = {"cpu_model": model, "cores": os.cpu_count(), "polars": pl.__version__, "machine": info, "top": TOP,
+               "results": results}
     big = max(sizes)
     if (big, "jsonl") in by and (big, "parquet") in by:
         j, q = by[(big, "jsonl")], by[(big, "parquet")]

@@ -39,7 +39,6 @@ import heapq
 import importlib.util
 import json
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -50,6 +49,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import cpu_model as _cpu_model, machine, machine_line  # noqa: E402
 
 
 def _load_samplers() -> Any:
@@ -212,13 +213,7 @@ def best_of(runs: list[Phase]) -> Phase:
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    return f"{_cpu_model()} ({os.cpu_count()} cores)"
 
 
 def mem_available_bytes() -> int:
@@ -337,22 +332,26 @@ def main() -> None:
     except ImportError:
         pass
     device_name = torch.cuda.get_device_name(0) if torch is not None and args.device != "cpu" else "CPU only"
-    print(f"CPU: {cpu_model()}; tamis device: {args.device} ({device_name}); dtype float32, dim {DIM}; "
-          f"numpy {np.__version__}; load average {os.getloadavg()[0]:.2f}")
+    info = machine(dtype="float32", device=f"{args.device} ({device_name})")
+    print(machine_line(info) + f"; dim {DIM}; BLAS threads {os.environ.get('OPENBLAS_NUM_THREADS', 'default')}",
+          flush=True)
     rows = []
     for n in sorted(s for s in args.sizes if s <= args.max_n):
         emb = np.random.default_rng(args.seed).standard_normal((n, DIM), dtype=np.float32)
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
         for sampler in args.samplers:
             if sampler == "facility_location" and n >= 1_000_000 and torch is None:
-                print(f"{sampler:<18} {n:>9,}  skipped: its k-NN search is ≈N²·dim flops, hours on a CPU")
+                print(f"{sampler:<18} {n:>9,}  skipped: its k-NN search is ≈N²·dim flops, hours on a CPU", flush=True)
+                rows.append({"sampler": sampler, "n": n, "skipped": "its k-NN search is ≈N²·dim flops: hours on a "
+                             "CPU (a GPU runs it)"})
                 continue
             row = run_one(sampler, emb, args.repeats if n < 100_000 else 1, args.device, torch, int(args.kcenter_work))
             print_row(row)
+            sys.stdout.flush()
             rows.append(row)
         del emb
     print(json.dumps({"cpu": cpu_model(), "device": device_name, "dtype": "float32", "dim": DIM,
-                      "load_average": os.getloadavg()[0], "results": rows}))
+                      "load_average": os.getloadavg()[0], "machine": info, "results": rows}))
 
 
 if __name__ == "__main__":

@@ -188,18 +188,23 @@ def feasibility(
     typer.echo(json.dumps(fr.as_json(rows), indent=2) if as_json else fr.markdown(rows))
 
 
+AreasOpt = Annotated[Optional[list[str]], typer.Option(
+    "--areas", metavar="METHOD", help="draw this method's infeasible area on the graph (repeatable; none by default)")]
+
+
 @app.command()
 def efficiency(
     points: Annotated[Optional[list[Path]], typer.Argument(help="points files (CSV or JSON); default: the published points")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="draw the efficiency graph to FILE.png or FILE.svg")] = None,
+    areas: AreasOpt = None,
 ) -> None:
     """The survey's efficiency comparison: PIR, SDF, signed distance to the baseline, infeasible areas."""
     from tamis.report.efficiency_cli import run_efficiency
 
     _check_outputs({"--plot": plot}, list(points or []))
     try:
-        typer.echo(run_efficiency(points or None, as_json=as_json, plot=plot))
+        typer.echo(run_efficiency(points or None, as_json=as_json, plot=plot, areas=areas or ()))
     except TamisError as err:
         _fail(err)
 
@@ -209,6 +214,7 @@ def report(
     recipes: RecipeArgs,
     html_out: Annotated[Path, typer.Option("--html", help="the page to write")],
     points: Annotated[Optional[list[Path]], typer.Option("--points", help="points files; default: the published points")] = None,
+    areas: AreasOpt = None,
     plugins: PluginOpt = None,
 ) -> None:
     """One HTML page: the feasibility table, each recipe's graph, and the efficiency graph."""
@@ -217,18 +223,19 @@ def report(
 
     from tamis.report import feasibility_report as fr
     from tamis.runtime.outputs import write_text
-    from tamis.report.efficiency import compute_efficiency, load_points
+    from tamis.report.efficiency import area_methods, compute_efficiency, load_points
     from tamis.report.efficiency_cli import efficiency_html_section, plot_efficiency
 
     compiled = _compile_or_exit(recipes)
     _check_outputs({"--html": html_out}, _inputs_of(compiled) + list(points or []) + (plugins or []))
     try:
         result = compute_efficiency(load_points(points or None))
+        area_methods(result, areas or ())  # a typo fails before the page is written
     except TamisError as err:
         _fail(err)
     with tempfile.TemporaryDirectory() as tmp:
         svg = Path(tmp) / "efficiency.svg"
-        plot_efficiency(result, svg)
+        plot_efficiency(result, svg, areas=areas or ())
         section = efficiency_html_section(result, svg.read_text(encoding="utf-8"))
     rows = fr.table(compiled)
     write_text(fr.html_page(compiled, rows, [section]), html_out)
@@ -306,7 +313,8 @@ def run(
             why = ", ".join(f"{reason}: {count}" for reason, count in stage.skipped.items())
             hint = ("; a larger max_length (`with max_length=…`) scores more of them"
                     if any("max_length" in r for r in stage.skipped) else "")
-            typer.echo(f"note: `{stage.label}`: {n} of {stage.rows_in} rows have no score ({why}){hint}", err=True)
+            of = f"{stage.target_rows} rows of {stage.target}" if stage.target else f"{stage.rows_in} rows"
+            typer.echo(f"note: `{stage.label}`: {n} of {of} have no score ({why}){hint}", err=True)
         for note in stage.notes:
             typer.echo(f"note: `{stage.label}`: {note}", err=True)
     typer.echo(f"selected {result.selected.height} of {report['pool_load'].get('rows_loaded')} rows in {result.seconds:.1f} s")
@@ -325,6 +333,54 @@ def _pairs(flag: str, values: Optional[list[str]], example: str) -> dict[str, st
             raise typer.BadParameter(f"{v!r} is not NAME=VALUE, e.g. {example}", param_hint=flag)
         out[name] = value
     return out
+
+
+cache_app = typer.Typer(no_args_is_help=True, help="What tamis stores (scores, warmups, model conversions): list it, clean it.")
+app.add_typer(cache_app, name="cache")
+CacheDirOpt = Annotated[Optional[str], typer.Option(
+    "--cache-dir", help="cache root (default $TAMIS_CACHE_DIR or ~/.cache/tamis, as for `tamis run`)")]
+
+
+@cache_app.command("list")
+def cache_list(
+    cache_dir: CacheDirOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one object: entries (sizes in bytes) and totals")] = False,
+) -> None:
+    """One line per entry: kind, what it holds, rows, size and last use; totals at the end."""
+    from tamis.runtime import cache_admin
+
+    listing = cache_admin.list_cache(cache_dir)
+    typer.echo(json.dumps(cache_admin.listing_json(listing), indent=2) if as_json
+               else cache_admin.listing_text(listing))
+
+
+@cache_app.command("clean")
+def cache_clean(
+    cache_dir: CacheDirOpt = None,
+    older_than: Annotated[Optional[str], typer.Option(
+        "--older-than", metavar="DURATION", help="remove entries last used longer ago than this: 90m, 12h, 30d, 2w")] = None,
+    everything: Annotated[bool, typer.Option("--all", help="remove every entry, file-hashes.json included")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="say what would be removed; remove nothing")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="what was removed, as JSON")] = False,
+) -> None:
+    """Remove whole entries: those unused for --older-than, or --all. Refuses a folder that is not a tamis cache."""
+    from tamis.runtime import cache_admin
+
+    if (older_than is None) != everything:  # a usage error (exit 2): name both flags
+        typer.echo("tamis cache clean: " + ("say what to remove: --older-than DURATION (90m, 12h, 30d, 2w) or --all"
+                                            if older_than is None else "give --older-than or --all, not both"), err=True)
+        raise typer.Exit(2)
+    try:
+        seconds = cache_admin.parse_duration(older_than) if older_than is not None else None
+    except TamisError as err:
+        raise typer.BadParameter(str(err).removeprefix("--older-than: "), param_hint="--older-than") from err
+    try:
+        result = cache_admin.clean_cache(cache_dir, older_than=seconds, everything=everything, dry_run=dry_run)
+    except TamisError as err:
+        _fail(err)
+    typer.echo(json.dumps(cache_admin.clean_json(result), indent=2) if as_json else cache_admin.clean_text(result))
+    if result.failed:
+        raise typer.Exit(1)
 
 
 def main() -> None:  # pragma: no cover

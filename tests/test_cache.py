@@ -662,3 +662,108 @@ def test_row_content_hashes_equal_json_dumps_row_by_row() -> None:
     # a literal, so a change in the row text (which would orphan every cached score) is caught
     assert row_content_hashes(pl.DataFrame({"instruction": ["q"], "input": [""], "output": ["a\n\"b\""]})) == \
         ["7b47ff45f874f03310d3c6e345b88cda"]
+
+
+# --------------------------------------------------------------------------- resume at scale: torn journals, in-order reads
+
+
+def _pool(n: int) -> pl.DataFrame:
+    return pl.DataFrame({"id": [f"r{i}" for i in range(n)], "instruction": [f"q{i}" for i in range(n)],
+                         "input": [""] * n, "output": [f"a{i % 7}" for i in range(n)]})
+
+
+def _cached(ex, frame: pl.DataFrame, computed: list[int], name: str = "s"):
+    from tamis.runtime.executor import StageReport
+
+    def compute(chunk: pl.DataFrame) -> dict:
+        computed.append(chunk.height)
+        return {"value": [float(len(t)) for t in chunk["instruction"].to_list()]}
+
+    report = StageReport("n", name, frame.height, 0, 0.0)
+    out = ex._cached_rows({"bench": "torn"}, frame, report, {"value": pl.Float64}, compute, {"value": name})
+    return out, report
+
+
+def test_rows_cut_off_in_a_torn_journal_are_counted_and_computed_again(tmp_path: Path) -> None:
+    import os
+
+    from tamis.runtime.executor import LocalExecutor, RunConfig
+
+    pool = _pool(40)
+    ex = LocalExecutor(None, RunConfig(pool="-", cache_dir=str(tmp_path), chunk_rows=8, progress=False))
+    computed: list[int] = []
+    first, _ = _cached(ex, pool.head(24), computed)
+    # a run killed while appending its next chunk: the journal ends in a frame cut short
+    key = next((tmp_path / "scores").iterdir()).name
+    cache = ScoreCache(tmp_path)
+    out = cache.writer(key, sync_seconds=3600)
+    out.put(pl.DataFrame({"id": ["x"], "value": [1.0]}))  # a whole chunk first (a row no one asks for)
+    header = b"TSJ2" + (10_000).to_bytes(8, "little") + b"\0\0\0\0" + (5).to_bytes(4, "little")
+    os.write(out._fd, header + b"partial")
+    out._close_fd()  # killed: no compaction
+    assert cache.lookup(key, ["x"]).height == 1 and cache.torn_rows[key] == 5
+    computed.clear()
+    ex2 = LocalExecutor(None, RunConfig(pool="-", cache_dir=str(tmp_path), chunk_rows=8, progress=False))
+    again, report = _cached(ex2, pool, computed)
+    assert report.torn_rows == 5 and any("5 row(s) cut off" in n for n in report.notes)
+    assert report.cached_rows == 24 and report.scored_rows == 16 == sum(computed)
+    assert again.head(24).equals(first)
+    # a journal whose last frame's header is cut too: a chunk of unknown size
+    out = cache.writer(key, sync_seconds=3600)
+    out.put(pl.DataFrame({"id": ["y"], "value": [2.0]}))
+    os.write(out._fd, b"TSJ")
+    out._close_fd()
+    cache.lookup(key, ["y"])
+    assert cache.torn_rows[key] == -1
+
+
+def test_old_journal_frames_are_still_read(tmp_path: Path) -> None:
+    import io
+    import struct
+    import zlib
+
+    folder = ScoreCache(tmp_path).key_dir("k")
+    folder.mkdir(parents=True)
+    buf = io.BytesIO()
+    pl.DataFrame({"id": ["a", "b"], "ifd": [1.0, 2.0]}).write_ipc_stream(buf, compression="uncompressed")
+    payload = buf.getvalue()
+    (folder / "shard-00000.journal").write_bytes(struct.pack("<4sQI", b"TSJ1", len(payload), zlib.crc32(payload))
+                                                 + payload)
+    assert ScoreCache(tmp_path).lookup("k", ["a", "b"]).sort("id")["ifd"].to_list() == [1.0, 2.0]
+
+
+def test_align_reads_rows_stored_in_order_without_a_join(tmp_path: Path) -> None:
+    cache = ScoreCache(tmp_path)
+    ids = [f"k{i}" for i in range(10)]
+    with cache.writer("k") as out:
+        out.put(scores(ids[:4]))
+        out.put(scores(ids[4:6], base=4.0))
+    values, found = cache.align("k", ids, {"ifd": pl.Float64}, distinct=True)
+    assert found.to_list() == [True] * 6 + [False] * 4
+    assert values["id"].to_list() == ids and values["ifd"].to_list()[:6] == [0, 1, 2, 3, 4, 5]
+    assert values["ifd"].null_count() == 4
+    # out of order, or more stored than asked: the join gives the same answer
+    for asked in (ids[::-1], ids[:3]):
+        fast = cache.align("k", asked, {"ifd": pl.Float64}, distinct=True)
+        slow = cache.align("k", asked, {"ifd": pl.Float64})
+        assert fast[0].equals(slow[0]) and fast[1].equals(slow[1])
+
+
+def test_row_keys_are_hashed_once_per_run_and_never_borrowed_across_contents(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from tamis.runtime import cache as cache_module
+    from tamis.runtime.executor import LocalExecutor, RunConfig
+
+    pool = _pool(30)
+    part = pool.filter(pl.col("id").is_in(["r3", "r1", "r7"])).reverse()
+    other = part.with_columns(pl.lit("different").alias("output"))  # same ids, other content (another dataset)
+    expected = {name: row_content_hashes(f) for name, f in (("pool", pool), ("part", part), ("other", other))}
+    hashed: list[int] = []
+    real = cache_module.row_content_keys
+    monkeypatch.setattr(cache_module, "row_content_keys", lambda frame, *a: hashed.append(frame.height) or real(frame, *a))
+    ex = LocalExecutor(None, RunConfig(pool="-", cache_dir=str(tmp_path), progress=False))
+    keys = ex._row_keys(pool)
+    assert keys.to_list() == expected["pool"] and hashed == [30]
+    assert ex._row_keys(pool.clone()).equals(keys) and hashed == [30]  # the same rows again
+    assert ex._row_keys(part).to_list() == expected["part"] and hashed == [30]  # some of them
+    assert ex._row_keys(other).to_list() == expected["other"] and hashed == [30, 3]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 
-from tamis.errors import DataError
+from tamis.errors import DataError, TamisError
 from tamis.report.efficiency import (
     EfficiencyError,
     Point,
@@ -350,3 +351,96 @@ def test_html_section_reads_a_non_utf8_svg_as_an_error(tmp_path, result):
     svg.write_bytes(b"<svg>\xff</svg>")
     with pytest.raises(DataError, match=r"plot.svg: plot is not UTF-8 text: byte 0xff at line 1, column 6"):
         efficiency_html_section(result, svg)
+
+
+# --------------------------------------------------------------------------- #
+# Infeasible areas on demand, your points apart from the published ones
+# --------------------------------------------------------------------------- #
+
+
+def _same_as_ifd(tmp_path: Path) -> Path:
+    """A user point exactly on IFD's published point (SDF 5,200 / 52,002, PIR 1.747)."""
+    return write_json(tmp_path, [row(method="my-ifd", value=1.747, selected_size=5200, pool_size=52002)], "mine.json")
+
+
+def test_no_infeasible_area_is_drawn_unless_asked(tmp_path, result):
+    svg = plot_efficiency(result, tmp_path / "none.svg").read_text(encoding="utf-8")
+    assert 'id="infeasible-area-' not in svg
+    assert "<!-- infeasible areas: none drawn (- -areas METHOD draws one) -->" in svg  # ("--" is escaped in SVG comments)
+
+
+def test_areas_asked_for_are_drawn_apart_and_named_in_the_legend(tmp_path, result):
+    svg = plot_efficiency(result, tmp_path / "two.svg", areas=["IFD", "deita"]).read_text(encoding="utf-8")
+    assert 'id="infeasible-area-IFD"' in svg and 'id="infeasible-area-DEITA"' in svg  # case is forgiven
+    assert 'id="infeasible-area-Nuggets"' not in svg
+    assert "<!-- infeasible area of IFD (holds DEITA, Nuggets) -->" in svg
+    assert "<!-- infeasible area of DEITA (holds IFD, InsTag) -->" in svg
+    assert "none drawn" not in svg
+    # each its own hatch (two patterns), so stacked areas can be told apart
+    assert svg.count("<pattern ") >= 2
+
+
+def test_an_unknown_area_name_suggests_the_closest_method(tmp_path, result):
+    with pytest.raises(EfficiencyError, match=r"--areas IDF: no such method on the graph; did you mean `IFD`\?"):
+        plot_efficiency(result, tmp_path / "typo.svg", areas=["IDF"])
+    assert not (tmp_path / "typo.svg").exists()
+    with pytest.raises(EfficiencyError, match="--areas"):
+        run_efficiency(None, plot=tmp_path / "typo.svg", areas=["nope"])
+    with pytest.raises(TamisError, match="add --plot"):
+        run_efficiency(None, areas=["IFD"])
+
+
+def test_a_user_point_on_a_published_one_stays_visible_and_apart(tmp_path):
+    res = compute_efficiency(load_points([_same_as_ifd(tmp_path)]))
+    mine, ifd = res.method("my-ifd"), res.method("IFD")
+    assert (mine.x, mine.pir) == pytest.approx((ifd.x, ifd.pir))
+    svg = plot_efficiency(res, tmp_path / "mine.svg").read_text(encoding="utf-8")
+    assert 'id="your-point-my-ifd"' in svg and 'id="published-point-IFD"' in svg
+    assert 'id="your-point-IFD"' not in svg and 'id="published-point-my-ifd"' not in svg
+    assert "<!-- yours: my-ifd -->" in svg and "<!-- published method -->" in svg
+    assert "<!-- my-ifd (yours) -->" in svg  # labelled with its name
+
+    def centre(gid: str) -> tuple[float, float]:  # the marker's position in the SVG (a <use> in its group)
+        group = svg[svg.index(f'id="{gid}"'):]
+        m = re.search(r'<use [^>]*x="([-\d.]+)" y="([-\d.]+)"', group)
+        return float(m.group(1)), float(m.group(2))
+
+    (ux, uy), (px, py) = centre("your-point-my-ifd"), centre("published-point-IFD")
+    assert math.hypot(ux - px, uy - py) >= 10  # moved aside (a leader line leads to its true place)
+
+
+def test_a_user_point_away_from_the_others_is_not_moved(tmp_path):
+    from matplotlib.figure import Figure
+
+    from tamis.report.efficiency_cli import _nudge_user_points
+
+    res = compute_efficiency(load_points([MY_RECIPE]))
+    fig = Figure(figsize=(9, 6), dpi=150)
+    ax = fig.add_subplot()
+    x0, x1, y0, y1 = res.bounds
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, y1)
+    assert _nudge_user_points(ax, res.methods, fig.dpi) == {}
+    fake = compute_efficiency(load_points([_same_as_ifd(tmp_path)]))
+    assert set(_nudge_user_points(ax, fake.methods, fig.dpi)) == {"my-ifd"}
+
+
+def test_cli_areas_option_on_efficiency_and_report(tmp_path):
+    from typer.testing import CliRunner
+
+    from tamis.cli import app
+
+    runner = CliRunner()
+    plot = tmp_path / "e.svg"
+    res = runner.invoke(app, ["efficiency", "--plot", str(plot), "--areas", "Nuggets"])
+    assert res.exit_code == 0, res.output
+    assert 'id="infeasible-area-Nuggets"' in plot.read_text(encoding="utf-8")
+    res = runner.invoke(app, ["efficiency", "--plot", str(plot), "--areas", "Nugets"])
+    assert res.exit_code == 1 and "did you mean `Nuggets`?" in res.output
+    page = tmp_path / "r.html"
+    res = runner.invoke(app, ["report", "ifd", "--html", str(page), "--points", str(MY_RECIPE), "--areas", "IFD"])
+    assert res.exit_code == 0, res.output
+    html_text = page.read_text(encoding="utf-8")
+    assert 'id="infeasible-area-IFD"' in html_text and 'id="your-point-my-recipe"' in html_text
+    res = runner.invoke(app, ["report", "ifd", "--html", str(tmp_path / "r2.html"), "--areas", "IDF"])
+    assert res.exit_code == 1 and "did you mean `IFD`?" in res.output and not (tmp_path / "r2.html").exists()

@@ -147,8 +147,13 @@ class Lowerer:
         )
         return nid
 
-    def edge(self, src: str, dst: str, flow: str) -> None:
-        self.g.add_edge(src, dst, flow=flow)
+    def edge(self, src: str, dst: str, flow: str, role: str | None = None) -> None:
+        """One edge per pair of nodes; a side dataset read in several roles (`on X` and a
+        data parameter) lists them all in `roles`."""
+        if role is not None and self.g.has_edge(src, dst):
+            self.g.edges[src, dst].setdefault("roles", []).append(role)
+            return
+        self.g.add_edge(src, dst, flow=flow, **({"roles": [role]} if role is not None else {}))
 
     def singleton(self, nid: str, kind: str, label: str, **attrs) -> str:
         if nid not in self.g:
@@ -512,10 +517,10 @@ class Lowerer:
                 if spec.needs_optimizer_state and self.g.nodes[model.node].get("trained"):
                     self.g.nodes[model.node]["params"]["optimizer_state"] = True  # keep what this stage reads
             if target:
-                self.edge(target.node, nid, "side")
-            for value in v.values():
+                self.edge(target.node, nid, "side", role="target")
+            for name, value in v.items():
                 if isinstance(value, DataInfo):
-                    self.edge(value.node, nid, "side")
+                    self.edge(value.node, nid, "side", role=name)
             state.columns.update(outs)
             if target is None and spec.columns[""] == "float":
                 state.last_score = col

@@ -92,7 +92,8 @@ class DataCtor:
     llm_generated: bool = False
 
 
-_TEMPLATE = Param("template", "string", "alpaca", ("alpaca", "bare", "chat", "none"), "prompt template of the reference code")
+_TEMPLATE = Param("template", "string", "alpaca", ("alpaca", "bare", "chat", "none", "nuggets"),
+                  "prompt template of the reference code")
 _MAXLEN = Param("max_length", "count", 512, doc="truncation length in tokens")
 _TURNS = Param("turns", "string", "first", ("first", "last", "mean", "sum"), "how a multi-turn conversation's per-turn values combine")
 _BUDGET = Param("budget", "size", doc="how many rows to keep (a count or a percentage of the pool)")

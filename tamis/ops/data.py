@@ -23,3 +23,31 @@ def warmup_sample(params: Mapping, env: BuildEnv) -> pl.DataFrame:
     base = env.models[0].get() if env.models else None
     ids = sample_ids(base, env.pool, dict(params), env.options.progress)
     return env.pool.filter(pl.col("id").is_in(ids))
+
+
+@kernel("data", "anchors")
+def anchors(params: Mapping, env: BuildEnv) -> pl.DataFrame:
+    """Nuggets' predefined task set: KMeans over the model's embeddings of the rows, the
+    nearest real row to each centroid (kmeans_sample.py). Kept in the artifact cache, so a
+    re-run embeds nothing."""
+    import json
+
+    from tamis.runtime.cache import data_fingerprint, fingerprint
+    from tamis.runtime.nuggets import anchor_indices
+
+    rows = env.inputs[0].get() if env.inputs else env.pool
+    model = env.models[0].get() if env.models else None
+    if model is None:
+        from tamis.errors import TamisError
+
+        raise TamisError(f"{env.label}: anchors need a model to embed the rows with (model=pfm)")
+    k, seed = int(params["k"]), int(params["seed"])
+    key = fingerprint({"op": "anchors", "rows": data_fingerprint(rows), "model": model.fingerprint, "k": k,
+                       "seed": seed, "embedding": "nuggets-mean-last-hidden-v1"})
+    if not env.artifacts.exists(key):
+        picked = anchor_indices(model, rows, k, seed, batch_tokens=env.options.batch_tokens,
+                                progress=env.options.progress)
+        with env.artifacts.building(key) as out:
+            (out / "anchors.json").write_text(json.dumps({"positions": picked, "ids": rows["id"].gather(picked).to_list()}))
+    picked = json.loads((env.artifacts.path_for(key) / "anchors.json").read_text())["positions"]
+    return rows[picked]

@@ -1,20 +1,37 @@
-"""Diversity samplers: budgeted selection over the embeddings of all candidate rows."""
+"""Diversity samplers: budgeted selection over the embeddings of all candidate rows.
+
+Each sampler reads its embeddings from a *scored input* column (`tamis.ops.embedding`): the engine
+computes `score embedding` for the candidates through the score cache before the sampler runs (an
+encoder's own embedding, or an LLM's last-token state, as DEITA embeds), so a rerun or a resume never
+encodes a row again. Called without that column (directly, by another engine), a sampler embeds the
+rows itself.
+"""
 
 from __future__ import annotations
 
+from tamis.ops import embedding as _embedding_kernel  # noqa: F401  (registers `score embedding`)
+from tamis.ops.embedding import sampler_embedding, scored_input
 from tamis.ops.kernel import ExecOptions, Resources, kernel
 
 # the embeddings of every candidate are held at once (float32, ~384–4096 wide)
 _EMB = Resources(device="any", memory_per_row=16 << 10)
+# the column the engine fills with the candidates' embeddings (a name no recipe column can have)
+EMBEDDINGS = "⟨embedding⟩"
 
 
 def _embeddings(rows, model, options: ExecOptions):
+    from tamis.ops.embedding import vectors
+
+    if EMBEDDINGS in rows.columns:
+        return vectors(rows[EMBEDDINGS])
     from tamis.runtime import embeddings
 
-    return embeddings.embed(model, embeddings.sample_texts(rows), progress=options.progress)
+    return embeddings.embed(model, embeddings.sample_texts(rows), progress=options.progress,
+                            pooling=sampler_embedding(model)[1]["pooling"])
 
 
 @kernel("sampler", "repr_filter", mode="global", resources=_EMB)
+@scored_input(EMBEDDINGS, sampler_embedding)
 def repr_filter(rows, model, budget: int, threshold: float, options: ExecOptions) -> list[int]:
     from tamis.runtime import samplers
 
@@ -22,6 +39,7 @@ def repr_filter(rows, model, budget: int, threshold: float, options: ExecOptions
 
 
 @kernel("sampler", "facility_location", mode="global", resources=_EMB)
+@scored_input(EMBEDDINGS, sampler_embedding)
 def facility_location(rows, model, budget: int, metric: str, options: ExecOptions) -> list[int]:
     from tamis.runtime import samplers
 
@@ -29,6 +47,7 @@ def facility_location(rows, model, budget: int, metric: str, options: ExecOption
 
 
 @kernel("sampler", "kcenter", mode="global", resources=_EMB)
+@scored_input(EMBEDDINGS, sampler_embedding)
 def kcenter(rows, model, budget: int, options: ExecOptions) -> list[int]:
     from tamis.runtime import samplers
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import polars as pl
 
+from tamis.errors import TamisError
 from tamis.ops.kernel import kernel
 
 
@@ -65,3 +66,30 @@ def is_null(x: pl.Expr) -> pl.Expr:
 @kernel("function", "count")
 def count(tags: pl.Expr) -> pl.Expr:
     return tags.list.len().cast(pl.Float64)
+
+
+@kernel("function", "win_rate")
+def win_rate(one_shot: pl.Expr, zero_shot: pl.Expr) -> pl.Expr:
+    """Nuggets' golden score: the share of anchors whose loss the row, as a one-shot prompt,
+    lowers below the zero-shot loss (instruction_main.py: log p(one-shot) > log p(zero-shot),
+    over all anchors; an anchor with nothing scored never counts as a win)."""
+    import numpy as np
+
+    def rate(cols: list[pl.Series]) -> pl.Series:
+        vectors, zero = cols
+        # the zero-shot losses: one per anchor (a foreign column, as one list); null where unscored
+        z = zero.explode().cast(pl.Float64).fill_null(float("nan")).to_numpy()
+        out = np.full(len(vectors), np.nan)
+        valid = vectors.is_not_null().to_numpy()
+        if valid.any():
+            kept = vectors.filter(vectors.is_not_null())
+            widths = kept.list.len().unique()
+            if widths.len() != 1 or widths[0] != z.shape[0]:
+                raise TamisError(f"win_rate: {sorted(widths.to_list())} one-shot losses per row but "
+                                 f"{z.shape[0]} zero-shot losses: both must be over the same anchors")
+            m = kept.cast(pl.List(pl.Float64)).list.to_array(z.shape[0]).to_numpy()
+            with np.errstate(invalid="ignore"):
+                out[valid] = (m < z).sum(axis=1) / z.shape[0]  # NaN compares false: no win
+        return pl.Series(out).fill_nan(None)
+
+    return pl.map_batches([one_shot, zero_shot], rate, return_dtype=pl.Float64)

@@ -42,3 +42,43 @@ def loss(rows, model, template, max_length, turns, options: ExecOptions) -> dict
         names={"value": "", "reason": "_reason"})
 def ppl(rows, model, template, max_length, turns, options: ExecOptions) -> dict:
     return _score(rows, model, "ppl", options, template, max_length, turns)
+
+
+# --------------------------------------------------------------------------- Nuggets
+
+
+def _anchors_key(params) -> dict:
+    from tamis.runtime.cache import CONTENT_COLUMNS, data_fingerprint
+
+    anchors = params["anchors"]
+    # the anchors' content in order (not their ids): each value of the vector is one anchor's loss
+    return {"anchors": data_fingerprint(anchors, [c for c in CONTENT_COLUMNS if c in anchors.columns]),
+            "prompt": "nuggets-sp-v1"}
+
+
+@kernel("scorer", "icl_loss", cached=True, key_params=("max_length",), key_extra=_anchors_key,
+        schema={"value": pl.List(pl.Float64), "reason": pl.String}, names={"value": "", "reason": "_reason"},
+        resources=Resources(device="any", memory_per_row=64 << 20))
+def icl_loss(rows, model, anchors, max_length, options: ExecOptions) -> dict:
+    """Nuggets: each anchor's mean answer loss with this row as the one-shot demonstration,
+    one value per anchor in the anchors' order (NaN where the anchor has nothing to score)."""
+    from tamis.runtime.nuggets import one_shot_losses
+
+    values, reasons = one_shot_losses(model, rows, anchors, scorer=_one_shot_scorer(model, anchors, max_length,
+                                                                                    options.batch_tokens),
+                                      progress=options.progress)
+    return {"value": pl.Series([None if v is None else v.tolist() for v in values], dtype=pl.List(pl.Float64)),
+            "reason": reasons}
+
+
+_ONE_SHOT: dict = {}  # the last anchor set planned: once per run, not once per cache chunk
+
+
+def _one_shot_scorer(model, anchors: pl.DataFrame, max_length: int, batch_tokens: int | None):
+    from tamis.runtime.nuggets import OneShotScorer
+
+    key = (id(model), _anchors_key({"anchors": anchors})["anchors"], max_length, batch_tokens)
+    if _ONE_SHOT.get("key") != key:
+        _ONE_SHOT.update(key=key, scorer=OneShotScorer(model, anchors, max_length=max_length,
+                                                       batch_tokens=batch_tokens))
+    return _ONE_SHOT["scorer"]

@@ -19,6 +19,7 @@ Everything here is deterministic and side-effect free except the loaders.
 from __future__ import annotations
 
 import csv
+import difflib
 import json
 import math
 from dataclasses import dataclass, field
@@ -724,6 +725,24 @@ class EfficiencyResult:
             if m.method == name:
                 return m
         raise KeyError(name)
+
+
+def area_methods(result: EfficiencyResult, names: Iterable[str], flag: str = "--areas") -> tuple[str, ...]:
+    """The placed methods `names` refers to (case is forgiven), in the order given, once each; an
+    unknown name is an error naming `flag`, with the closest method names as suggestions."""
+    placed = [m.method for m in result.methods]
+    by_lower = {m.lower(): m for m in placed}
+    chosen: list[str] = []
+    for name in names:
+        found = name if name in placed else by_lower.get(name.strip().lower())
+        if found is None:
+            close = difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.5)
+            hint = f"; did you mean {' or '.join(f'`{by_lower[c]}`' for c in close)}?" if close else ""
+            raise EfficiencyError(f"{flag} {name}: no such method on the graph{hint} "
+                                  f"(methods: {', '.join(sorted(placed, key=str.lower))})")
+        if found not in chosen:
+            chosen.append(found)
+    return tuple(chosen)
 
 
 def graph_bounds(coords: Sequence[tuple[float, float]], x_scale: XScale) -> Bounds:

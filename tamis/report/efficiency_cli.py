@@ -25,6 +25,7 @@ from tamis.report.efficiency import (
     BridgeFit,
     EfficiencyResult,
     MethodEfficiency,
+    area_methods,
     compute_efficiency,
     load_points,
     read_utf8,
@@ -271,32 +272,56 @@ _OFFSETS = [
     for r in (1.0, 2.2, 3.6)
     for dx, dy in ((7, 5), (7, -11), (-7, 5), (-7, -11), (0, 9), (0, -15), (11, -3), (-11, -3))
 ]
+# Where a user's star moves (points) when it would cover, or hide under, another marker.
+_NUDGES = [(dx * r, dy * r) for r in (1.0, 1.8, 2.6) for dx, dy in ((11, 11), (-11, 11), (11, -11), (-11, -11))]
+YOURS = "#1f4fbf"  # user points: a colour no published point or area uses
+# One colour and hatch per area asked for, so stacked areas stay apart (none is green/red/gold).
+AREA_STYLES = [("#6a3d9a", "//"), ("#1f78b4", "\\\\"), ("#e6550d", "xx"), ("#17becf", ".."),
+               ("#8c564b", "++"), ("#e377c2", "--"), ("#636363", "oo"), ("#b15928", "**")]
+AREAS_HINT = "infeasible areas: none drawn (--areas METHOD draws one)"
 
 
-def _place_labels(fig: Any, ax: Any, methods: Sequence[MethodEfficiency]) -> None:
-    """Annotate each point, trying offsets until its label overlaps no label, marker or edge."""
-    from matplotlib.transforms import Bbox
+def _gid(prefix: str, name: str) -> str:
+    """An SVG id for an artist (lets tests and stylesheets find it)."""
+    return prefix + "-" + (re.sub(r"[^A-Za-z0-9_-]+", "_", name) or "_")
+
+
+def _label(m: MethodEfficiency) -> str:
+    return m.method if m.published else f"{m.method} (yours)"
+
+
+def _place_labels(fig: Any, ax: Any, methods: Sequence[MethodEfficiency],
+                  shifts: dict[str, tuple[float, float]]) -> None:
+    """Annotate each point, trying offsets until its label overlaps no label, marker or edge.
+    `shifts`: markers drawn away from their data position (in points); labels follow them."""
+    from matplotlib.transforms import Bbox, offset_copy
 
     renderer = fig.canvas.get_renderer()
     axes_box = ax.get_window_extent(renderer)
+    to_px = fig.dpi / 72.0
     markers = []
     for m in methods:
+        sx, sy = shifts.get(m.method, (0.0, 0.0))
         px, py = ax.transData.transform((m.x, m.pir))
-        markers.append(Bbox.from_extents(px - 5, py - 5, px + 5, py + 5))
+        r = 5 if m.published else 9
+        markers.append(Bbox.from_extents(px + sx * to_px - r, py + sy * to_px - r, px + sx * to_px + r, py + sy * to_px + r))
     placed: list[Any] = []
+
+    def annotate(m: MethodEfficiency, dx: float, dy: float, **kw: Any) -> Any:
+        sx, sy = shifts.get(m.method, (0.0, 0.0))
+        where = offset_copy(ax.transData, fig=fig, x=sx, y=sy, units="points") if (sx or sy) else "data"
+        return ax.annotate(
+            _label(m), (m.x, m.pir), xycoords=where, xytext=(dx, dy), textcoords="offset points",
+            ha="left" if dx > 0 else ("right" if dx < 0 else "center"),
+            va="bottom" if dy > 0 else "top", fontsize=8,
+            color="black" if m.published else YOURS, fontweight="normal" if m.published else "bold", **kw,
+        )
+
     # Crowded points first, so they get the nearest slots.
     for m in sorted(methods, key=lambda m: (m.x, -m.pir)):
         best, best_cost = None, math.inf
         for dx, dy in _OFFSETS:
-            ann = ax.annotate(
-                m.method,
-                (m.x, m.pir),
-                xytext=(dx, dy),
-                textcoords="offset points",
-                ha="left" if dx > 0 else ("right" if dx < 0 else "center"),
-                va="bottom" if dy > 0 else "top",
-                fontsize=8,
-            )
+            ann = annotate(m, dx, dy)
             box = ann.get_window_extent(renderer)
             cost = sum(_overlap(box, other) for other in placed + markers)
             outside = box.x0 < axes_box.x0 or box.x1 > axes_box.x1 or box.y0 < axes_box.y0 or box.y1 > axes_box.y1
@@ -314,12 +339,7 @@ def _place_labels(fig: Any, ax: Any, methods: Sequence[MethodEfficiency]) -> Non
         ann, box, dx, dy = best
         if math.hypot(dx, dy) > 16:  # far from its point: draw a leader line
             ann.remove()
-            ann = ax.annotate(
-                m.method, (m.x, m.pir), xytext=(dx, dy), textcoords="offset points",
-                ha="left" if dx > 0 else ("right" if dx < 0 else "center"),
-                va="bottom" if dy > 0 else "top", fontsize=8,
-                arrowprops={"arrowstyle": "-", "color": GREY, "lw": 0.6},
-            )
+            ann = annotate(m, dx, dy, arrowprops={"arrowstyle": "-", "color": GREY, "lw": 0.6})
         placed.append(box)
 
 
@@ -327,22 +347,48 @@ def _point_colour(m: MethodEfficiency) -> str:
     return {"superior": GREEN, "inferior": RED}.get(m.position, GOLD)
 
 
-def plot_efficiency(result: EfficiencyResult, path: Path | str) -> Path:
+def _nudge_user_points(ax: Any, methods: Sequence[MethodEfficiency], dpi: float) -> dict[str, tuple[float, float]]:
+    """Offsets (points) for user points that would sit on another marker: a user point at a
+    published point's SDF and PIR must not hide under it (nor hide it)."""
+    to_px = dpi / 72.0
+    taken = [tuple(ax.transData.transform((m.x, m.pir))) for m in methods if m.published]
+    shifts: dict[str, tuple[float, float]] = {}
+    for m in methods:
+        if m.published:
+            continue
+        px, py = ax.transData.transform((m.x, m.pir))
+        for dx, dy in [(0.0, 0.0), *_NUDGES]:
+            x, y = px + dx * to_px, py + dy * to_px
+            if all(math.hypot(x - tx, y - ty) >= 12 * to_px for tx, ty in taken):
+                break
+        taken.append((x, y))
+        if dx or dy:
+            shifts[m.method] = (dx, dy)
+    return shifts
+
+
+def plot_efficiency(result: EfficiencyResult, path: Path | str, *, areas: Sequence[str] = ()) -> Path:
     """Draw the efficiency graph (like the survey's Figure 4) to a .png or .svg file.
 
-    Grey: infeasible areas; yellow: the baseline; green/red: each method's
-    vertical gap to the baseline (CEff, Eq. 5) for superior/inferior methods.
-    Hollow markers are bridge-estimated PIRs; stars are your own points.
+    Yellow: the baseline; green/red: each method's vertical gap to the baseline
+    (CEff, Eq. 5) for superior/inferior methods. Published methods are dots
+    (hollow: PIR from the bridge); your own points are hollow blue stars, moved
+    aside with a leader line when they would sit on a published point.
+    Infeasible areas are drawn only for the methods named in `areas` (all of
+    them stacked cannot be told apart), each in its own colour and hatch.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import to_rgba
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch, Polygon
+    from matplotlib.transforms import offset_copy
 
     path = Path(path)
     fmt = path.suffix.lower().lstrip(".")
     if fmt not in ("png", "svg"):
         raise TamisError(f"{path}: plot format must be .png or .svg, got {path.suffix or '(none)'}")
+    chosen = area_methods(result, areas)
 
     fig = Figure(figsize=(9, 6), dpi=150)
     FigureCanvasAgg(fig)
@@ -351,18 +397,17 @@ def plot_efficiency(result: EfficiencyResult, path: Path | str) -> Path:
     ax.set_xlim(x0, x1)
     ax.set_ylim(y0, y1)
 
-    # Every area is shaded faintly; areas that actually hold another method
-    # (the ones that make a pair incomparable) are shaded darker and outlined.
-    owners = {owner for _, owner in result.incomparable_pairs}
-    for m in result.methods:
-        strong = m.method in owners
-        for poly in m.infeasible.polygons:
-            ax.add_patch(
-                Polygon(
-                    poly, closed=True, facecolor=GREY, alpha=0.16 if strong else 0.035,
-                    edgecolor=GREY if strong else "none", lw=0.5, ls="--", zorder=1,
-                )
-            )
+    area_handles = []
+    for i, name in enumerate(chosen):
+        colour, hatch = AREA_STYLES[i % len(AREA_STYLES)]
+        style = {"facecolor": to_rgba(colour, 0.10), "edgecolor": to_rgba(colour, 0.85), "hatch": hatch, "lw": 0.8}
+        for poly in result.method(name).infeasible.polygons:
+            patch = Polygon(poly, closed=True, zorder=1, **style)
+            patch.set_gid(_gid("infeasible-area", name))
+            ax.add_patch(patch)
+        holds = [inside for inside, owner in result.incomparable_pairs if owner == name]
+        area_handles.append(Patch(**style, label=f"infeasible area of {name}"
+                                  + (f" (holds {', '.join(holds)})" if holds else "")))
 
     base = result.baseline
     ax.plot([x0, x1], [base.at(x0), base.at(x1)], color=GOLD, lw=2, zorder=2)
@@ -370,13 +415,10 @@ def plot_efficiency(result: EfficiencyResult, path: Path | str) -> Path:
         if m.position != "baseline":
             ax.plot([m.x, m.x], [m.pir, base.at(m.x)], color=_point_colour(m), lw=1.6, zorder=3)
     for m in result.methods:
-        colour = _point_colour(m)
-        ax.scatter(
-            [m.x], [m.pir], s=90 if not m.published else 46,
-            marker="*" if not m.published else "o",
-            facecolors="white" if m.pir_estimated else colour,
-            edgecolors=colour, linewidths=1.5, zorder=4,
-        )
+        if m.published:
+            colour = _point_colour(m)
+            ax.scatter([m.x], [m.pir], s=46, marker="o", facecolors="white" if m.pir_estimated else colour,
+                       edgecolors=colour, linewidths=1.5, zorder=4, gid=_gid("published-point", m.method))
     ax.set_xlabel("SDF: selected / candidate pool size" + (" (log10)" if base.x_scale == "log" else ""))
     ax.set_ylabel("PIR: same-model wins-rate ratio")
     ax.set_title("Efficiency graph (survey Sec. 6.1, Figure 4)")
@@ -385,16 +427,28 @@ def plot_efficiency(result: EfficiencyResult, path: Path | str) -> Path:
         Line2D([], [], color=GOLD, lw=2, label=f"baseline: {base.reference[0]} - {base.reference[1]}"),
         Line2D([], [], color=GREEN, lw=1.6, label="superior (above baseline)"),
         Line2D([], [], color=RED, lw=1.6, label="inferior (below baseline)"),
-        Patch(facecolor=GREY, alpha=0.08, label="infeasible areas"),
-        Patch(facecolor=GREY, alpha=0.3, edgecolor=GREY, ls="--", label="infeasible area holding another method"),
-        Line2D([], [], marker="o", ls="", markerfacecolor="white", markeredgecolor=GREY, label="PIR from bridge"),
+        Line2D([], [], marker="o", ls="", color=GREY, label="published method"),
+        Line2D([], [], marker="o", ls="", markerfacecolor="white", markeredgecolor=GREY, label="published, PIR from bridge"),
     ]
-    if any(not m.published for m in result.methods):
-        handles.append(Line2D([], [], marker="*", ls="", color=GREY, markersize=10, label="your points"))
+    yours = [m for m in result.methods if not m.published]
+    handles += [Line2D([], [], marker="*", ls="", markersize=12, markerfacecolor="white", markeredgecolor=YOURS,
+                       markeredgewidth=1.8, label=f"yours: {m.method}") for m in yours]
+    handles += area_handles or [Patch(facecolor="none", edgecolor=GREY, ls="--", lw=0.6, label=AREAS_HINT)]
     # Below the axes, so it never hides a point or label.
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.11), ncol=3, fontsize=7, frameon=False)
     fig.tight_layout()
-    _place_labels(fig, ax, result.methods)  # after layout: label boxes need final positions
+    # After layout, in display space: whether a user point would cover a published one.
+    shifts = _nudge_user_points(ax, result.methods, fig.dpi)
+    for m in yours:
+        sx, sy = shifts.get(m.method, (0.0, 0.0))
+        where = offset_copy(ax.transData, fig=fig, x=sx, y=sy, units="points") if (sx or sy) else ax.transData
+        if sx or sy:  # a leader from the true position, which stays exact
+            ax.annotate("", (m.x, m.pir), xycoords=where, xytext=(m.x, m.pir), textcoords="data",
+                        arrowprops={"arrowstyle": "-", "color": YOURS, "lw": 0.9, "shrinkA": 0, "shrinkB": 6},
+                        zorder=5)
+        ax.scatter([m.x], [m.pir], s=230, marker="*", facecolors="white", edgecolors=YOURS, linewidths=2.2,
+                   transform=where, zorder=6, gid=_gid("your-point", m.method))
+    _place_labels(fig, ax, result.methods, shifts)  # after layout: label boxes need final positions
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format=fmt)
     return path
@@ -453,9 +507,13 @@ def efficiency_html_section(result: EfficiencyResult, plot_path_or_svg_text: Pat
 # --------------------------------------------------------------------------- #
 
 
-def run_efficiency(paths: Sequence[Path | str] | None = None, *, as_json: bool = False, plot: Path | str | None = None) -> str:
-    """What `tamis efficiency [POINTS...] [--json] [--plot FILE]` prints."""
+def run_efficiency(paths: Sequence[Path | str] | None = None, *, as_json: bool = False, plot: Path | str | None = None,
+                   areas: Sequence[str] = ()) -> str:
+    """What `tamis efficiency [POINTS...] [--json] [--plot FILE] [--areas METHOD ...]` prints."""
     result = compute_efficiency(load_points(list(paths) if paths else None))
+    area_methods(result, areas)  # a typo is an error even without --plot
+    if areas and plot is None:
+        raise TamisError("--areas draws infeasible areas on the graph: add --plot FILE.svg (or .png)")
     if plot is not None:
-        plot_efficiency(result, plot)
+        plot_efficiency(result, plot, areas=areas)
     return json.dumps(efficiency_json(result), indent=2) if as_json else efficiency_markdown(result)

@@ -46,8 +46,10 @@ def markdown(report: dict) -> str:
     for s in report["stages"]:
         skipped = ", ".join(f"{k}: {v}" for k, v in s["skipped"].items()) or ""
         setup = f" ({s['model_seconds']:.1f})" if s["model_seconds"] else ""
-        lines.append(f"| `{s['label']}` | {s['rows_in']} | {s['rows_out']} | {s['seconds']:.2f}{setup} | {s['scored_rows']} "
-                     f"| {s['cached_rows']} | {skipped} |")
+        torn = s.get("torn_rows", 0)  # rows a killed run had cached in a cut-off journal chunk: computed again
+        again = f" ({torn} again: torn cache journal)" if torn > 0 else " (a torn cache journal's chunk again)" if torn else ""
+        lines.append(f"| `{s['label']}` | {s['rows_in']} | {s['rows_out']} | {s['seconds']:.2f}{setup} | {s['scored_rows']}"
+                     f"{again} | {s['cached_rows']} | {skipped} |")
     notes = [(s["label"], n) for s in report["stages"] for n in s.get("notes", [])]
     if notes:
         lines += ["", "## Notes", ""] + [f"- `{label}`: {n}" for label, n in notes]

@@ -56,6 +56,7 @@ __all__ = [
     "fingerprint",
     "open_cache",
     "row_content_hashes",
+    "row_content_keys",
 ]
 
 _VERSION = "tamis-cache-v1"  # bump when the meaning of cached bytes changes
@@ -136,46 +137,28 @@ def row_content_hashes(frame: pl.DataFrame, columns: Sequence[str] = CONTENT_COL
     """One stable hash per row of its text content (the canonical content columns
     present). Use these as score-cache row keys when ids are not content-derived
     (e.g. ShareGPT's own ids), so an edited row is never served a stale score."""
+    return row_content_keys(frame, columns).to_list()
+
+
+def row_content_keys(frame: pl.DataFrame, columns: Sequence[str] = CONTENT_COLUMNS) -> pl.Series:
+    """`row_content_hashes` as a String series named ``id`` (the executor's resume path): the blake2b-128
+    of each row's JSON text, the text written by Polars, the digests turned to hex by one table lookup."""
+    from tamis.runtime.data import blake2b_digests, hashed_rows, hex_strings
+
     present = [c for c in columns if c in frame.columns]
     if not present:
         raise CacheError(f"frame has none of the content columns {list(columns)}")
-    texts = _json_rows(frame, present)
-    if texts is None:  # a non-string content column (a conversation's `messages`): row by row
+    if all(frame.schema[c] in (pl.String, pl.Null) for c in present):
+        digests = hashed_rows(frame, present, 16)
+    else:  # a non-string content column (a conversation's `messages`): row by row
         encode = _ROW_JSON.encode
-        texts = [encode(row).encode("utf-8") for row in frame.select(present).iter_rows()]
-    base = hashlib.blake2b(digest_size=16)
-    out = []
-    for text in texts:
-        digest = base.copy()  # cheaper than a new blake2b(..., digest_size=16) per row
-        digest.update(text)
-        out.append(digest.hexdigest())
-    return out
+        digests = blake2b_digests([encode(row).encode("utf-8") for row in frame.select(present).iter_rows()], 16)
+    return hex_strings(digests, "id")
 
 
 # json.dumps(row, ensure_ascii=False, separators=(",", ":"), sort_keys=True), without building an
 # encoder per call: the row text that content hashes have always been computed from
 _ROW_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True)
-# what that encoder writes for each character it escapes in a string (json's ESCAPE_DCT)
-_JSON_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t",
-                 **{chr(i): f"\\u{i:04x}" for i in range(0x20) if chr(i) not in "\b\f\n\r\t"}}
-
-
-def _json_rows(frame: pl.DataFrame, present: Sequence[str]) -> list[bytes] | None:
-    """Each row's `_ROW_JSON` text as UTF-8 bytes, built by Polars (vectorised), when every
-    column is a string column (None otherwise): ``["instruction","input","output"]`` with json's
-    escapes, null as ``null``. Equal, byte for byte, to the row-by-row encoding (tested)."""
-    if any(frame.schema[c] not in (pl.String, pl.Null) for c in present):
-        return None
-    patterns = list(_JSON_ESCAPES)
-    replacements = [_JSON_ESCAPES[p] for p in patterns]
-    parts: list[pl.Expr] = [pl.lit("[")]
-    for i, name in enumerate(present):
-        col = pl.col(name).cast(pl.String)
-        quoted = pl.concat_str([pl.lit('"'), col.str.replace_many(patterns, replacements), pl.lit('"')])
-        parts += [pl.lit(",")] if i else []
-        parts.append(pl.when(col.is_null()).then(pl.lit("null")).otherwise(quoted))
-    parts.append(pl.lit("]"))
-    return frame.select(pl.concat_str(parts).cast(pl.Binary)).to_series().to_list()
 
 
 def data_fingerprint(frame: pl.DataFrame, columns: Sequence[str] | None = None) -> str:
@@ -217,7 +200,9 @@ def _check_shard(path: Path, columns: Mapping[str, pl.DataType], schema: Mapping
 
 
 _FRAME = struct.Struct("<4sQI")  # a journal frame's header: magic, payload bytes, CRC-32 of the payload
-_FRAME_MAGIC = b"TSJ1"
+_FRAME_MAGIC = b"TSJ1"  # read only (tamis before journals counted their rows)
+_FRAME2 = struct.Struct("<4sQII")  # the same, then the chunk's rows: a cut-off chunk still says its size
+_FRAME2_MAGIC = b"TSJ2"
 _COMPACT_ROWS = 1 << 16  # a writer turns its journal into one Parquet shard every this many rows (and at close)
 _RELIST_AFTER = 64  # shard numbers found taken in a row before a writer lists the folder again
 
@@ -263,6 +248,9 @@ class ScoreCache:
         self.disabled = disabled
         self.root = Path(root) if root is not None else default_cache_root()
         self._next: dict[Path, int] = {}  # folder -> the shard number this process tries next
+        # key -> rows of chunks cut off at the end of a journal (a killed writer's chunk in flight), as the
+        # last read of that key found them; -1: a cut-off chunk whose size is unknown (its header is cut too)
+        self.torn_rows: dict[str, int] = {}
 
     @property
     def enabled(self) -> bool:
@@ -313,19 +301,27 @@ class ScoreCache:
             hits = stored.join(wanted_frame, on="id", how="semi")
         return hits
 
-    def align(self, key: str, ids: Iterable[str] | pl.Series, schema: Mapping[str, pl.DataType]
-              ) -> tuple[pl.DataFrame, pl.Series]:
+    def align(self, key: str, ids: Iterable[str] | pl.Series, schema: Mapping[str, pl.DataType], *,
+              distinct: bool = False) -> tuple[pl.DataFrame, pl.Series]:
         """The stored results lined up with `ids` (which may repeat): a frame with one row per
         entry of `ids`, in that order — ``id`` and the columns of `schema`, null where nothing is
         stored — and a Boolean series saying which entries were found. One left join; the
         last-row-per-id pass runs only when an id asked for is stored more than once. This is
-        the executor's resume path: no Python object per row."""
+        the executor's resume path: no Python object per row.
+
+        `distinct`: the caller knows `ids` has no repeats. Then, when what is stored is exactly the
+        first rows asked for, in order (a run resumed over the same rows: its chunks were written in
+        row order), the stored rows are the answer as they are, without a join."""
         wanted = pl.DataFrame([_id_series(ids)])
         columns = {"id": pl.String, **schema}
         stored = self._read_all(key, schema, last_only=False)
         if stored is None:
             empty = wanted.with_columns([pl.lit(None, dtype=t).alias(c) for c, t in schema.items()])
             return empty.select(list(columns)), pl.Series("found", [False] * wanted.height, dtype=pl.Boolean)
+        if distinct and stored.height <= wanted.height and stored["id"].equals(wanted["id"].head(stored.height)):
+            found = pl.select((pl.int_range(wanted.height) < stored.height).alias("found")).to_series()
+            rest = wanted.slice(stored.height).with_columns([pl.lit(None, dtype=t).alias(c) for c, t in schema.items()])
+            return pl.concat([stored.select(list(columns)), rest.select(list(columns))], how="vertical"), found
         hit = "⟨found⟩"  # not a name a result column can have
         marked = stored.with_columns(pl.lit(True).alias(hit))
         joined = wanted.join(marked, on="id", how="left", maintain_order="left")
@@ -341,21 +337,27 @@ class ScoreCache:
         if self.disabled:
             return None
         folder = self.key_dir(key)
+        mark_used(folder)
         for _ in range(8):
             entries = self._entries(folder)
+            torn: list[int] = []
+            self.torn_rows.pop(key, None)
             if not entries:
                 return None
             try:
-                parts = self._read_entries(entries, None if schema is None else {"id": pl.String, **schema})
+                parts = self._read_entries(entries, None if schema is None else {"id": pl.String, **schema}, torn)
             except FileNotFoundError:
                 continue  # a writer turned a journal into a shard (or the key was cleared) meanwhile: list again
+            if torn:
+                self.torn_rows[key] = -1 if -1 in torn else sum(torn)
             if not parts:
                 return None
             merged = pl.concat(parts, how="vertical" if schema is not None else "diagonal_relaxed")
             return merged.unique(subset="id", keep="last", maintain_order=False) if last_only else merged
         raise CacheError(f"cache folder {folder} kept changing while it was read; run again")
 
-    def _read_entries(self, entries: list[_Entry], want: dict[str, pl.DataType] | None) -> list[pl.DataFrame]:
+    def _read_entries(self, entries: list[_Entry], want: dict[str, pl.DataType] | None,
+                      torn: list[int] | None = None) -> list[pl.DataFrame]:
         """The entries' rows in entry order: runs of Parquet shards with one schema are scanned
         together (one Polars scan), journals are decoded frame by frame."""
         parts: list[pl.DataFrame] = []
@@ -366,7 +368,7 @@ class ScoreCache:
                 if run:
                     parts.append(self._scan(run, want))
                     run = []
-                parts.extend(self._read_journal(entry.path, want))
+                parts.extend(self._read_journal(entry.path, want, torn))
                 continue
             columns = self._parquet_schema(entry.path)
             if want is not None:
@@ -413,23 +415,37 @@ class ScoreCache:
             raise CacheError(f"unreadable cache shard {path}: {e}; delete it to recompute those rows") from e
 
     @staticmethod
-    def _read_journal(path: Path, want: dict[str, pl.DataType] | None) -> list[pl.DataFrame]:
+    def _read_journal(path: Path, want: dict[str, pl.DataType] | None,
+                      torn: list[int] | None = None) -> list[pl.DataFrame]:
         """A journal's complete chunks. Reading stops at the first frame that is cut short or
         fails its CRC: that is the chunk a killed writer had in flight (or, after a power loss,
-        data that never reached the disk), so its rows are simply computed again."""
+        data that never reached the disk), so its rows are simply computed again. Their number
+        (from the frame's header; -1 where the header itself is cut) is appended to `torn`."""
         with open(path, "rb") as f:  # FileNotFoundError: compacted meanwhile; the caller lists again
             data = f.read()
         frames: list[pl.DataFrame] = []
         pos, end = 0, len(data)
         view = memoryview(data)
-        while pos + _FRAME.size <= end:
-            magic, size, crc = _FRAME.unpack_from(data, pos)
-            stop = pos + _FRAME.size + size
-            if magic != _FRAME_MAGIC or stop > end or zlib.crc32(view[pos + _FRAME.size:stop]) != crc:
+        while pos < end:
+            rows = -1
+            if data[pos:pos + 4] == _FRAME2_MAGIC and pos + _FRAME2.size <= end:
+                _, size, crc, rows = _FRAME2.unpack_from(data, pos)
+                head = _FRAME2.size
+            elif data[pos:pos + 4] == _FRAME_MAGIC and pos + _FRAME.size <= end:
+                _, size, crc = _FRAME.unpack_from(data, pos)
+                head = _FRAME.size
+            else:
+                head = None
+            stop = pos + head + size if head is not None else end + 1
+            if stop > end or zlib.crc32(view[pos + head:stop]) != crc:
+                if torn is not None:
+                    torn.append(rows)
                 break
             try:
-                frames.append(pl.read_ipc_stream(io.BytesIO(view[pos + _FRAME.size:stop])))
+                frames.append(pl.read_ipc_stream(io.BytesIO(view[pos + head:stop])))
             except Exception:
+                if torn is not None:
+                    torn.append(rows)
                 break
             pos = stop
         parts: list[pl.DataFrame] = []
@@ -614,6 +630,14 @@ class ScoreCache:
         self._next.pop(folder, None)
 
 
+def mark_used(folder: Path) -> None:
+    """Record that an entry is being used, for `tamis cache`'s "last use" (and `clean --older-than`):
+    its folder's mtime becomes now. One system call that creates nothing, so no reader can ever see
+    a half-written marker; a missing folder or a read-only cache is simply not marked."""
+    with contextlib.suppress(OSError):
+        os.utime(folder)
+
+
 def _id_series(ids: Iterable[str] | pl.Series) -> pl.Series:
     if isinstance(ids, pl.Series):
         return ids.rename("id") if ids.dtype == pl.String else ids.cast(pl.String).rename("id")
@@ -625,7 +649,7 @@ def _ipc_frame(rows: pl.DataFrame) -> tuple[bytes, memoryview]:
     buffer = io.BytesIO()
     rows.write_ipc_stream(buffer, compression="uncompressed")
     payload = buffer.getbuffer()
-    return _FRAME.pack(_FRAME_MAGIC, len(payload), zlib.crc32(payload)), payload
+    return _FRAME2.pack(_FRAME2_MAGIC, len(payload), zlib.crc32(payload), rows.height), payload
 
 
 def _layout_of(rows: pl.DataFrame, payload: memoryview) -> bytes:
@@ -837,7 +861,9 @@ class ArtifactCache:
         return self.root / "artifacts" / _check_key(key)
 
     def exists(self, key: str) -> bool:
-        return self.path_for(key).is_dir()
+        path = self.path_for(key)
+        mark_used(path)
+        return path.is_dir()
 
     def building(self, key: str) -> contextlib.AbstractContextManager[Path]:
         """A context yielding an empty temporary directory to build into; on success it

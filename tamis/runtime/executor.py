@@ -67,6 +67,11 @@ class StageReport:
     skipped: dict[str, int] = field(default_factory=dict)
     histogram: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)  # what a user should know (a budget left unfilled, …)
+    target: str | None = None  # `score … on DATA`: the dataset scored (its rows, not the pool's)
+    target_rows: int = 0
+    # rows whose cached values were cut off at the end of a killed run's cache journal, so computed again
+    # (-1: a cut-off chunk of unknown size); counted in scored_rows too
+    torn_rows: int = 0
 
 
 @dataclass
@@ -168,6 +173,10 @@ class LocalExecutor:
         self.scores: pl.DataFrame | None = None
         self.pool_size = 0
         self._order: list[str] = []  # the operators this run executes, in order (for "[2/4] score ifd")
+        self._hashed: pl.DataFrame | None = None  # rows whose cache keys were computed: id, content, ⟨key⟩
+        # scores of other datasets (`score … on DATA as NAME`), by column: read whole by
+        # functions such as win_rate and influence, never joined to the pool's rows
+        self._foreign: dict[str, pl.Series] = {}
 
     # ---- entry ------------------------------------------------------------
     def run(self) -> RunResult:
@@ -216,7 +225,7 @@ class LocalExecutor:
     def _op_let(self, n, a, frame, report):
         from tamis.runtime.exprs import to_polars
 
-        out = frame.with_columns(to_polars(a["expr"]).alias(a["params"]["name"]))
+        out = frame.with_columns(to_polars(a["expr"], self._foreign).alias(a["params"]["name"]))
         self._record_scores(out.select("id", a["params"]["name"]))  # --scores has every computed column
         report.histogram = _histogram(out[a["params"]["name"]]) if out[a["params"]["name"]].dtype.is_numeric() else None
         return out
@@ -224,14 +233,14 @@ class LocalExecutor:
     def _op_where(self, n, a, frame, report):
         from tamis.runtime.exprs import to_polars
 
-        return frame.filter(to_polars(a["expr"]).fill_null(False))
+        return frame.filter(to_polars(a["expr"], self._foreign).fill_null(False))
 
     def _sorted(self, a, frame) -> pl.DataFrame:
         from tamis.runtime.exprs import to_polars
 
         # the key stays beside the rows (nulls and NaNs as null, sorted last) so that a later
         # `top` can tell rows with no key, which it never picks
-        key = to_polars(a["expr"])
+        key = to_polars(a["expr"], self._foreign)
         return (frame.with_columns(key.cast(pl.Float64).fill_nan(None).alias(RANK_KEY))
                 .sort(RANK_KEY, descending=a["params"]["order"] == "desc", nulls_last=True, maintain_order=True))
 
@@ -285,8 +294,30 @@ class LocalExecutor:
             frame = keyed
         model = self._stage_model(n, report) if self._model_of(n) else None
         params = {q.name: p[q.name] for q in spec.params if q.name != "budget" and q.name in p}
+        inputs = getattr(k.fn, "scored_inputs", {})  # e.g. the candidates' embeddings, through the score cache
+        for column, needs in inputs.items():
+            frame = frame.with_columns(self._scored_input(needs(model), model, frame, report).alias(column))
         keep = call_sampler(k, frame, model, budget, params, self.cfg.options())
-        return frame[keep]
+        return frame[keep].drop(list(inputs))
+
+    def _scored_input(self, needs: tuple[str, dict], model, frame: pl.DataFrame, report: StageReport) -> pl.Series:
+        """A scorer's main values for `frame`'s rows, for a kernel that reads them (a sampler's embeddings):
+        through the score cache under the very key `score NAME using M` has, so neither recomputes the other's rows."""
+        name, params = needs
+        k = kernel_for("scorer", name)
+        schema = _schema_of(k, model, params)
+        main = next(col for col, suffix in k.names.items() if suffix == "")
+        options = replace(self.cfg.options(), progress=False)
+
+        def compute(chunk: pl.DataFrame) -> dict:
+            return call_scorer(k, chunk, model, params, options)
+
+        if k.cached:
+            cols = self._cached_rows(k.cache_key(params, getattr(model, "fingerprint", None)), frame, report,
+                                     schema, compute, {main: main})
+            return cols[main]
+        report.scored_rows += frame.height
+        return pl.Series(main, compute(frame)[main], dtype=schema[main])
 
     def _op_score(self, n, a, frame, report):
         p = a["params"]
@@ -294,6 +325,11 @@ class LocalExecutor:
         k = kernel_for("scorer", p["scorer"])
         main = next(iter(a["columns_out"]))
         params = {q.name: p[q.name] for q in spec.params if q.name in p}
+        side = self._side_datasets(n)  # data parameters (anchors=…) and the `on` target, by role
+        params.update({role: rows for role, rows in side.items() if role != "target"})
+        pool_rows = frame
+        if "target" in side:  # the stage scores another dataset; the pool's rows pass through
+            frame = side["target"]
         model = self._stage_model(n, report) if self._model_of(n) else None
         # a cached kernel's rows are counted on the stage's one bar (`_cached_rows`), not on a bar per chunk
         options = replace(self.cfg.options(), progress=False) if k.cached else self.cfg.options()
@@ -302,19 +338,35 @@ class LocalExecutor:
         def compute(chunk: pl.DataFrame) -> dict:
             return call_scorer(k, chunk, model, params, options)
 
+        schema = _schema_of(k, model, params)  # a vector's width is its model's
         if k.cached:
             cols = self._cached_rows(k.cache_key(params, getattr(model, "fingerprint", None)), frame, report,
-                                     dict(k.schema), compute, names)
+                                     schema, compute, names)
         else:
             got = compute(frame)
-            cols = pl.DataFrame({"id": frame["id"], **{name: pl.Series(got[col], dtype=k.schema[col])
+            cols = pl.DataFrame({"id": frame["id"], **{name: pl.Series(got[col], dtype=schema[col])
                                                        for col, name in names.items()}})
             report.scored_rows = frame.height
             if "reason" in got:
                 report.skipped = dict(sorted(Counter(r for r in got["reason"] if r).items()))
+        if "target" in side:
+            for col in cols.columns[1:]:
+                self._foreign[col] = cols[col]
+            report.histogram = _histogram(cols[main]) if cols[main].dtype.is_numeric() else None
+            report.target, report.target_rows = p["target"], frame.height
+            return pool_rows
         out = frame.join(cols, on="id", how="left", maintain_order="left")
         self._record_scores(cols)
         report.histogram = _histogram(out[main]) if out[main].dtype.is_numeric() else None
+        return out
+
+    def _side_datasets(self, n: str) -> dict[str, pl.DataFrame]:
+        """The other datasets a stage reads, by role ("target" for `on X`, else the parameter name)."""
+        out: dict[str, pl.DataFrame] = {}
+        for p, _, d in self.g.in_edges(n, data=True):
+            if d["flow"] == "side":
+                for role in d.get("roles", ["target"]):
+                    out[role] = self._dataset(p)
         return out
 
     def _record_scores(self, cols: pl.DataFrame) -> None:
@@ -330,17 +382,23 @@ class LocalExecutor:
         lists in `schema`), each persisted as it is done. Rows are keyed by content, so rows
         with equal content are computed once. Past the content hashes, everything here works on
         frames (one join to resume, slices or gathers per chunk), never on a Python object per row."""
-        from tamis.runtime.cache import fingerprint, row_content_hashes
+        from tamis.runtime.cache import fingerprint
 
         scores = self.cache.scores
         key = fingerprint(semantic)
         scores.describe(key, semantic)
         dtypes = {"id": pl.String, **schema}
-        row_keys = pl.Series("id", row_content_hashes(frame), dtype=pl.String)
-        values, found = scores.align(key, row_keys, schema)  # one row per frame row, null where not cached
+        row_keys = self._row_keys(frame)
+        distinct = row_keys.n_unique() == frame.height
+        # one row per frame row, null where not cached
+        values, found = scores.align(key, row_keys, schema, distinct=distinct)
+        if torn := scores.torn_rows.get(key, 0):
+            report.torn_rows = torn
+            report.notes.append((f"{torn} row(s)" if torn > 0 else "a chunk of rows") + " cut off at the end of a "
+                                "cache journal (a killed run's last chunk, or one still being written): computed again")
         row = "⟨row⟩"  # a name no result column can have
         missing = pl.DataFrame([row_keys]).with_row_index(row).filter(~found)
-        if row_keys.n_unique() == frame.height:  # no content repeated (the usual case): rows are contents
+        if distinct:  # no content repeated (the usual case): rows are contents
             report.cached_rows = frame.height - missing.height
             todo = missing[row]
         else:  # counted once each; each missing content computed once, in first-seen order, from its last row
@@ -386,6 +444,29 @@ class LocalExecutor:
             counts = reasons.value_counts(name="n").sort("reason")
             report.skipped = dict(zip(counts["reason"].to_list(), counts["n"].to_list()))
         return values.select([pl.col(col).alias(name) for col, name in names.items()]).insert_column(0, frame["id"])
+
+    def _row_keys(self, frame: pl.DataFrame) -> pl.Series:
+        """The score-cache row keys of `frame` (`row_content_keys`: a hash of each row's content), hashed
+        once per run: a later stage over the same rows, or some of them, reuses them (matched by id, and
+        used only where the rows' content is the one hashed: a dataset's ids may repeat another's)."""
+        from tamis.runtime.cache import CONTENT_COLUMNS, row_content_keys
+
+        content = [c for c in CONTENT_COLUMNS if c in frame.columns]
+        known = self._hashed
+        if known is not None and set(known.columns) == {"id", "⟨key⟩", *content}:
+            if known.height == frame.height and known.select("id", *content).equals(frame.select("id", *content)):
+                return known["⟨key⟩"].rename("id")
+            if frame.height < known.height and frame["id"].n_unique() == frame.height:
+                got = frame.select("id", *content).join(known, on="id", how="left", maintain_order="left",
+                                                        suffix="⟨known⟩")
+                same = got["⟨key⟩"].is_not_null().all() and all(
+                    got[c].eq_missing(got[c + "⟨known⟩"]).all() for c in content)
+                if same:
+                    return got["⟨key⟩"].rename("id")
+        keys = row_content_keys(frame)
+        if known is None or frame.height >= known.height:
+            self._hashed = frame.select("id", *content).with_columns(keys.alias("⟨key⟩"))
+        return keys
 
     def _stage_bar(self, report: StageReport, total: int):
         """One bar per stage: rows done of rows to do, cached rows counted at once, "[2/4] label"."""
@@ -440,6 +521,13 @@ class LocalExecutor:
 
 # --------------------------------------------------------------------------- calling kernels
 # Plain functions of (kernel, rows, model, parameters): what any engine calls on its workers.
+
+
+def _schema_of(k: Kernel, model, params: dict) -> dict:
+    """A scorer's result schema for this model: its declared one, or what its `schema_for(model, params)`
+    says where a type depends on the model (an embedding's width)."""
+    schema_for = getattr(k.fn, "schema_for", None)
+    return dict(schema_for(model, params)) if callable(schema_for) else dict(k.schema)
 
 
 def call_scorer(k: Kernel, rows: pl.DataFrame, model, params: dict, options: ExecOptions) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import polars as pl
 
 from tamis.dsl import ast
@@ -29,29 +31,38 @@ def calls_in(e: ast.Expr | None) -> list[str]:
     return out
 
 
-def to_polars(e: ast.Expr) -> pl.Expr:
-    if isinstance(e, ast.Number):
-        return pl.lit(e.value, dtype=pl.Float64)
-    if isinstance(e, ast.Bool):
-        return pl.lit(e.value)
-    if isinstance(e, ast.String):
-        return pl.lit(e.value)
-    if isinstance(e, ast.Name):
-        return pl.col(e.id)
-    if isinstance(e, ast.BinOp):
-        return _BIN[e.op](to_polars(e.left), to_polars(e.right))
-    if isinstance(e, ast.Compare):
-        return getattr(to_polars(e.left), _CMP[e.op])(to_polars(e.right))
-    if isinstance(e, ast.BoolOp):
-        left, right = to_polars(e.left), to_polars(e.right)
-        return left & right if e.op == "and" else left | right
-    if isinstance(e, ast.Not):
-        return ~to_polars(e.operand)
-    if isinstance(e, ast.Neg):
-        return -to_polars(e.operand)
-    if isinstance(e, ast.Call):
-        k = kernel_for("function", e.func)
-        if k is None:
-            raise TamisError(f"function {e.func}(...) has no local runtime implementation yet")
-        return k.fn(*[to_polars(a) for a in e.args])
-    raise TamisError(f"cannot evaluate {e.unparse()}")
+def to_polars(e: ast.Expr, foreign: Mapping[str, pl.Series] | None = None) -> pl.Expr:
+    """A checked expression as a Polars expression. `foreign`: scores of another dataset
+    (`score … on DATA as NAME`) by column name; a function taking one (`win_rate`,
+    `influence`) gets all its values as one list."""
+    foreign = foreign or {}
+
+    def conv(x: ast.Expr) -> pl.Expr:
+        if isinstance(x, ast.Number):
+            return pl.lit(x.value, dtype=pl.Float64)
+        if isinstance(x, (ast.Bool, ast.String)):
+            return pl.lit(x.value)
+        if isinstance(x, ast.Name):
+            if x.id in foreign:
+                values = foreign[x.id]
+                return pl.lit(pl.Series(x.id, [values], dtype=pl.List(values.dtype)))
+            return pl.col(x.id)
+        if isinstance(x, ast.BinOp):
+            return _BIN[x.op](conv(x.left), conv(x.right))
+        if isinstance(x, ast.Compare):
+            return getattr(conv(x.left), _CMP[x.op])(conv(x.right))
+        if isinstance(x, ast.BoolOp):
+            left, right = conv(x.left), conv(x.right)
+            return left & right if x.op == "and" else left | right
+        if isinstance(x, ast.Not):
+            return ~conv(x.operand)
+        if isinstance(x, ast.Neg):
+            return -conv(x.operand)
+        if isinstance(x, ast.Call):
+            k = kernel_for("function", x.func)
+            if k is None:
+                raise TamisError(f"function {x.func}(...) has no local runtime implementation yet")
+            return k.fn(*[conv(a) for a in x.args])
+        raise TamisError(f"cannot evaluate {x.unparse()}")
+
+    return conv(e)

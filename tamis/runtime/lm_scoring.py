@@ -400,9 +400,10 @@ def _skip_reason(
         if has_direct and prompt_len + n_direct > max_length:
             return R_TRUNCATED
         return None
-    if tmpl.rules == "superfiltering":
-        # The reference scores truncated answers on what is left; a text with nothing to
-        # score gives it a NaN loss, which its selection then drops.
+    if tmpl.rules in ("superfiltering", "nuggets"):
+        # The references score truncated answers on what is left; a text with nothing to
+        # score gives a NaN loss (Superfiltering's selection drops it) or a log-probability
+        # sum of 0 that never wins (Nuggets).
         return R_NO_ANSWER_TOKENS if n_cond <= 0 else None
     if prompt_len >= max_length:
         return R_PROMPT_TOO_LONG

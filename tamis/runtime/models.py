@@ -413,6 +413,9 @@ def _converted_gguf_folder(source: _Source, cache_root: Path | None = None) -> P
     key = _hash_parts(_gguf_identity(source), _CONVERSION_VERSION)[:24]
     target = (cache_root or cache_dir()) / "models" / key
     if (target / "config.json").is_file():
+        from tamis.runtime.cache import mark_used
+
+        mark_used(target)  # `tamis cache` reports its last use
         return target
     clean_stale_temps(target)
     with atomic_dir(target, keep_existing=True) as staging:

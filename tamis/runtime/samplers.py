@@ -114,10 +114,13 @@ def kcenter(emb: np.ndarray, budget: int, *, device: str = "auto") -> list[int]:
     t = 1
     while t < len(chosen):
         rows, approx, margin = screen.add_center(int(chosen[t - 1]))
-        _fold(x, sq, screen, rows, approx + 2 * margin, chosen[:t], exact, folded)
-        j = int(rows[np.argmax(exact[rows])])  # rows ascend: ties go to the lower index
-        if exact[j] == 0:  # every remaining row duplicates a chosen one
-            break
+        if len(rows) == 1 and approx[0] > 4 * margin:  # one possible farthest row, surely not a duplicate:
+            j = int(rows[0])  # it is the plain loop's pick, whatever its exact distance (no fold needed)
+        else:
+            _fold(x, sq, screen, rows, approx + 2 * margin, chosen[:t], exact, folded)
+            j = int(rows[np.argmax(exact[rows])])  # rows ascend: ties go to the lower index
+            if exact[j] == 0:  # every remaining row duplicates a chosen one
+                break
         chosen[t] = j
         t += 1
     return chosen[:t].tolist()

@@ -29,6 +29,13 @@ by ``max_length`` is skipped with a reason, never scored on a fragment.
 ``none`` — no template: the instruction (and the input after a newline) followed
 directly by the answer; the direct text is the answer alone. Rules ``strict``.
 
+``nuggets`` — Nuggets (pldlgb/nuggets, tasks/alpaca.py ``multiple_gen_promptify``,
+tasks/loader.py). Prompt: ``"Instruction:\n{instruction}\nInput:\n{input}\nResponse:\n"``
+(no input: without the Input part), fields stripped of surrounding whitespace, encoded
+without special tokens. Truncation: the whole text at ``max_length``; a truncated answer
+is scored on what is left, one with nothing left is skipped (the reference's sum over no
+tokens, 0, never wins). No direct text.
+
 In every case the conditioned text is ``prompt + answer`` and the answer's tokens are
 those after ``len(encode(prompt))`` — how both references locate the answer
 (``text.rfind(answer)`` then encoding the text before it).
@@ -58,7 +65,7 @@ __all__ = [
     "user_query",
 ]
 
-Rules = Literal["cherry", "superfiltering", "strict"]
+Rules = Literal["cherry", "superfiltering", "strict", "nuggets"]
 Combine = Literal["mean", "first", "last", "sum"]
 COMBINES: tuple[str, ...] = ("mean", "first", "last", "sum")
 
@@ -78,6 +85,9 @@ BARE_PROMPT_INPUT = "{instruction}\n{input}\n"
 BARE_PROMPT_NO_INPUT = "{instruction}\n"
 NONE_PROMPT_INPUT = "{instruction}\n{input}"
 NONE_PROMPT_NO_INPUT = "{instruction}"
+# Nuggets' prompt ("sp" version, tasks/alpaca.py multiple_gen_promptify).
+NUGGETS_PROMPT_INPUT = "Instruction:\n{instruction}\nInput:\n{input}\nResponse:\n"
+NUGGETS_PROMPT_NO_INPUT = "Instruction:\n{instruction}\nResponse:\n"
 
 
 @dataclass(frozen=True)
@@ -99,6 +109,7 @@ class Template:
     rules: Rules
     add_special_tokens: bool = True
     reference: str = ""
+    strip: bool = False  # fields stripped of surrounding whitespace first (Nuggets' dataset_preprocess)
 
     @property
     def is_chat(self) -> bool:
@@ -144,6 +155,17 @@ TEMPLATES: dict[str, Template] = {
     ),
     "chat": Template("chat", None, None, direct_prefix=None, direct_slack=None, rules="strict", add_special_tokens=False),
     "none": Template("none", NONE_PROMPT_INPUT, NONE_PROMPT_NO_INPUT, direct_prefix="", direct_slack=None, rules="strict"),
+    "nuggets": Template(
+        "nuggets",
+        NUGGETS_PROMPT_INPUT,
+        NUGGETS_PROMPT_NO_INPUT,
+        direct_prefix="",
+        direct_slack=None,
+        rules="nuggets",
+        add_special_tokens=False,
+        reference="pldlgb/nuggets tasks/alpaca.py, tasks/loader.py",
+        strip=True,
+    ),
 }
 
 
@@ -178,9 +200,11 @@ def answer_texts(
     when the caller has it already (it renders the template twice).
     """
     if not template.is_chat:
-        instruction = row_text(row, "instruction")
-        prompt = template.prompt(instruction, row_text(row, "input"))
-        return [ScoringText(prompt, row_text(row, "output"), template.direct_prefix or "", 0)]
+        instruction, extra, answer = (row_text(row, f) for f in ("instruction", "input", "output"))
+        if template.strip:
+            instruction, extra, answer = instruction.strip(), extra.strip(), answer.strip()
+        prompt = template.prompt(instruction, extra)
+        return [ScoringText(prompt, answer, template.direct_prefix or "", 0)]
     if tokenizer is None:
         raise ModelError("the chat template needs the model's tokenizer")
     messages = _messages(row)

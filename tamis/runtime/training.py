@@ -564,7 +564,8 @@ def _train(
         run = _Run(budget=config.micro_batch_tokens or (16384 if lm.device.type == "cuda" else 2048))
         epochs: list[EpochRecord] = []
         started = time.perf_counter()
-        bar = _progress_bar(total, progress)
+        # counted in rows, micro-batch by micro-batch: a warmup of one big step moves too
+        bar = _progress_bar(len(encoded) * config.epochs, progress)
         try:
             for epoch in range(1, config.epochs + 1):
                 record = _train_epoch(lm, model, peft_model, trainable, optimizer, encoded, config, epoch, total, warmup, run, tmp, bar)
@@ -679,14 +680,13 @@ def _train_epoch(
         lr = config.learning_rate * _lr_factor(run.step, total, warmup, config.scheduler)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch_loss, n_labels = _optimizer_step(lm, model, trainable, optimizer, batch, config, run)
+        batch_loss, n_labels = _optimizer_step(lm, model, trainable, optimizer, batch, config, run, bar)
         loss_sum += batch_loss * n_labels
         label_sum += n_labels
         run.step += 1
         run.step_losses.append(batch_loss)
         run.step_lrs.append(lr)
-        bar.update(1)
-        bar.set_postfix(epoch=epoch, loss=f"{batch_loss:.4f}", lr=f"{lr:.2e}")
+        bar.set_postfix(step=f"{run.step}/{total}", epoch=epoch, loss=f"{batch_loss:.4f}", lr=f"{lr:.2e}")
     lrs = run.step_lrs[first_step:]
     path = tmp / f"epoch-{epoch}"
     record = EpochRecord(
@@ -710,6 +710,7 @@ def _optimizer_step(
     batch: list[TrainingExample],
     config: TrainConfig,
     run: _Run,
+    bar: Any = None,
 ) -> tuple[float, int]:
     """One optimizer step over an effective batch; returns (mean answer-token loss, labels).
 
@@ -721,15 +722,21 @@ def _optimizer_step(
     started = time.perf_counter()
     while True:
         optimizer.zero_grad(set_to_none=True)
+        total, tokens, rows = 0.0, 0, 0
         try:
-            total, tokens = 0.0, 0
             for micro in _micro_batches(batch, run.budget):
                 loss_sum, n_tok = _forward_loss(lm, model, micro)
                 (loss_sum / n_labels).backward()
                 total += float(loss_sum.detach())
                 tokens += n_tok
+                rows += len(micro)
+                if bar is not None:
+                    bar.update(len(micro))
             break
         except torch.OutOfMemoryError:
+            if bar is not None:  # the step starts again: its rows are not done
+                bar.n -= rows
+                bar.refresh()
             _back_off(lm, run, max(len(e.input_ids) for e in batch))
     if config.max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_([p for _, p in trainable], config.max_grad_norm)
@@ -776,7 +783,7 @@ def _autocast(lm: LoadedLM) -> contextlib.AbstractContextManager[Any]:
 def _progress_bar(total: int, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="step", desc="warmup", disable=not enabled)
+    return tqdm(total=total, unit="row", desc="warmup", disable=not enabled)
 
 
 # --------------------------------------------------------------------------- checkpoints

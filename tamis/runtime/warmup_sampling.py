@@ -236,8 +236,11 @@ def instruction_embeddings_and_perplexity(
     max_length: int = 512,
     batch_tokens: int | None = None,
     progress: bool = True,
+    perplexity: bool = True,
+    desc: str = "pre-experience",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(mean last-hidden-state embedding [n, d] float32, whole-text perplexity [n]).
+    """(mean last-hidden-state embedding [n, d] float32, whole-text perplexity [n]; NaN
+    when `perplexity=False`, which skips the LM head altogether).
 
     Each text is encoded like ``tokenizer.encode(text, truncation=True, max_length=m)``
     and scored on its own: the embedding averages the final hidden states of its real
@@ -256,13 +259,13 @@ def instruction_embeddings_and_perplexity(
     emb: list[np.ndarray | None] = [None] * len(seqs)
     mean_loss = np.full(len(seqs), np.nan)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    bar = _progress_bar(len(seqs), progress)
+    bar = _progress_bar(len(seqs), progress, desc)
     with torch.inference_mode():
         start = 0
         while start < len(order):
             fit = max(1, budget // len(seqs[order[start]]))
             batch = order[start : start + fit]
-            e, losses = _embed_batch(lm, base, head, softcap, [seqs[i] for i in batch])
+            e, losses = _embed_batch(lm, base, head if perplexity else None, softcap, [seqs[i] for i in batch])
             for j, i in enumerate(batch):
                 emb[i] = e[j]
                 mean_loss[i] = losses[j]
@@ -289,7 +292,7 @@ def _embed_batch(
     # Causal model + right padding: real tokens never see the padding, no attention mask needed.
     hidden = base(input_ids=ids, use_cache=False).last_hidden_state
     pooled = (hidden.float() * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
-    losses = _mean_next_token_losses(hidden, head, softcap, batch)
+    losses = _mean_next_token_losses(hidden, head, softcap, batch) if head is not None else [float("nan")] * len(batch)
     return pooled.cpu().numpy(), losses
 
 
@@ -315,7 +318,7 @@ def _mean_next_token_losses(hidden: torch.Tensor, head: Any, softcap: float | No
     return [float(totals[b]) / (len(s) - 1) if len(s) > 1 else float("nan") for b, s in enumerate(batch)]
 
 
-def _progress_bar(total: int, enabled: bool) -> Any:
+def _progress_bar(total: int, enabled: bool, desc: str) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="row", desc="pre-experience", disable=not enabled)
+    return tqdm(total=total, unit="row", desc=desc, disable=not enabled)
