@@ -9,8 +9,7 @@ rows itself.
 
 from __future__ import annotations
 
-from tamis.ops import embedding as _embedding_kernel  # noqa: F401  (registers `score embedding`)
-from tamis.ops.embedding import sampler_embedding, scored_input
+from tamis.ops.embedding import sampler_embedding
 from tamis.ops.kernel import ExecOptions, Resources, kernel
 
 # the embeddings of every candidate are held at once (float32, ~384–4096 wide)
@@ -30,24 +29,21 @@ def _embeddings(rows, model, options: ExecOptions):
                             pooling=sampler_embedding(model)[1]["pooling"])
 
 
-@kernel("sampler", "repr_filter", mode="global", resources=_EMB)
-@scored_input(EMBEDDINGS, sampler_embedding)
+@kernel("sampler", "repr_filter", mode="global", resources=_EMB, scored_inputs={EMBEDDINGS: sampler_embedding})
 def repr_filter(rows, model, budget: int, threshold: float, options: ExecOptions) -> list[int]:
     from tamis.runtime import samplers
 
     return samplers.repr_filter(_embeddings(rows, model, options), budget, threshold)
 
 
-@kernel("sampler", "facility_location", mode="global", resources=_EMB)
-@scored_input(EMBEDDINGS, sampler_embedding)
+@kernel("sampler", "facility_location", mode="global", resources=_EMB, scored_inputs={EMBEDDINGS: sampler_embedding})
 def facility_location(rows, model, budget: int, metric: str, options: ExecOptions) -> list[int]:
     from tamis.runtime import samplers
 
     return samplers.facility_location(_embeddings(rows, model, options), budget, metric)
 
 
-@kernel("sampler", "kcenter", mode="global", resources=_EMB)
-@scored_input(EMBEDDINGS, sampler_embedding)
+@kernel("sampler", "kcenter", mode="global", resources=_EMB, scored_inputs={EMBEDDINGS: sampler_embedding})
 def kcenter(rows, model, budget: int, options: ExecOptions) -> list[int]:
     from tamis.runtime import samplers
 

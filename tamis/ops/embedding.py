@@ -7,14 +7,13 @@ list (`pl.Array(pl.Float32, dim)`, an Arrow fixed_size_list in the Parquet shard
 moved in and out as numpy matrices, never as a Python list per row.
 
 The diversity samplers (`tamis.ops.diversity`) declare the embedding they need as a *scored input*
-(`scored_input`): the engine computes it through this kernel and its cache before calling the
+(the kernel field `scored_inputs`): the engine computes it through this kernel and its cache before calling the
 sampler, under the same key as `score embedding using M` over the same rows and text. So a rerun, a
 resume, or a recipe that also has `score embedding using M` never encodes a row twice.
 
-Two hooks on the kernel function (read by the executor, which names no scorer):
-
-* `schema_for(model, params)`: the concrete schema — the vector's width is the model's.
-* a sampler's `scored_inputs`: {internal column: (scorer, params_for(model))}.
+Two kernel fields serve this (read by the executor, which names no scorer): this kernel's
+`schema_for(model, params)` (the vector's width is the model's) and each sampler's `scored_inputs`
+({internal column: model -> (scorer, parameters)}).
 """
 
 from __future__ import annotations
@@ -39,8 +38,14 @@ def _key_extra(params: Mapping[str, Any]) -> dict[str, Any]:
     return {"embedding": EMBEDDING_VERSION, "normalise": "l2", "llm_max_length": LLM_MAX_LENGTH}
 
 
+def _schema_for(model, params: Mapping[str, Any]) -> dict[str, pl.DataType]:
+    from tamis.runtime.embeddings import embedding_dim
+
+    return {"value": pl.Array(pl.Float32, embedding_dim(model))}
+
+
 @kernel("scorer", "embedding", cached=True, key_params=_KEY, key_extra=_key_extra, schema=_VECTOR,
-        names={"value": ""}, resources=Resources(device="any", memory_per_row=64 << 10))
+        schema_for=_schema_for, names={"value": ""}, resources=Resources(device="any", memory_per_row=64 << 10))
 def embedding(rows: pl.DataFrame, model, pooling: str, field: str, options: ExecOptions) -> dict:
     """{"value": n × dim float32 matrix}: one L2-normalised vector per row."""
     from tamis.runtime import embeddings
@@ -49,33 +54,12 @@ def embedding(rows: pl.DataFrame, model, pooling: str, field: str, options: Exec
                                       pooling=pooling)}
 
 
-def _schema_for(model, params: Mapping[str, Any]) -> dict[str, pl.DataType]:
-    from tamis.runtime.embeddings import embedding_dim
-
-    return {"value": pl.Array(pl.Float32, embedding_dim(model))}
-
-
-embedding.schema_for = _schema_for  # type: ignore[attr-defined]
-
-
 def sampler_embedding(model) -> tuple[str, dict[str, Any]]:
     """The scorer and parameters whose values a diversity sampler embeds with: `score embedding`'s
     defaults for an encoder (its own pooling, the whole row), the last token for an LLM (DEITA)."""
     from tamis.runtime.embeddings import sampler_pooling
 
     return "embedding", {"pooling": sampler_pooling(model), "field": "all"}
-
-
-def scored_input(column: str, needs: Callable[[Any], tuple[str, dict[str, Any]]]) -> Callable[[Callable], Callable]:
-    """Declare that a sampler kernel reads `column`, the values of a scorer computed (through the score
-    cache) before it runs: `needs(model)` gives (scorer name, its parameters). Callers that run the kernel
-    directly leave the column out, and the kernel computes the values itself."""
-    def wrap(fn: Callable) -> Callable:
-        inputs = dict(getattr(fn, "scored_inputs", {}))
-        inputs[column] = needs
-        fn.scored_inputs = inputs  # type: ignore[attr-defined]
-        return fn
-    return wrap
 
 
 def vectors(column: pl.Series):

@@ -87,6 +87,15 @@ class Kernel:
     source_hash: str | None = None  # plug-ins: digest of the defining file, part of every cache key
     # model kernels: a check run at plan time, before any work ((params, options) -> problem or None)
     plan_check: Callable[[Mapping[str, Any], ExecOptions], str | None] | None = None
+    # scorers whose result types depend on the model (an embedding's width): (model, params) -> schema
+    schema_for: Callable[[Any, Mapping[str, Any]], Mapping[str, pl.DataType]] | None = None
+    # samplers: columns the engine fills before the call with a scorer's values, computed through
+    # the score cache ({column: model -> (scorer name, its parameters)}), e.g. the candidates' embeddings
+    scored_inputs: Mapping[str, Callable[[Any], tuple[str, dict[str, Any]]]] = field(default_factory=dict)
+
+    def result_schema(self, model: Any, params: Mapping[str, Any]) -> dict[str, pl.DataType]:
+        """The result columns' types for this model: the declared ones, or what `schema_for` says."""
+        return dict(self.schema_for(model, params)) if self.schema_for else dict(self.schema)
 
     @property
     def wants_options(self) -> bool:

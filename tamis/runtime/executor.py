@@ -294,7 +294,7 @@ class LocalExecutor:
             frame = keyed
         model = self._stage_model(n, report) if self._model_of(n) else None
         params = {q.name: p[q.name] for q in spec.params if q.name != "budget" and q.name in p}
-        inputs = getattr(k.fn, "scored_inputs", {})  # e.g. the candidates' embeddings, through the score cache
+        inputs = k.scored_inputs  # e.g. the candidates' embeddings, through the score cache
         for column, needs in inputs.items():
             frame = frame.with_columns(self._scored_input(needs(model), model, frame, report).alias(column))
         keep = call_sampler(k, frame, model, budget, params, self.cfg.options())
@@ -305,7 +305,7 @@ class LocalExecutor:
         through the score cache under the very key `score NAME using M` has, so neither recomputes the other's rows."""
         name, params = needs
         k = kernel_for("scorer", name)
-        schema = _schema_of(k, model, params)
+        schema = k.result_schema(model, params)
         main = next(col for col, suffix in k.names.items() if suffix == "")
         options = replace(self.cfg.options(), progress=False)
 
@@ -338,7 +338,7 @@ class LocalExecutor:
         def compute(chunk: pl.DataFrame) -> dict:
             return call_scorer(k, chunk, model, params, options)
 
-        schema = _schema_of(k, model, params)  # a vector's width is its model's
+        schema = k.result_schema(model, params)  # a vector's width is its model's
         if k.cached:
             cols = self._cached_rows(k.cache_key(params, getattr(model, "fingerprint", None)), frame, report,
                                      schema, compute, names)
@@ -521,13 +521,6 @@ class LocalExecutor:
 
 # --------------------------------------------------------------------------- calling kernels
 # Plain functions of (kernel, rows, model, parameters): what any engine calls on its workers.
-
-
-def _schema_of(k: Kernel, model, params: dict) -> dict:
-    """A scorer's result schema for this model: its declared one, or what its `schema_for(model, params)`
-    says where a type depends on the model (an embedding's width)."""
-    schema_for = getattr(k.fn, "schema_for", None)
-    return dict(schema_for(model, params)) if callable(schema_for) else dict(k.schema)
 
 
 def call_scorer(k: Kernel, rows: pl.DataFrame, model, params: dict, options: ExecOptions) -> dict:
