@@ -83,8 +83,12 @@ def _check_outputs(outputs: dict, inputs: list) -> None:
 
 
 def _inputs_of(compiled: list) -> list[Path]:
-    """The files a set of compiled recipes read: their own files and those they splice."""
-    return [Path(p) for c in compiled for p in [c.recipe.path, *(u["path"] for u in c.graph.graph.get("uses", []))] if p]
+    """The files a set of compiled recipes read: their own files, those they splice, and the
+    datasets they `load`."""
+    loads = [a["params"]["path"] for c in compiled for _, a in c.graph.nodes(data=True)
+             if a.get("kind") == "dataset" and a.get("source") == "load" and a.get("params", {}).get("path")]
+    return [Path(p) for c in compiled for p in [c.recipe.path, *(u["path"] for u in c.graph.graph.get("uses", []))]
+            if p] + [Path(p) for p in loads]
 
 
 def _compile_or_exit(recipes: list[str]):

@@ -128,8 +128,17 @@ SCORERS: dict[str, ScorerSpec] = {
                    (Param("max_length", "count", 2048),), source="hkust-nlp/deita scorer"),
         ScorerSpec("grads", "LESS per-sample LoRA gradient features, Adam-preconditioned for training data, randomly projected",
                    {"": "vector"}, "lora_llm",
-                   (Param("dim", "count", 8192), Param("seed", "seed", 0),
-                    Param("precondition", "string", "auto", ("auto", "adam", "none"))),
+                   (Param("dim", "count", 8192, doc="random projection width"),
+                    Param("seed", "seed", 0, doc="the Rademacher projection's seed"),
+                    Param("precondition", "string", "auto", ("auto", "adam", "none"),
+                          "adam: Adam-preconditioned (training rows); none: plain gradients (target rows); "
+                          "auto: adam for the pool's rows, none for `on TARGET`"),
+                    Param("checkpoints", "string", "all", ("all", "last"),
+                          "the warmup checkpoints summed: every epoch's (LESS) or the last only"),
+                    Param("weights", "string", "lr", ("lr", "uniform"),
+                          "each checkpoint's weight in the sum: its epoch's mean learning rate (LESS), "
+                          "renormalised to 1, or equal weights"),
+                    Param("max_length", "count", 512, doc="truncation length in tokens")),
                    source="princeton-nlp/LESS less/data_selection", needs_optimizer_state=True),
         ScorerSpec("icl_loss", "Nuggets one-shot losses: each anchor's answer loss with this row as a one-shot prefix",
                    {"": "vector"}, "local_llm",
@@ -176,7 +185,8 @@ FUNCTIONS: dict[str, FunctionSpec] = {
         FunctionSpec("count", "the number of tags", ("tags",), "float"),
         FunctionSpec("win_rate", "Nuggets golden score: fraction of anchors whose loss the one-shot prompt lowers",
                      ("vector", "foreign"), "float"),
-        FunctionSpec("influence", "LESS: cosine of train and target gradients, mean over a subtask's examples, max over subtasks",
+        FunctionSpec("influence", "LESS: checkpoint-weighted cosine of train and target gradients, mean over the "
+                     "target's rows (per subtask when its rows have a `subtask` field, then the max)",
                      ("vector", "foreign"), "float"),
     ]
 }

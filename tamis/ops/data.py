@@ -51,3 +51,18 @@ def anchors(params: Mapping, env: BuildEnv) -> pl.DataFrame:
             (out / "anchors.json").write_text(json.dumps({"positions": picked, "ids": rows["id"].gather(picked).to_list()}))
     picked = json.loads((env.artifacts.path_for(key) / "anchors.json").read_text())["positions"]
     return rows[picked]
+
+
+@kernel("data", "load")
+def load(params: Mapping, env: BuildEnv) -> pl.DataFrame:
+    """A dataset the recipe names (a target set, an evaluation set): read like the pool, with the
+    same formats and row checks; a bad row stops the run with its file, row and field. A relative
+    path is taken from the working directory, as `--pool` is."""
+    from tamis.runtime.data import load_pool
+
+    frame = load_pool(params["path"], format=params.get("format", "auto")).frame
+    if frame.height == 0:
+        from tamis.errors import TamisError
+
+        raise TamisError(f"{params['path']}: no rows in the dataset `{env.label}`")
+    return frame

@@ -93,3 +93,42 @@ def win_rate(one_shot: pl.Expr, zero_shot: pl.Expr) -> pl.Expr:
         return pl.Series(out).fill_nan(None)
 
     return pl.map_batches([one_shot, zero_shot], rate, return_dtype=pl.Float64)
+
+
+@kernel("function", "influence")
+def influence(train: pl.Expr, target: pl.Expr) -> pl.Expr:
+    """LESS: the mean over the target rows of Σ_c w_c ⟨train_c, target_c⟩. The `grads` vectors hold
+    each checkpoint's L2-normalised features scaled by √w_c, so this is the mean dot product — and,
+    being linear, the dot product with the target rows' mean vector (matching.py computes the whole
+    train × target matrix, then its mean over a subtask's columns: the same number). Several
+    subtasks: one target set each, `max(influence(g, t1), influence(g, t2))`, as matching.py's max."""
+    import numpy as np
+
+    def dot_mean(cols: list[pl.Series]) -> pl.Series:
+        vectors, targets = cols
+        t = targets[0]  # the target set's vectors (a foreign column, as one list)
+        t = t.filter(t.is_not_null())
+        if len(t) == 0:
+            raise TamisError("influence: the target set has no gradient features (every target row was skipped)")
+        centre = _matrix(t).astype(np.float64).mean(axis=0)
+        out = np.full(len(vectors), np.nan)
+        valid = vectors.is_not_null().to_numpy()
+        if valid.any():
+            x = _matrix(vectors.filter(vectors.is_not_null()))
+            if x.shape[1] != centre.shape[0]:
+                raise TamisError(f"influence: training vectors have {x.shape[1]} values, target vectors "
+                                 f"{centre.shape[0]}: score both with the same model, dim and checkpoints")
+            out[valid] = x.astype(np.float64) @ centre
+        return pl.Series(out).fill_nan(None)
+
+    return pl.map_batches([train, target], dot_mean, return_dtype=pl.Float64)
+
+
+def _matrix(vectors: pl.Series):
+    """Rows of a vector column (fixed-size or list) as one 2-D numpy array, without Python lists."""
+    if isinstance(vectors.dtype, pl.List):
+        width = vectors.list.len()
+        if width.n_unique() != 1:
+            raise TamisError("influence: vectors of different lengths in one column")
+        vectors = vectors.list.to_array(int(width[0]))
+    return vectors.to_numpy()

@@ -207,6 +207,9 @@ class LoadedLM:
     dtype: torch.dtype
     name: str
     fingerprint: str
+    # a warmed-up model: its base and every epoch's checkpoint (`tamis.runtime.warmup.Checkpoints`), for
+    # operators that read the training itself (LESS' per-checkpoint gradients); None otherwise
+    checkpoints: Any = None
 
 
 @dataclass(frozen=True)

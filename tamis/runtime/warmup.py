@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -69,4 +70,29 @@ def warm_up(base, pool: pl.DataFrame, params: dict, artifacts, cfg, *, label: st
                             cache_root=getattr(cfg, "cache_dir", None))
     else:
         lm = load_causal_lm(str(final), device=cfg.device, dtype=cfg.dtype)
+    lm.checkpoints = Checkpoints.of(base, final.parent, key, config)
     return lm, summary
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """A warmup's epochs, as LESS reads them: each epoch's folder (adapter, Adam moments when kept)
+    and its mean learning rate, with the base model the adapters apply to."""
+
+    base: Any  # LoadedLM
+    folders: tuple[Path, ...]
+    mean_lrs: tuple[float, ...]
+    key: str  # the warmup's artifact key
+    config: dict
+
+    @classmethod
+    def of(cls, base, model_dir: Path, key: str, config) -> "Checkpoints":
+        from tamis.runtime.training import STATE_FILE
+
+        folders = sorted((p for p in model_dir.glob("epoch-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
+        lrs = tuple(float(json.loads((p / STATE_FILE).read_text())["mean_lr"]) for p in folders)
+        return cls(base, tuple(folders), lrs, key, config.to_json())
+
+    @property
+    def lora(self) -> bool:
+        return bool(self.folders) and (self.folders[-1] / "adapter_config.json").is_file()

@@ -1,0 +1,88 @@
+"""LESS end to end: `score grads` at every warmup checkpoint, `influence` over a target set, in a
+recipe run on the tiny GPT-2 — checked against the features of each checkpoint computed directly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from tamis.dsl.compile import compile_text
+from tamis.runtime.executor import LocalExecutor, RunConfig
+
+FIX = Path(__file__).parent / "fixtures" / "data"
+POOL = pl.read_ndjson(FIX / "pool_small.jsonl")
+
+
+def _recipe(target: Path, checkpoints: str = "all", weights: str = "lr") -> str:
+    return f"""
+data target = load("{target}")
+model warm = warmup(pfm, 50%, lora(r=4, alpha=8, dropout=0.1), epochs=2, lr=1e-2, batch=2, max_length=64)
+score grads using warm with dim=64, checkpoints="{checkpoints}", weights="{weights}", max_length=64 as train_grads
+| score grads using warm on target with dim=64, checkpoints="{checkpoints}", weights="{weights}", max_length=64 as target_grads
+| rank by influence(train_grads, target_grads) desc
+| top 25%
+"""
+
+
+@pytest.fixture
+def target(tmp_path) -> Path:
+    path = tmp_path / "target.jsonl"
+    rows = [{"instruction": "What is the capital of France?", "input": "", "output": "Paris."},
+            {"instruction": "Name a colour.", "input": "", "output": "Blue."},
+            {"instruction": "Translate 'cat' into French.", "input": "", "output": "Chat."}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _direct(warm, rows: pl.DataFrame, precondition: str, folders, weights) -> np.ndarray:
+    from tamis.runtime.less import gradient_features
+
+    return [gradient_features(warm.checkpoints.base, f, rows, dim=64, seed=0, precondition=precondition,
+                              max_length=64, progress=False).features for f in folders]
+
+
+@pytest.mark.parametrize("checkpoints,weights", [("all", "lr"), ("last", "uniform")])
+def test_less_recipe_influence_is_the_weighted_sum_over_checkpoints(tiny_gpt2_dir, target, tmp_path, checkpoints,
+                                                                     weights):
+    cfg = RunConfig(pool=str(FIX / "pool_small.jsonl"), pfm=tiny_gpt2_dir, dtype="fp32",
+                    cache_dir=str(tmp_path / "cache"), progress=False)
+    ex = LocalExecutor(compile_text(_recipe(target, checkpoints, weights)).graph, cfg)
+    res = ex.run()
+    warm = next(m for m in ex._models.values() if getattr(m, "checkpoints", None) is not None)
+    ck = warm.checkpoints
+    assert len(ck.folders) == 2
+    folders, lrs = (list(ck.folders), list(ck.mean_lrs)) if checkpoints == "all" else ([ck.folders[-1]], [1.0])
+    w = np.array(lrs if weights == "lr" else [1.0] * len(folders))
+    w = w / w.sum()
+    train = _direct(warm, POOL, "adam", folders, w)
+    tgt = _direct(warm, pl.read_ndjson(target), "none", folders, w)
+    want = sum(wc * (tr.astype(np.float64) @ tg.astype(np.float64).T).mean(axis=1) for wc, tr, tg in zip(w, train, tgt))
+    # a row the warmup's encoding skips (nothing left to score at max_length=64) has no features,
+    # says why, and is never picked
+    skipped = res.scores.filter(pl.col("train_grads").is_null())
+    assert skipped["id"].to_list() == [i for i, v in zip(POOL["id"], want) if np.isnan(v)]
+    assert skipped["train_grads_reason"].null_count() == 0
+    scores = ex._frames[next(n for n in ex._order if ex.g.nodes[n]["op"] in ("topk", "rank"))]
+    by_id = {i: v for i, v in zip(POOL["id"], want) if not np.isnan(v)}
+    ranked = sorted(by_id, key=lambda i: -by_id[i])
+    assert res.selected["id"].to_list() == ranked[:2]
+    key = scores.select("id", pl.col("⟨rank key⟩")).to_dicts()
+    for row in key:
+        assert row["⟨rank key⟩"] == pytest.approx(by_id[row["id"]], rel=1e-5, abs=1e-7)
+    # each cached vector is the checkpoints' normalised features scaled by √w_c
+    first = np.asarray(res.scores["train_grads"].drop_nulls()[0], dtype=np.float64)
+    assert np.linalg.norm(first) == pytest.approx(1.0, rel=1e-5)  # Σ_c w_c · 1
+
+
+def test_less_needs_a_lora_warmup(tiny_gpt2_dir, target, tmp_path):
+    from tamis.errors import TamisError
+
+    text = _recipe(target).replace("lora(r=4, alpha=8, dropout=0.1), ", "")
+    cfg = RunConfig(pool=str(FIX / "pool_small.jsonl"), pfm=tiny_gpt2_dir, dtype="fp32",
+                    cache_dir=str(tmp_path / "cache"), progress=False)
+    with pytest.raises(TamisError, match="LoRA"):
+        LocalExecutor(compile_text(text).graph, cfg).run()
