@@ -1,0 +1,237 @@
+#!/usr/bin/env python
+"""LESS gradient-feature throughput: the reference loop versus tamis' batched features.
+
+One process, one model (the offline SmolLM2-135M, fp32), one LoRA warmup, the same rows:
+
+  (a) reference — a re-implementation of princeton-nlp/LESS less/data_selection/
+      collect_grad_reps.py (collect_grads): batch size 1, ``model(**batch).loss`` over
+      full-vocabulary logits, one ``backward()`` per row, the ``p.grad`` of every LoRA
+      weight concatenated, Adam-preconditioned with the checkpoint's moments (training
+      rows) or left plain (target rows), ``model.zero_grad()``, and the stacked gradients
+      projected every 16 rows, rows L2-normalised at the end. Differences, on purpose:
+      the projection is tamis' `RademacherProjector` (not TRAK's, so both sides give the
+      same features), applied in float32 (the reference casts the gradients to fp16 first);
+  (b) tamis — `tamis.runtime.less.gradient_features`: length-bucketed batches, one
+      forward + backward per batch, per-row LoRA gradients from hooks, answer-only LM
+      head, projection of every buffered row per pass over the matrix.
+
+The adapter: a real LoRA warmup (`train_warmup`, save_optimizer_state=True) on a few
+ShareGPT rows, two epochs (two checkpoints with Adam moments and mean learning rates).
+Training rows get Adam features, target rows plain ones, at every checkpoint; influence
+is LESS's matching (`tamis.runtime.less.influence`, two target subtasks).
+
+Reported: seconds and features/s of each, the time by phase (model forward+backward,
+Adam step, projection — of which generating the matrix), tokens, `speedup` (a / b),
+`max_rel_diff` (max over rows and checkpoints of |f_tamis - f_ref| / |f_ref|),
+`influence_spearman` (Spearman correlation of the training rows' influence scores, tamis
+vs reference). The last line is one JSON object.
+
+    python benchmarks/less_gradients.py --quick         # a few minutes on 2 CPU cores
+    python benchmarks/less_gradients.py --rows 256 --dim 8192 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from _machine import machine, machine_line  # noqa: E402
+from ifd_throughput import rows_file, sharegpt_first_turns  # noqa: E402
+
+from tamis.runtime.less import (  # noqa: E402
+    RademacherProjector,
+    adam_precondition,
+    adapter,
+    checkpoint_weights,
+    gradient_features,
+    influence,
+)
+from tamis.runtime.models import LoadedLM, dtype_name, load_causal_lm, smollm2_asset  # noqa: E402
+from tamis.runtime.training import TrainConfig, encode_training_examples, load_optimizer_moments, train_warmup  # noqa: E402
+
+PROJECT_INTERVAL = 16  # collect_grads: project every 16 rows
+
+
+# --------------------------------------------------------------------------- the reference
+
+
+def reference_features(lm: LoadedLM, checkpoint: Path, examples, dim: int, adam: bool) -> tuple[np.ndarray, dict]:
+    """collect_grads, row by row (see the module note). Returns ([n, dim] normalised, phase seconds)."""
+    dev = lm.device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    t = {"model": 0.0, "precondition": 0.0, "projection": 0.0}
+    with adapter(lm, checkpoint) as model:
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        if adam:  # prepare_optimizer_state
+            m, v, _ = load_optimizer_moments(checkpoint)
+            avg = torch.cat([m[n].view(-1) for n in names]).to(dev)
+            avg_sq = torch.cat([v[n].view(-1) for n in names]).to(dev)
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        projector = RademacherProjector(n_params, dim, seed=0, device=dev)
+        full, projected = [], []
+
+        def project() -> None:
+            sync()
+            t0 = time.perf_counter()
+            projected.append(projector.project(torch.stack(full)).cpu())
+            sync()
+            t["projection"] += time.perf_counter() - t0
+            full.clear()
+
+        for count, ex in enumerate(examples, 1):
+            sync()
+            t0 = time.perf_counter()
+            ids = torch.tensor([ex.input_ids], device=dev)
+            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([ex.labels], device=dev)}
+            loss = model(**batch).loss
+            loss.backward()
+            g = torch.cat([p.grad.view(-1) for _, p in model.named_parameters() if p.grad is not None])
+            sync()
+            t1 = time.perf_counter()
+            if adam:  # obtain_gradients_with_adam
+                g = adam_precondition(g, avg, avg_sq)
+            sync()
+            t2 = time.perf_counter()
+            full.append(g)
+            model.zero_grad()
+            t["model"] += t1 - t0
+            t["precondition"] += t2 - t1
+            if count % PROJECT_INTERVAL == 0:
+                project()
+        if full:
+            project()
+    t["generating"] = projector.seconds_generating
+    return F.normalize(torch.cat(projected), dim=1).numpy(), t
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="model folder or .gguf (default: offline SmolLM2-135M)")
+    ap.add_argument("--rows", type=int, default=64, help="training rows to featurise")
+    ap.add_argument("--targets", type=int, default=8, help="target rows (plain gradients), split into two subtasks")
+    ap.add_argument("--warmup-rows", type=int, default=16)
+    ap.add_argument("--dim", type=int, default=8192)
+    ap.add_argument("--lora-r", type=int, default=8)
+    ap.add_argument("--lora-targets", default="q_proj,v_proj")
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--batch-tokens", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quick", action="store_true", help="16 rows, 4 targets, r=8 on q/v, dim 1024, max_length 256")
+    ap.add_argument("--data", type=Path, default=None, help="a JSONL file of rows instead of the packaged ShareGPT")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.rows, args.targets, args.warmup_rows, args.dim, args.max_length = 16, 4, 8, 1024, 256
+
+    lm = load_causal_lm(args.model or smollm2_asset(), device=args.device, dtype="fp32")
+    info = machine(dtype=dtype_name(lm.dtype), device=str(lm.device))
+    print(machine_line(info), flush=True)
+    n_all = args.warmup_rows + args.rows + args.targets
+    rows = rows_file(args.data, n_all) if args.data else sharegpt_first_turns(n_all)
+    warm_rows = rows[: args.warmup_rows]
+    train_rows = rows[args.warmup_rows : args.warmup_rows + args.rows]
+    target_rows = rows[args.warmup_rows + args.rows :]
+
+    cfg = TrainConfig(lora_r=args.lora_r, lora_alpha=4 * args.lora_r, lora_dropout=0.1,
+                      target_modules=tuple(args.lora_targets.split(",")), epochs=2, batch_size=4,
+                      learning_rate=1e-3, warmup_ratio=0.0, max_length=args.max_length, save_optimizer_state=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        train_warmup(lm, warm_rows, cfg, Path(tmp) / "warmup", progress=False)
+        t_warm = time.perf_counter() - t0
+        ckpts, weights = checkpoint_weights(Path(tmp) / "warmup")
+        train_ex, _ = encode_training_examples(lm, train_rows, cfg.template, cfg.max_length)
+        target_ex, _ = encode_training_examples(lm, target_rows, cfg.template, cfg.max_length)
+        tokens = sum(len(e.input_ids) for e in train_ex + target_ex)
+        answer = sum(e.n_answer_tokens for e in train_ex + target_ex)
+        print(f"model {lm.name} on {lm.device}, {dtype_name(lm.dtype)}; LoRA r={args.lora_r} on {args.lora_targets}; "
+              f"warmup on {len(warm_rows)} rows, {len(ckpts)} checkpoints ({t_warm:.1f} s); {len(train_ex)} training rows "
+              f"(Adam) + {len(target_ex)} target rows (plain) per checkpoint; dim {args.dim}; max_length {args.max_length}; "
+              f"{tokens} tokens per checkpoint, {answer / tokens:.0%} of them answer tokens", flush=True)
+
+        # Untimed warm-up of both paths (one-time costs: the split check, allocator, kernels).
+        reference_features(lm, ckpts[0], train_ex[:2], 64, adam=True)
+        gradient_features(lm, ckpts[0], train_ex[:2], dim=64, progress=False)
+
+        ref_train, ref_target, ref_t = [], [], {"model": 0.0, "precondition": 0.0, "projection": 0.0, "generating": 0.0}
+        t0 = time.perf_counter()
+        for c in ckpts:
+            for ex, adam, out in ((train_ex, True, ref_train), (target_ex, False, ref_target)):
+                f, t = reference_features(lm, c, ex, args.dim, adam)
+                out.append(f)
+                for k in ref_t:
+                    ref_t[k] += t[k]
+        t_ref = time.perf_counter() - t0
+
+        tam_train, tam_target = [], []
+        tam_t = {"model": 0.0, "precondition": 0.0, "projection": 0.0, "generating": 0.0}
+        batches = padded = 0
+        t0 = time.perf_counter()
+        for c in ckpts:
+            for ex, pre, out in ((train_ex, "adam", tam_train), (target_ex, "none", tam_target)):
+                r = gradient_features(lm, c, ex, dim=args.dim, seed=0, precondition=pre,
+                                      batch_tokens=args.batch_tokens, progress=False)
+                out.append(r.features)
+                s = r.stats
+                tam_t["model"] += s.seconds_gradients
+                tam_t["precondition"] += s.seconds_precondition
+                tam_t["projection"] += s.seconds_projection
+                tam_t["generating"] += s.seconds_generating
+                batches += s.batches
+                padded += s.padded_tokens
+        t_tam = time.perf_counter() - t0
+
+    ref_all = np.concatenate(ref_train + ref_target)
+    tam_all = np.concatenate(tam_train + tam_target)
+    rel = float(np.max(np.linalg.norm(tam_all - ref_all, axis=1) / np.linalg.norm(ref_all, axis=1)))
+    subtasks = [j % 2 for j in range(len(target_ex))]
+    inf_ref = influence(np.stack(ref_train, axis=1), np.stack(ref_target, axis=1), weights, subtasks)
+    inf_tam = influence(np.stack(tam_train, axis=1), np.stack(tam_target, axis=1), weights, subtasks)
+    rho = _spearman(inf_ref, inf_tam)
+    n_feat = len(ckpts) * (len(train_ex) + len(target_ex))
+    phases = lambda t: ", ".join(f"{k} {v:.1f} s" for k, v in t.items())  # noqa: E731
+    print(f"reference: {t_ref:.1f} s, {n_feat / t_ref:.2f} features/s ({phases(ref_t)}); "
+          f"{n_feat} rows one at a time, {sum(-(-len(e) // PROJECT_INTERVAL) for e in (train_ex, target_ex)) * len(ckpts)} projection passes")
+    print(f"tamis:     {t_tam:.1f} s, {n_feat / t_tam:.2f} features/s ({phases(tam_t)}); "
+          f"{batches} batches, {padded} padded tokens for {tokens * len(ckpts)} real")
+    print(f"speedup {t_ref / t_tam:.2f}x (model phase {ref_t['model'] / max(tam_t['model'], 1e-9):.2f}x); "
+          f"max relative feature difference {rel:.2e}; influence Spearman {rho:.6f}")
+    result = {
+        "benchmark": "less_gradients", "machine": info, "model": lm.name, "device": str(lm.device),
+        "dtype": dtype_name(lm.dtype), "rows": len(train_ex), "targets": len(target_ex), "checkpoints": len(ckpts),
+        "dim": args.dim, "lora_r": args.lora_r, "lora_targets": args.lora_targets, "max_length": args.max_length,
+        "tokens_per_checkpoint": tokens, "answer_token_share": round(answer / tokens, 3),
+        "reference_seconds": round(t_ref, 2), "tamis_seconds": round(t_tam, 2),
+        "reference_phases": {k: round(v, 2) for k, v in ref_t.items()},
+        "tamis_phases": {k: round(v, 2) for k, v in tam_t.items()},
+        "reference_features_per_second": round(n_feat / t_ref, 3), "tamis_features_per_second": round(n_feat / t_tam, 3),
+        "speedup": round(t_ref / t_tam, 2), "model_phase_speedup": round(ref_t["model"] / max(tam_t["model"], 1e-9), 2),
+        "max_rel_diff": rel, "influence_spearman": rho,
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
