@@ -138,23 +138,32 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--batch-tokens", type=int, default=None)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--quick", action="store_true", help="16 rows, 4 targets, r=8 on q/v, dim 1024, max_length 256")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--quick", action="store_true",
+                    help="16 rows, 4 targets, warmup on 4, r=8 on q/v, dim 1024, max_length 256")
     ap.add_argument("--data", type=Path, default=None, help="a JSONL file of rows instead of the packaged ShareGPT")
     args = ap.parse_args(argv)
     if args.quick:
-        args.rows, args.targets, args.warmup_rows, args.dim, args.max_length = 16, 4, 8, 1024, 256
+        args.rows, args.targets, args.warmup_rows, args.dim, args.max_length = 16, 4, 4, 1024, 256
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     lm = load_causal_lm(args.model or smollm2_asset(), device=args.device, dtype="fp32")
     info = machine(dtype=dtype_name(lm.dtype), device=str(lm.device))
     print(machine_line(info), flush=True)
-    n_all = args.warmup_rows + args.rows + args.targets
-    rows = rows_file(args.data, n_all) if args.data else sharegpt_first_turns(n_all)
-    warm_rows = rows[: args.warmup_rows]
-    train_rows = rows[args.warmup_rows : args.warmup_rows + args.rows]
-    target_rows = rows[args.warmup_rows + args.rows :]
+    # Rows whose prompt leaves room for an answer within max_length (others have no feature).
+    want = args.warmup_rows + args.rows + args.targets
+    pool = rows_file(args.data, 4 * want) if args.data else sharegpt_first_turns(4 * want)
+    examples, _ = encode_training_examples(lm, pool, "alpaca", args.max_length)
+    usable = [pool[e.row] for e in examples]
+    if len(usable) < want:
+        raise SystemExit(f"only {len(usable)} of {len(pool)} rows fit max_length {args.max_length}; {want} needed")
+    warm_rows = usable[: args.warmup_rows]
+    train_rows = usable[args.warmup_rows : args.warmup_rows + args.rows]
+    target_rows = usable[args.warmup_rows + args.rows : want]
 
     cfg = TrainConfig(lora_r=args.lora_r, lora_alpha=4 * args.lora_r, lora_dropout=0.1,
-                      target_modules=tuple(args.lora_targets.split(",")), epochs=2, batch_size=4,
+                      target_modules=tuple(args.lora_targets.split(",")), epochs=2, batch_size=2,
                       learning_rate=1e-3, warmup_ratio=0.0, max_length=args.max_length, save_optimizer_state=True)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -174,33 +183,34 @@ def main(argv: list[str] | None = None) -> dict:
         reference_features(lm, ckpts[0], train_ex[:2], 64, adam=True)
         gradient_features(lm, ckpts[0], train_ex[:2], dim=64, progress=False)
 
-        ref_train, ref_target, ref_t = [], [], {"model": 0.0, "precondition": 0.0, "projection": 0.0, "generating": 0.0}
-        t0 = time.perf_counter()
-        for c in ckpts:
-            for ex, adam, out in ((train_ex, True, ref_train), (target_ex, False, ref_target)):
-                f, t = reference_features(lm, c, ex, args.dim, adam)
-                out.append(f)
-                for k in ref_t:
-                    ref_t[k] += t[k]
-        t_ref = time.perf_counter() - t0
-
-        tam_train, tam_target = [], []
-        tam_t = {"model": 0.0, "precondition": 0.0, "projection": 0.0, "generating": 0.0}
+        # Interleaved (reference, tamis, tamis, reference, ...) so that a busy machine slows both alike.
+        ref_train, ref_target, tam_train, tam_target = [], [], [], []
+        ref_t = {"model": 0.0, "precondition": 0.0, "projection": 0.0, "generating": 0.0}
+        tam_t = dict(ref_t)
+        t_ref = t_tam = 0.0
         batches = padded = 0
-        t0 = time.perf_counter()
-        for c in ckpts:
-            for ex, pre, out in ((train_ex, "adam", tam_train), (target_ex, "none", tam_target)):
-                r = gradient_features(lm, c, ex, dim=args.dim, seed=0, precondition=pre,
-                                      batch_tokens=args.batch_tokens, progress=False)
-                out.append(r.features)
-                s = r.stats
-                tam_t["model"] += s.seconds_gradients
-                tam_t["precondition"] += s.seconds_precondition
-                tam_t["projection"] += s.seconds_projection
-                tam_t["generating"] += s.seconds_generating
-                batches += s.batches
-                padded += s.padded_tokens
-        t_tam = time.perf_counter() - t0
+        jobs = [(c, ex, adam) for c in ckpts for ex, adam in ((train_ex, True), (target_ex, False))]
+        for k, (c, ex, adam) in enumerate(jobs):
+            for side in (("ref", "tamis") if k % 2 == 0 else ("tamis", "ref")):
+                t0 = time.perf_counter()
+                if side == "ref":
+                    f, t = reference_features(lm, c, ex, args.dim, adam)
+                    t_ref += time.perf_counter() - t0
+                    (ref_train if adam else ref_target).append(f)
+                    for key in ref_t:
+                        ref_t[key] += t[key]
+                else:
+                    r = gradient_features(lm, c, ex, dim=args.dim, seed=0, precondition="adam" if adam else "none",
+                                          batch_tokens=args.batch_tokens, progress=False)
+                    t_tam += time.perf_counter() - t0
+                    (tam_train if adam else tam_target).append(r.features)
+                    s = r.stats
+                    tam_t["model"] += s.seconds_gradients
+                    tam_t["precondition"] += s.seconds_precondition
+                    tam_t["projection"] += s.seconds_projection
+                    tam_t["generating"] += s.seconds_generating
+                    batches += s.batches
+                    padded += s.padded_tokens
 
     ref_all = np.concatenate(ref_train + ref_target)
     tam_all = np.concatenate(tam_train + tam_target)

@@ -36,6 +36,11 @@ def _version(value: bool) -> None:
 def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                 help="print the version and exit")] = False) -> None:
     """tamis: a declarative language and compiler for LLM data-selection recipes."""
+    import warnings
+
+    # the model libraries' deprecation notices are for their API's users (tamis), not for yours
+    for module in ("transformers", "peft"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
 
 
 def _fail(err: TamisError) -> None:

@@ -49,27 +49,28 @@ def graph_svg(g: nx.DiGraph) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plt.rcParams["svg.fonttype"] = "none"  # real <text>: readable at any zoom, searchable, copyable
-    layers = list(nx.topological_generations(g))
-    pos = {}
-    for x, layer in enumerate(layers):
-        for y, n in enumerate(sorted(layer)):
-            pos[n] = (x, -y + (len(layer) - 1) / 2)
-    width = max(6.0, 2.2 * len(layers))
-    height = max(2.5, 1.0 * max(len(l) for l in layers))
-    fig, ax = plt.subplots(figsize=(width, height))
-    nx.draw_networkx_edges(g, pos, ax=ax, arrows=True, arrowsize=10, edge_color="#777777", node_size=1800)
-    for kind, color in _COLORS.items():
-        nodes = [n for n in g if g.nodes[n]["kind"] == kind]
-        nx.draw_networkx_nodes(g, pos, nodelist=nodes, node_color=color, node_size=1800, ax=ax,
-                               node_shape="s" if kind in ("model", "dataset") else "o")
-    labels = {n: _wrap(g.nodes[n]["label"]) for n in g}
-    nx.draw_networkx_labels(g, pos, labels, font_size=7, ax=ax)
-    ax.set_axis_off()
-    fig.tight_layout()
-    buf = io.StringIO()
-    fig.savefig(buf, format="svg")
-    plt.close(fig)
+    # real <text>: readable at any zoom, searchable, copyable (scoped: other plots keep their settings)
+    with plt.rc_context({"svg.fonttype": "none"}):
+        layers = list(nx.topological_generations(g))
+        pos = {}
+        for x, layer in enumerate(layers):
+            for y, n in enumerate(sorted(layer)):
+                pos[n] = (x, -y + (len(layer) - 1) / 2)
+        width = max(6.0, 2.2 * len(layers))
+        height = max(2.5, 1.0 * max(len(l) for l in layers))
+        fig, ax = plt.subplots(figsize=(width, height))
+        nx.draw_networkx_edges(g, pos, ax=ax, arrows=True, arrowsize=10, edge_color="#777777", node_size=1800)
+        for kind, color in _COLORS.items():
+            nodes = [n for n in g if g.nodes[n]["kind"] == kind]
+            nx.draw_networkx_nodes(g, pos, nodelist=nodes, node_color=color, node_size=1800, ax=ax,
+                                   node_shape="s" if kind in ("model", "dataset") else "o")
+        labels = {n: _wrap(g.nodes[n]["label"]) for n in g}
+        nx.draw_networkx_labels(g, pos, labels, font_size=7, ax=ax)
+        ax.set_axis_off()
+        fig.tight_layout()
+        buf = io.StringIO()
+        fig.savefig(buf, format="svg")
+        plt.close(fig)
     text = buf.getvalue()
     return text[text.index("<svg"):]
 
