@@ -86,3 +86,19 @@ def test_less_needs_a_lora_warmup(tiny_gpt2_dir, target, tmp_path):
                     cache_dir=str(tmp_path / "cache"), progress=False)
     with pytest.raises(TamisError, match="LoRA"):
         LocalExecutor(compile_text(text).graph, cfg).run()
+
+
+def test_kept_sign_matrix_projects_exactly_as_generated_blocks(monkeypatch):
+    import torch
+
+    from tamis.runtime import less
+
+    g = torch.randn(5, 3000, generator=torch.Generator().manual_seed(1))
+    kept = less.RademacherProjector(3000, 96, seed=7).project(g, 0)
+    assert less._SIGN_CACHE["signs"].shape == (3000, 96)  # generated once, kept for the next call
+    monkeypatch.setattr(less, "SIGN_CACHE_BYTES", 0)
+    fresh = less.RademacherProjector(3000, 96, seed=7).project(g, 0)
+    assert torch.allclose(kept, fresh, rtol=1e-6, atol=1e-6)
+    part = less.RademacherProjector(3000, 96, seed=7).project(g[:, 1000:2000], 1000)
+    monkeypatch.setattr(less, "SIGN_CACHE_BYTES", 1 << 30)
+    assert torch.allclose(less.RademacherProjector(3000, 96, seed=7).project(g[:, 1000:2000], 1000), part, atol=1e-6)

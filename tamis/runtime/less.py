@@ -553,6 +553,13 @@ def _mix_(z: torch.Tensor) -> torch.Tensor:
     return z
 
 
+# The sign matrix kept between calls (int8, one byte an entry): 1 GiB by default, e.g. a
+# 0.9M-parameter LoRA projected to 1024 dims; LESS's full size (14.7M x 8192) is generated block
+# by block on every call instead (on a GPU, fast).
+SIGN_CACHE_BYTES = 1 << 30
+_SIGN_CACHE: dict[str, Any] = {}
+
+
 class RademacherProjector:
     """A D × dim matrix of independent ±1/sqrt(dim) entries, never stored.
 
@@ -599,15 +606,36 @@ class RademacherProjector:
         """The whole D × dim matrix (small D only: tests)."""
         return self.block(0, self.grad_dim)
 
+    def _signs(self) -> torch.Tensor | None:
+        """The whole matrix as int8 signs, generated once per process and kept while it fits
+        `SIGN_CACHE_BYTES` (one matrix at a time): a scorer called chunk by chunk (a cache chunk
+        can be a row or two when each row takes seconds) then generates it once, not per chunk."""
+        if self.grad_dim * self.dim > SIGN_CACHE_BYTES:
+            return None
+        key = (self._key, self.grad_dim, self.dim, str(self.device))
+        if _SIGN_CACHE.get("key") != key:
+            _SIGN_CACHE.clear()
+            signs = torch.empty((self.grad_dim, self.dim), dtype=torch.int8, device=self.device)
+            for s in range(0, self.grad_dim, self.block_rows):
+                e = min(s + self.block_rows, self.grad_dim)
+                signs[s:e] = torch.sign(self.block(s, e)).to(torch.int8)
+            _SIGN_CACHE.update(key=key, signs=signs)
+        return _SIGN_CACHE["signs"]
+
     def project(self, g: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """``g @ P[offset : offset + g.shape[1]]`` in float32 on the projector's device: [n, dim]."""
         if g.dim() != 2 or offset < 0 or offset + g.shape[1] > self.grad_dim:
             raise LessError(f"cannot project a {tuple(g.shape)} block at offset {offset} of a {self.grad_dim}-row projection")
         out = torch.zeros((g.shape[0], self.dim), dtype=torch.float32, device=self.device)
+        signs = self._signs()
+        scale = 1.0 / math.sqrt(self.dim)
         for s in range(0, g.shape[1], self.block_rows):
             e = min(s + self.block_rows, g.shape[1])
             part = g[:, s:e].to(device=self.device, dtype=torch.float32)
-            out.addmm_(part, self.block(offset + s, offset + e))
+            if signs is not None:  # the same entries, ±1/sqrt(dim), from the kept signs
+                out.addmm_(part, signs[offset + s : offset + e].to(torch.float32), alpha=scale)
+            else:
+                out.addmm_(part, self.block(offset + s, offset + e))
         return out
 
 
