@@ -10,7 +10,8 @@ One process, one model (the offline SmolLM2-135M, fp32), one LoRA warmup, the sa
       rows) or left plain (target rows), ``model.zero_grad()``, and the stacked gradients
       projected every 16 rows, rows L2-normalised at the end. Differences, on purpose:
       the projection is tamis' `RademacherProjector` (not TRAK's, so both sides give the
-      same features), applied in float32 (the reference casts the gradients to fp16 first);
+      same features), applied in float32 (the reference casts the gradients to fp16 first),
+      and, like TRAK's, it keeps no matrix between calls (tamis' sign cache is off for it);
   (b) tamis — `tamis.runtime.less.gradient_features`: length-bucketed batches, one
       forward + backward per batch, per-row LoRA gradients from hooks, answer-only LM
       head, projection of every buffered row per pass over the matrix.
@@ -51,6 +52,7 @@ import torch.nn.functional as F  # noqa: E402
 from _machine import machine, machine_line  # noqa: E402
 from ifd_throughput import rows_file, sharegpt_first_turns  # noqa: E402
 
+from tamis.runtime import less  # noqa: E402
 from tamis.runtime.less import (  # noqa: E402
     RademacherProjector,
     adam_precondition,
@@ -70,6 +72,18 @@ PROJECT_INTERVAL = 16  # collect_grads: project every 16 rows
 
 def reference_features(lm: LoadedLM, checkpoint: Path, examples, dim: int, adam: bool) -> tuple[np.ndarray, dict]:
     """collect_grads, row by row (see the module note). Returns ([n, dim] normalised, phase seconds)."""
+    # TRAK's projector keeps no matrix between calls: every 16-row projection generates it
+    # again (BasicProjector; the CUDA one generates it inside its kernel). tamis' process-wide
+    # sign cache is therefore off while the reference runs.
+    saved = less.SIGN_CACHE_BYTES
+    less.SIGN_CACHE_BYTES = 0
+    try:
+        return _reference_features(lm, checkpoint, examples, dim, adam)
+    finally:
+        less.SIGN_CACHE_BYTES = saved
+
+
+def _reference_features(lm: LoadedLM, checkpoint: Path, examples, dim: int, adam: bool) -> tuple[np.ndarray, dict]:
     dev = lm.device
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     t = {"model": 0.0, "precondition": 0.0, "projection": 0.0}

@@ -311,3 +311,23 @@ def test_state_json_of_the_warmup_holds_the_mean_lr(warmup):
     for e in warmup.epochs:
         state = json.loads((e.path / "state.json").read_text())
         assert state["mean_lr"] == pytest.approx(e.mean_lr)
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_head_backward_is_the_cross_entropy_backward(softcap):
+    """The written-out head backward (blocked over the vocabulary) against autograd's, in fp64."""
+    from tamis.runtime import less
+
+    torch.manual_seed(0)
+    engine = less._GradEngine.__new__(less._GradEngine)
+    engine.head = torch.nn.Linear(16, 9000, bias=False).double()
+    engine.softcap, engine.head_chunk = softcap, 5
+    engine.lm = LoadedLM(None, None, torch.device("cpu"), torch.float64, "x", "x")
+    h = torch.randn(12, 16, dtype=torch.float64) * 4
+    targets = torch.randint(0, 9000, (12,))
+    weight = torch.rand(12, dtype=torch.float64)
+    row_of = torch.tensor([0] * 5 + [1] * 7)
+    g, loss = engine._head_backward(h, targets, weight, row_of, 2)
+    g_ref, loss_ref = engine._head_backward_autograd(h, targets, weight, row_of, 2)
+    assert torch.allclose(g, g_ref, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(loss, loss_ref, rtol=1e-6)

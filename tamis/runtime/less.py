@@ -320,45 +320,42 @@ class _GradEngine:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """d(Σ_rows mean answer CE)/d(answer hidden states), the head run chunk by chunk.
 
-        Written out rather than left to autograd, for accuracy: the usual backward forms
-        ``(softmax - onehot) @ W``, whose terms cancel almost exactly when the model is
-        confident (p_target ≈ 1), and the CPU kernels picked for a few rows sum the 50k
-        terms in one long run: a row alone lost four digits (1e-4 relative against fp64,
-        the reference's batch of one row's full logits 4e-6). Here ``q`` = softmax with the
-        target's entry zeroed, ``1 - p_t`` = Σ q (no cancellation), the gradient
-        ``q @ W - (1 - p_t) W[target]``, the product summed block by block of the vocabulary.
+        The arithmetic of the reference's fp32 cross-entropy backward (``exp(log_softmax)
+        - onehot``, weighted, times the head's weight), written out for one reason: the
+        product is summed block by block of the vocabulary (`_head_matmul`). Left to one
+        matrix product, a chunk of a handful of rows (a short answer alone) gets a CPU
+        kernel that sums all 50k terms in one run, and the terms cancel almost exactly for
+        confident tokens: such a row lost a digit and a half against the reference (1e-4
+        relative).
         """
         head = self.head
         if not isinstance(head, torch.nn.Linear):
             return self._head_backward_autograd(chosen, targets, weight, row_of, b)
         w_head = head.weight
-        grad = torch.empty(chosen.shape, device=chosen.device, dtype=torch.float32)
+        acc = torch.promote_types(chosen.dtype, torch.float32)  # fp32 (fp64 for an fp64 model)
+        grad = torch.empty(chosen.shape, device=chosen.device, dtype=acc)
         row_loss = torch.zeros(b, device=chosen.device, dtype=torch.float32)
         for s in range(0, chosen.shape[0], self.head_chunk):
             e = min(s + self.head_chunk, chosen.shape[0])
             tgt, wt = targets[s:e], weight[s:e]
             rows = torch.arange(e - s, device=chosen.device)
-            with torch.no_grad(), _autocast(self.lm):
-                z = head(chosen[s:e]).float()
-            slope = None
-            if self.softcap is not None:  # logits = c·tanh(z/c); dlogits/dz = 1 - tanh²
-                th = torch.tanh(z / self.softcap)
-                z = th * self.softcap
-                slope = 1 - th * th
-            top = z.max(dim=1, keepdim=True).values
-            q = (z - top).exp_()
-            total = q.sum(dim=1, keepdim=True)
-            ce = total.log().squeeze(1) + top.squeeze(1) - z[rows, tgt]
-            q /= total
-            q[rows, tgt] = 0
-            rest = q.sum(dim=1)  # 1 - p_target, without the cancellation
-            coef = rest if slope is None else rest * slope[rows, tgt]
-            if slope is not None:
-                q *= slope
-            q *= wt.unsqueeze(1)
-            g = _head_matmul(q.to(w_head.dtype), w_head).float()
-            g -= (coef * wt).unsqueeze(1) * w_head.index_select(0, tgt).float()
-            grad[s:e] = g
+            with torch.no_grad():
+                with _autocast(self.lm):
+                    z = head(chosen[s:e]).to(acc)
+                slope = None
+                if self.softcap is not None:  # logits = c·tanh(z/c); dlogits/dz = 1 - tanh²
+                    th = torch.tanh(z / self.softcap)
+                    z = th * self.softcap
+                    slope = 1 - th * th
+                d = torch.log_softmax(z, dim=1)
+                del z
+                ce = -d[rows, tgt]
+                d.exp_()
+                d[rows, tgt] -= 1
+                if slope is not None:
+                    d *= slope
+                d *= wt.unsqueeze(1).to(acc)
+                grad[s:e] = _head_matmul(d.to(w_head.dtype), w_head).to(acc)
             row_loss.index_add_(0, row_of[s:e], (ce * wt).float())
         return grad.to(chosen.dtype), row_loss
 
@@ -372,7 +369,7 @@ class _GradEngine:
             e = min(s + self.head_chunk, chosen.shape[0])
             h = chosen[s:e].detach().requires_grad_(True)
             with torch.enable_grad(), _autocast(self.lm):
-                logits = self.head(h).float()
+                logits = self.head(h).to(torch.promote_types(h.dtype, torch.float32))
                 if self.softcap is not None:
                     logits = torch.tanh(logits / self.softcap) * self.softcap
                 ce = F.cross_entropy(logits, targets[s:e], reduction="none") * weight[s:e]
@@ -387,8 +384,7 @@ _VOCAB_BLOCK = 4096
 
 def _head_matmul(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``q @ w`` summed over blocks of 4096 vocabulary entries: each product accumulates
-    few terms whatever kernel the shape selects (a CPU kernel for a handful of rows sums
-    all 50k terms in a row and loses a digit)."""
+    few terms whatever kernel the shape selects."""
     out = None
     for k in range(0, q.shape[1], _VOCAB_BLOCK):
         part = q[:, k : k + _VOCAB_BLOCK] @ w[k : k + _VOCAB_BLOCK]
