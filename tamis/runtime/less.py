@@ -24,18 +24,22 @@ numbers come out of batches:
 * **Per-row weight gradients from hooks, not from ``p.grad``.** A LoRA module computes
   ``B(A(x))``; the gradient of A's weight for row i is ``Σ_t gh[i,t] ⊗ x[i,t]`` (gh: the
   gradient arriving at A's output h) and of B's ``Σ_t gy[i,t] ⊗ h[i,t]``. Forward hooks
-  keep x and h (padded positions zeroed); the backward asks autograd for the gradients
-  at the A outputs only, and a tensor hook on every B output takes gy as it passes. No
+  keep x and h; the backward asks autograd for the gradients at the A outputs only, and
+  a tensor hook on every B output takes gy as it passes; padded positions are zeroed in
+  the rank-r factor of each product (their gradient is 0 already: nothing reads them). No
   parameter gradient is ever accumulated (LESS's sum over a batch would be useless), and
   each per-row gradient is written straight into a preallocated [rows, D] buffer.
-* **Answer-only LM head**, in chunks, with the backward of the head done per chunk: no
-  full-vocabulary logits for prompt tokens, and the logits memory is bounded.
+* **Answer-only LM head**, in chunks, its backward written out (the reference's fp32
+  ``softmax - onehot`` arithmetic, the product summed block by block of the vocabulary so
+  that no matrix kernel sums 50k nearly cancelling terms in one run): no full-vocabulary
+  logits for prompt tokens, and the logits memory is bounded.
 * **Projection amortised over many rows.** The Rademacher matrix is never stored: it is
   generated block by block of parameter rows from a counter-based hash (splitmix64 of
   (seed, row, column word), 64 signs per 64-bit word, unpacked through a byte table), so
   an entry depends only on (seed, row, column) — the same on CPU and CUDA, whatever the
   block size and whichever rows share a batch. Each generated block is used for every
-  row waiting in the buffer (hundreds on CPU), not for 16 as in the reference.
+  row waiting in the buffer (hundreds on CPU), not for 16 as in the reference; a matrix
+  small enough (`SIGN_CACHE_BYTES`) is kept as int8 signs between calls.
 
 Memory: the gradient buffer is bounded by ``max_grad_bytes`` (rows × D × 4 bytes), the
 projection by one block (``block_rows × dim`` floats), the head by one chunk of logits.
@@ -52,13 +56,13 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, Literal, NamedTuple, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tamis.errors import ModelError, TamisError
+from tamis.errors import TamisError
 from tamis.runtime.lm_scoring import _partition, halved_budget, split_model
 from tamis.runtime.models import LoadedLM
 
@@ -413,7 +417,6 @@ def _batched(
     budget: int,
     max_rows: int,
     out_rows: Callable[[int], torch.Tensor],
-    on_rows: Callable[[int], None] | None = None,
 ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
     """(positions in `items`, gradients [b, D], mean losses [b]) batch by batch, longest
     rows first. `out_rows(b)` hands out the buffer rows to write. A CUDA out-of-memory
@@ -434,8 +437,6 @@ def _batched(
                     budget = halved_budget(engine.lm.device, budget, lengths[done], "lower max_length or max_grad_bytes")
                     break
                 done += len(part)
-                if on_rows is not None:
-                    on_rows(len(part))
                 yield part, out, losses
             else:
                 continue
