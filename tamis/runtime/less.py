@@ -404,7 +404,7 @@ def _autocast(lm: LoadedLM) -> contextlib.AbstractContextManager[Any]:
 
 
 def _default_budget(device: torch.device) -> int:
-    return 16384 if device.type == "cuda" else 4096
+    return 16384 if device.type == "cuda" else 2048
 
 
 def _default_grad_bytes(device: torch.device) -> int:
