@@ -580,13 +580,8 @@ class _Engine:
         """Keys and values of a shared header, computed once per scoring call."""
         if header in self.prefix_cache:
             return self.prefix_cache[header]
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        ids = torch.tensor([header], device=self.lm.device)
-        self.base(input_ids=ids, use_cache=True, **{self.cache_kw: cache})
         self.stats.tokens += len(header)
-        self.prefix_cache[header] = [(layer.keys, layer.values) for layer in cache.layers]
+        self.prefix_cache[header] = prefix_kv(self.base, self.cache_kw, header, self.lm.device)
         return self.prefix_cache[header]
 
     def _run_batch(
@@ -603,24 +598,13 @@ class _Engine:
         for b, s in enumerate(batch):
             ids[b, : len(s.ids) - h] = torch.tensor(s.ids[h:])
         ids = ids.to(self.lm.device)
-        hidden = self._hidden(ids, h, prefix_kv)
+        hidden = hidden_after(self.base, self.cache_kw, ids, prefix_kv)
         spans = [(b, plan.spans[i], i) for b, s in enumerate(batch) for i in s.spans]
         rows, targets, owner = self._answer_rows(batch, [(b, sp) for b, sp, _ in spans], width, h)
-        totals = self._answer_losses(hidden, rows, targets, owner, len(spans))
+        totals = answer_losses(hidden, self.head, self.softcap, rows, targets, owner, len(spans), self.head_chunk)
         self._count(batch, h, width, rows.numel())
         return {i: float(t) / (sp.end - sp.first) for (_, sp, i), t in zip(spans, totals.tolist())}
 
-    def _hidden(self, ids: torch.Tensor, h: int, prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None) -> torch.Tensor:
-        if prefix_kv is None:
-            return self.base(input_ids=ids, use_cache=False).last_hidden_state
-        from transformers import DynamicCache
-
-        n = ids.shape[0]
-        # Expanded views: the cache concatenates new keys onto them, never writes into them.
-        cache = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in prefix_kv])
-        positions = torch.arange(h, h + ids.shape[1], device=ids.device).unsqueeze(0).expand(n, -1)
-        out = self.base(input_ids=ids, position_ids=positions, use_cache=True, **{self.cache_kw: cache})
-        return out.last_hidden_state
 
     def _answer_rows(
         self, batch: list[_Seq], spans: list[tuple[int, _Span]], width: int, h: int
@@ -639,19 +623,6 @@ class _Engine:
         dev = self.lm.device
         return (torch.tensor(rows, device=dev), torch.tensor(targets, device=dev), torch.tensor(owner, device=dev))
 
-    def _answer_losses(
-        self, hidden: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, owner: torch.Tensor, n: int
-    ) -> torch.Tensor:
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        totals = torch.zeros(n, dtype=torch.float64, device=hidden.device)
-        for start in range(0, rows.numel(), self.head_chunk):
-            sl = slice(start, start + self.head_chunk)
-            logits = self.head(flat.index_select(0, rows[sl])).float()
-            if self.softcap is not None:
-                logits = torch.tanh(logits / self.softcap) * self.softcap
-            ce = F.cross_entropy(logits, targets[sl], reduction="none")
-            totals.index_add_(0, owner[sl], ce.double())
-        return totals
 
     def _count(self, batch: list[_Seq], h: int, width: int, head_rows: int) -> None:
         self.stats.batches += 1
@@ -660,6 +631,47 @@ class _Engine:
         self.stats.tokens += sum(len(s.ids) - h for s in batch)
         self.stats.padded_tokens += width * len(batch)
         self.stats.shared_prefix_tokens_saved += h * len(batch)
+
+
+def prefix_kv(base: Any, cache_kw: str, ids: Sequence[int], device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Keys and values of one token sequence, per layer ([1, heads, len, dim] each), to be
+    shared by every sequence that continues it (`hidden_after`)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    base(input_ids=torch.tensor([list(ids)], device=device), use_cache=True, **{cache_kw: cache})
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def hidden_after(base: Any, cache_kw: str, ids: torch.Tensor,
+                 prefix: list[tuple[torch.Tensor, torch.Tensor]] | None) -> torch.Tensor:
+    """Final hidden states of a right-padded batch `ids` [n, width], each row continuing the
+    shared `prefix` (`prefix_kv`; None: no prefix). Right padding is never attended to by a
+    real token of a causal model, so no attention mask is needed."""
+    if prefix is None:
+        return base(input_ids=ids, use_cache=False).last_hidden_state
+    from transformers import DynamicCache
+
+    n, h = ids.shape[0], prefix[0][0].shape[2]
+    # Expanded views: the cache concatenates new keys onto them, never writes into them.
+    cache = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in prefix])
+    positions = torch.arange(h, h + ids.shape[1], device=ids.device).unsqueeze(0).expand(n, -1)
+    return base(input_ids=ids, position_ids=positions, use_cache=True, **{cache_kw: cache}).last_hidden_state
+
+
+def answer_losses(hidden: torch.Tensor, head: Any, softcap: float | None, rows: torch.Tensor, targets: torch.Tensor,
+                  owner: torch.Tensor, n: int, chunk: int) -> torch.Tensor:
+    """Summed cross-entropy (fp64) of `n` spans: flat hidden row `rows[i]` predicts `targets[i]`
+    for span `owner[i]`. Only those rows go through the LM head, `chunk` at a time, in fp32."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    totals = torch.zeros(n, dtype=torch.float64, device=hidden.device)
+    for start in range(0, rows.numel(), chunk):
+        sl = slice(start, start + chunk)
+        logits = head(flat.index_select(0, rows[sl])).float()
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        totals.index_add_(0, owner[sl], F.cross_entropy(logits, targets[sl], reduction="none").double())
+    return totals
 
 
 def _partition(lengths: Sequence[int], budget: int, overhead: int) -> list[int]:

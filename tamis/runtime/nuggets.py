@@ -32,9 +32,9 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from tamis.errors import ModelError
+from tamis.runtime.lm_scoring import answer_losses, hidden_after, prefix_kv
 from tamis.runtime.models import LoadedLM
 from tamis.runtime.templates import TEMPLATES, answer_texts
 
@@ -119,7 +119,7 @@ class OneShotScorer:
     """One-shot mean answer losses of a fixed anchor set, for any number of candidates."""
 
     def __init__(self, lm: LoadedLM, anchors: Any, *, max_length: int = 200, batch_tokens: int | None = None) -> None:
-        from tamis.runtime.lm_scoring import cache_keyword, split_model, supports_plain_cache
+        from tamis.runtime.lm_scoring import _HEAD_CHUNK, cache_keyword, split_model, supports_plain_cache
 
         if not supports_plain_cache(lm):
             raise ModelError(f"{lm.name}: one-shot scoring reuses a demonstration's keys and values, which this "
@@ -129,7 +129,7 @@ class OneShotScorer:
         self.cache_kw = cache_keyword(self.base)
         self.plan = plan_anchors(lm, anchors, max_length)
         self.budget = batch_tokens or (32768 if lm.device.type == "cuda" else 4096)
-        self.head_chunk = 4096 if lm.device.type == "cuda" else 256
+        self.head_chunk = 4096 if lm.device.type == "cuda" else _HEAD_CHUNK
         self.order = sorted(range(len(self.plan.seqs)), key=lambda i: -len(self.plan.seqs[i]))
         cfg = lm.model.config
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
@@ -155,7 +155,7 @@ class OneShotScorer:
         if self.max_positions and p + self.longest > self.max_positions:
             return None
         with torch.inference_mode():
-            kv = self._prefix_kv(prefix)
+            kv = prefix_kv(self.base, self.cache_kw, prefix, self.lm.device)
             todo = [i for i in self.order if i in self.by_seq]
             done = 0
             while done < len(todo):
@@ -163,32 +163,18 @@ class OneShotScorer:
                 by_tokens = max(1, self.budget // width)
                 by_attention = max(1, _ATTN_BYTES // (self.heads * width * (p + width) * 4))
                 batch = todo[done : done + min(by_tokens, by_attention)]
-                self._run(batch, kv, p, out)
+                self._run(batch, kv, out)
                 done += len(batch)
         return out
 
-    def _prefix_kv(self, prefix: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        ids = torch.tensor([list(prefix)], device=self.lm.device)
-        self.base(input_ids=ids, use_cache=True, **{self.cache_kw: cache})
-        return [(layer.keys, layer.values) for layer in cache.layers]
-
-    def _run(self, batch: list[int], kv: list[tuple[torch.Tensor, torch.Tensor]], p: int, out: np.ndarray) -> None:
-        from transformers import DynamicCache
-
+    def _run(self, batch: list[int], kv: list[tuple[torch.Tensor, torch.Tensor]], out: np.ndarray) -> None:
         seqs = [self.plan.seqs[i] for i in batch]
         n, width = len(seqs), max(len(s) for s in seqs)
         dev = self.lm.device
         ids = torch.zeros((n, width), dtype=torch.long)  # right padding: no real token attends to it
         for b, s in enumerate(seqs):
             ids[b, : len(s)] = torch.tensor(s)
-        # expanded views: the cache concatenates the anchors' keys onto them, never writes into them
-        cache = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in kv])
-        positions = torch.arange(p, p + width, device=dev).unsqueeze(0).expand(n, -1)
-        hidden = self.base(input_ids=ids.to(dev), position_ids=positions, use_cache=True,
-                           **{self.cache_kw: cache}).last_hidden_state
+        hidden = hidden_after(self.base, self.cache_kw, ids.to(dev), kv)
         rows: list[int] = []
         targets: list[int] = []
         owner: list[int] = []
@@ -199,15 +185,8 @@ class OneShotScorer:
                 targets.extend(self.plan.seqs[i][first:end])
                 owner.extend([len(anchors)] * (end - first))
                 anchors.append((a, end - first))
-        flat = hidden.reshape(-1, hidden.shape[-1])
         r, t, o = (torch.tensor(x, dtype=torch.long, device=dev) for x in (rows, targets, owner))
-        totals = torch.zeros(len(anchors), dtype=torch.float64, device=dev)
-        for start in range(0, r.numel(), self.head_chunk):
-            sl = slice(start, start + self.head_chunk)
-            logits = self.head(flat.index_select(0, r[sl])).float()
-            if self.softcap is not None:
-                logits = torch.tanh(logits / self.softcap) * self.softcap
-            totals.index_add_(0, o[sl], F.cross_entropy(logits, t[sl], reduction="none").double())
+        totals = answer_losses(hidden, self.head, self.softcap, r, t, o, len(anchors), self.head_chunk)
         for (a, n_tok), total in zip(anchors, totals.tolist()):
             out[a] = total / n_tok
 
