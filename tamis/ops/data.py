@@ -6,6 +6,7 @@ from typing import Mapping
 
 import polars as pl
 
+from tamis.errors import TamisError
 from tamis.ops.kernel import BuildEnv, kernel
 
 
@@ -38,8 +39,6 @@ def anchors(params: Mapping, env: BuildEnv) -> pl.DataFrame:
     rows = env.inputs[0].get() if env.inputs else env.pool
     model = env.models[0].get() if env.models else None
     if model is None:
-        from tamis.errors import TamisError
-
         raise TamisError(f"{env.label}: anchors need a model to embed the rows with (model=pfm)")
     k, seed = int(params["k"]), int(params["seed"])
     key = fingerprint({"op": "anchors", "rows": data_fingerprint(rows), "model": model.fingerprint, "k": k,
@@ -62,7 +61,5 @@ def load(params: Mapping, env: BuildEnv) -> pl.DataFrame:
 
     frame = load_pool(params["path"], format=params.get("format", "auto")).frame
     if frame.height == 0:
-        from tamis.errors import TamisError
-
         raise TamisError(f"{params['path']}: no rows in the dataset `{env.label}`")
     return frame

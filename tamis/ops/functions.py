@@ -79,18 +79,15 @@ def win_rate(one_shot: pl.Expr, zero_shot: pl.Expr) -> pl.Expr:
         vectors, zero = cols
         # the zero-shot losses: one per anchor (a foreign column, as one list); null where unscored
         z = zero.explode().cast(pl.Float64).fill_null(float("nan")).to_numpy()
-        out = np.full(len(vectors), np.nan)
-        valid = vectors.is_not_null().to_numpy()
-        if valid.any():
-            kept = vectors.filter(vectors.is_not_null())
-            widths = kept.list.len().unique()
-            if widths.len() != 1 or widths[0] != z.shape[0]:
-                raise TamisError(f"win_rate: {sorted(widths.to_list())} one-shot losses per row but "
-                                 f"{z.shape[0]} zero-shot losses: both must be over the same anchors")
-            m = kept.cast(pl.List(pl.Float64)).list.to_array(z.shape[0]).to_numpy()
+
+        def wins(m):
+            if m.shape[1] != z.shape[0]:
+                raise TamisError(f"win_rate: {m.shape[1]} one-shot losses per row but {z.shape[0]} zero-shot "
+                                 "losses: both must be over the same anchors")
             with np.errstate(invalid="ignore"):
-                out[valid] = (m < z).sum(axis=1) / z.shape[0]  # NaN compares false: no win
-        return pl.Series(out).fill_nan(None)
+                return (m < z).sum(axis=1) / z.shape[0]  # NaN compares false: no win
+
+        return _per_vector(vectors.cast(pl.List(pl.Float64)), wins, "win_rate")
 
     return pl.map_batches([one_shot, zero_shot], rate, return_dtype=pl.Float64)
 
@@ -110,25 +107,36 @@ def influence(train: pl.Expr, target: pl.Expr) -> pl.Expr:
         t = t.filter(t.is_not_null())
         if len(t) == 0:
             raise TamisError("influence: the target set has no gradient features (every target row was skipped)")
-        centre = _matrix(t).astype(np.float64).mean(axis=0)
-        out = np.full(len(vectors), np.nan)
-        valid = vectors.is_not_null().to_numpy()
-        if valid.any():
-            x = _matrix(vectors.filter(vectors.is_not_null()))
+        centre = _matrix(t, "influence").astype(np.float64).mean(axis=0)
+
+        def dots(x):
             if x.shape[1] != centre.shape[0]:
                 raise TamisError(f"influence: training vectors have {x.shape[1]} values, target vectors "
                                  f"{centre.shape[0]}: score both with the same model, dim and checkpoints")
-            out[valid] = x.astype(np.float64) @ centre
-        return pl.Series(out).fill_nan(None)
+            return x.astype(np.float64) @ centre
+
+        return _per_vector(vectors, dots, "influence")
 
     return pl.map_batches([train, target], dot_mean, return_dtype=pl.Float64)
 
 
-def _matrix(vectors: pl.Series):
+def _per_vector(vectors: pl.Series, fn, what: str) -> pl.Series:
+    """`fn(matrix of the non-null rows)` (one value per row) as a Float64 column; null rows and
+    NaN results stay null."""
+    import numpy as np
+
+    out = np.full(len(vectors), np.nan)
+    valid = vectors.is_not_null().to_numpy()
+    if valid.any():
+        out[valid] = fn(_matrix(vectors.filter(vectors.is_not_null()), what))
+    return pl.Series(out).fill_nan(None)
+
+
+def _matrix(vectors: pl.Series, what: str):
     """Rows of a vector column (fixed-size or list) as one 2-D numpy array, without Python lists."""
     if isinstance(vectors.dtype, pl.List):
         width = vectors.list.len()
         if width.n_unique() != 1:
-            raise TamisError("influence: vectors of different lengths in one column")
+            raise TamisError(f"{what}: vectors of different lengths in one column")
         vectors = vectors.list.to_array(int(width[0]))
     return vectors.to_numpy()
