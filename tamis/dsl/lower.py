@@ -504,9 +504,9 @@ class Lowerer:
                 if missing:
                     raise scope.error(f"predict: the selector needs feature column(s) {', '.join(map(repr, missing))} "
                                       "that no earlier stage produces", item.span)
-            if spec.name == "grads" and v.get("precondition") == "auto":
-                # LESS: Adam-preconditioned features for the rows selected from, plain gradients for the target
-                v["precondition"] = "none" if target else "adam"
+            for name, (for_pool, for_target) in spec.auto.items():
+                if v.get(name) == "auto":
+                    v[name] = for_target if target else for_pool
             dataset = self.g.nodes[target.node]["label"] if target else None
             outs = {col + suffix: Column(t, dataset) for suffix, t in spec.columns.items()}
             label = f"score {item.scorer}" + (f" using {self.g.nodes[model.node]['label']}" if model else "") \

@@ -52,6 +52,9 @@ class ScorerSpec:
     cost: Literal["cheap", "model"] = "model"
     source: str = ""  # the reference implementation this follows
     needs_optimizer_state: bool = False  # reads a trained model's optimizer moments (LESS' Adam preconditioning)
+    # parameters whose value "auto" depends on what the stage scores: name -> (value for the
+    # pool's rows, value for `on TARGET`) — LESS preconditions training rows, not target rows
+    auto: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -139,7 +142,8 @@ SCORERS: dict[str, ScorerSpec] = {
                           "each checkpoint's weight in the sum: its epoch's mean learning rate (LESS), "
                           "renormalised to 1, or equal weights"),
                     Param("max_length", "count", 512, doc="truncation length in tokens")),
-                   source="princeton-nlp/LESS less/data_selection", needs_optimizer_state=True),
+                   source="princeton-nlp/LESS less/data_selection", needs_optimizer_state=True,
+                   auto={"precondition": ("adam", "none")}),
         ScorerSpec("icl_loss", "Nuggets one-shot losses: each anchor's answer loss with this row as a one-shot prefix",
                    {"": "vector"}, "local_llm",
                    (Param("anchors", "data"), Param("max_length", "count", 200)), source="pldlgb/nuggets"),
