@@ -102,3 +102,16 @@ def test_kept_sign_matrix_projects_exactly_as_generated_blocks(monkeypatch):
     part = less.RademacherProjector(3000, 96, seed=7).project(g[:, 1000:2000], 1000)
     monkeypatch.setattr(less, "SIGN_CACHE_BYTES", 1 << 30)
     assert torch.allclose(less.RademacherProjector(3000, 96, seed=7).project(g[:, 1000:2000], 1000), part, atol=1e-6)
+
+
+def test_lr_weights_of_an_untrained_warmup_are_an_error_not_a_silent_switch(tmp_path):
+    from tamis.errors import TamisError
+    from tamis.ops.less import _checkpoints
+    from tamis.runtime.warmup import Checkpoints
+
+    (tmp_path / "epoch-1").mkdir()
+    (tmp_path / "epoch-1" / "adapter_config.json").write_text("{}")
+    model = type("M", (), {"checkpoints": Checkpoints(None, (tmp_path / "epoch-1",), (0.0,), "k", {})})()
+    with pytest.raises(TamisError, match='weights="uniform"'):
+        _checkpoints(model, "all", "lr")
+    assert _checkpoints(model, "all", "uniform")[1] == [1.0]

@@ -34,8 +34,10 @@ def _checkpoints(model, checkpoints: str, weights: str) -> tuple[list, list[floa
         folders, lrs = folders[-1:], lrs[-1:]
     raw = [1.0] * len(folders) if weights == "uniform" else lrs
     total = sum(raw)
-    if total <= 0:  # e.g. one epoch whose only step ran at learning rate 0 (the warmup's first step)
-        raw, total = [1.0] * len(folders), float(len(folders))
+    if total <= 0:  # e.g. one epoch whose only step ran at learning rate 0 (the schedule's warmup step)
+        raise TamisError(f"score grads: every summed checkpoint's mean learning rate is 0 ({len(folders)} "
+                         "checkpoint(s)), so weights=\"lr\" gives them all weight 0; train the warmup for more "
+                         "steps, or write weights=\"uniform\"")
     return folders, [w / total for w in raw]
 
 

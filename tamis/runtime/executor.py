@@ -365,7 +365,7 @@ class LocalExecutor:
         out: dict[str, pl.DataFrame] = {}
         for p, _, d in self.g.in_edges(n, data=True):
             if d["flow"] == "side":
-                for role in d.get("roles", ["target"]):
+                for role in d["roles"]:
                     out[role] = self._dataset(p)
         return out
 
