@@ -76,7 +76,7 @@ def _ref_logp(logits: torch.Tensor, items) -> list[float]:
     logprobs = F.log_softmax(logits, dim=-1)
     sums = []
     for (ids, _, start, end), lp in zip(items, logprobs):
-        choice = ids[start:end].unsqueeze(1)
+        choice = ids[start:end].unsqueeze(1).to(lp.device)
         extracted = torch.gather(lp[start - 1 : end - 1], -1, choice).squeeze(-1)
         sums.append(torch.sum(extracted).item())
     return sums
@@ -156,6 +156,10 @@ def main(argv: list[str] | None = None) -> dict:
     candidates, anchors = rows[: args.candidates], rows[args.candidates :]
     print(f"model {lm.name} on {lm.device}, {dtype_name(lm.dtype)}; {len(candidates)} candidates x "
           f"{len(anchors)} anchors, max_length {args.max_length}, reference batch {args.ref_batch}")
+
+    # Untimed warm-up of both paths (CUDA context, kernels, allocator): one candidate x two anchors.
+    reference_golden(lm, candidates[:1], anchors[:2], args.max_length, args.ref_batch)
+    tamis_golden(lm, candidates[:1], anchors[:2], args.max_length, args.batch_tokens)
 
     t0 = time.perf_counter()
     g_ref, zero_ref, icl_ref, n_tok = reference_golden(lm, candidates, anchors, args.max_length, args.ref_batch)
