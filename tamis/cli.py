@@ -63,17 +63,27 @@ def _warn(compiled) -> None:
         typer.echo(f"warning: {w}", err=True)
 
 
-def _compile_all(recipes: list[str]):
+def _compile_all(recipes: list[str], pool_fields: dict[str, str] | None = None):
     from tamis.dsl.compile import compile_file
 
     out, errors = [], []
     for r in recipes:
         try:
-            out.append(compile_file(r))
+            out.append(compile_file(r, pool_fields=pool_fields))
             _warn(out[-1])
         except TamisError as err:
             errors.append(err)
     return out, errors
+
+
+def _pool_fields(pool: str | None, pool_format: str = "auto", columns: dict[str, str] | None = None):
+    """The pool's own fields and their recipe column types, read from its schema (never the whole file)."""
+    if pool is None:
+        return None
+    from tamis.dsl.compile import pool_column_types
+    from tamis.runtime.data import pool_schema
+
+    return pool_column_types(pool_schema(pool, format=pool_format, columns=columns or None))
 
 
 def _check_outputs(outputs: dict, inputs: list) -> None:
@@ -106,15 +116,34 @@ def _compile_or_exit(recipes: list[str]):
 
 
 @app.command()
-def check(recipes: RecipeArgs, plugins: PluginOpt = None) -> None:
-    """Check recipes: syntax, names, types, columns, composition. Exit 1 with located errors."""
+def check(
+    recipes: RecipeArgs,
+    pool: Annotated[Optional[str], typer.Option("--pool", help="check column names against this pool's own fields "
+                                                "(read from its schema, not loaded)")] = None,
+    pool_format: Annotated[str, typer.Option("--format", help="the pool's format when its extension does not say")] = "auto",
+    column: Annotated[Optional[list[str]], typer.Option("--column", help="map a field: --column prompt=instruction")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="warnings are errors (exit 1)")] = False,
+    plugins: PluginOpt = None,
+) -> None:
+    """Check recipes: syntax, names, types, columns, composition. Exit 1 with located errors.
+
+    Without --pool, a name no stage produces is taken to be a field of the pool (listed here, and
+    checked when `run` reads the pool, before any model work)."""
     _load_plugins(plugins)
-    compiled, errors = _compile_all(recipes)
+    try:
+        fields = _pool_fields(pool, pool_format, _pairs("--column", column, "--column prompt=instruction"))
+    except TamisError as err:
+        _fail(err)
+    compiled, errors = _compile_all(recipes, fields)
     for err in errors:
         typer.echo(str(err) + "\n", err=True)
+    warned = False
     for c in compiled:
-        typer.echo(f"{c.recipe.path}: ok ({c.graph.number_of_nodes()} nodes)")
-    if errors:
+        assumed = sorted({f["name"] for f in c.graph.graph.get("assumed_fields", [])})
+        note = f"; pool fields assumed: {', '.join(assumed)} (check them with --pool FILE)" if assumed else ""
+        typer.echo(f"{c.recipe.path}: ok ({c.graph.number_of_nodes()} nodes{note})")
+        warned = warned or bool(c.graph.graph.get("warnings"))
+    if errors or (strict and warned):
         raise typer.Exit(1)
 
 
@@ -295,7 +324,7 @@ def run(
     base = output.with_suffix("")
     report_json, report_md = base.with_name(base.name + ".report.json"), base.with_name(base.name + ".report.md")
     try:
-        compiled = compile_file(recipe)
+        compiled = compile_file(recipe, pool_fields=_pool_fields(pool, pool_format, mapping))
         _warn(compiled)
         outputs = {"-o": output, "-o (report)": report_md, "-o (report manifest)": report_json,
                    **({"--scores": scores} if scores is not None else {})}

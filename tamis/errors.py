@@ -44,6 +44,7 @@ class RecipeError(TamisError):
         self.source = source
         self.path = path
         self.hint = hint
+        self.notes: list[str] = []  # further located messages (where a spliced recipe was spliced)
 
     def with_source(self, source: str, path: str | None) -> "RecipeError":
         """Attach the text the span points into (kept if already set, e.g. by a spliced recipe)."""
@@ -79,6 +80,7 @@ class RecipeError(TamisError):
                 lines.append("  " + pad + "^" * width)
         if self.hint:
             lines.append(f"  hint: {self.hint}")
+        lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -93,7 +93,8 @@ def test_every_builtin_recipe_checks():
 
 def test_hybrid_metrics():
     blend = compile_file("ifd_alpagasus_blend").feasibility()
-    assert (blend.trained_llms, blend.steps, blend.llm_uses, blend.reproducible) == (1, 5, 1, True)
+    # two LLM scorers in one stage: two LLM uses, as the same two written as two stages (below)
+    assert (blend.trained_llms, blend.steps, blend.llm_uses, blend.reproducible) == (1, 5, 2, True)
     assert (blend.model_free, blend.dataset_free, blend.api_free) == (False, False, False)
     spliced = compile_file("deita_superfiltered").feasibility()
     # GPT-2 warmup + DEITA's two scorers; build + (sf score, sf pick) + (complexity, quality, rank, diverse)
@@ -217,3 +218,23 @@ def test_fuzz_escapes_deep_nesting_and_long_pipelines(text):
         compile_text(text)
     except RecipeError as err:
         err.render()
+
+
+def test_llm_uses_do_not_depend_on_layout():
+    one = compile_text('score ifd using pfm, rating using pfm, quality using pfm | rank by ifd | top 10%').feasibility()
+    three = compile_text('score ifd using pfm | score rating using pfm | score quality using pfm | rank by ifd | top 10%'
+                         ).feasibility()
+    assert one.llm_uses == three.llm_uses == 3
+    assert (one.steps, three.steps) == (2, 4)  # steps follow the layout; uses do not
+
+
+def test_generated_data_is_an_llm_use_whether_or_not_it_trains():
+    text = 'data e = evolve(pool, pfm)\nscore length on e as n | rank by 1 | top 10%'
+    assert compile_text(text).feasibility().llm_uses == 1
+
+
+def test_reproducible_propagates_through_nested_use():
+    # deita_superfiltered names no code of its own but splices recipes that do
+    f = compile_text("use deita_superfiltered | sample 50%").feasibility()
+    assert f.reproducible
+    assert not compile_text("score length | use ifd_and_alpagasus").feasibility().reproducible

@@ -71,11 +71,22 @@ class Call(Expr):
     func: str
     args: tuple[Expr, ...] = ()
     kwargs: tuple[Kwarg, ...] = ()
+    per: str | None = None  # `pct(ifd) per language`: an aggregate computed within each group
     func_span: Span = Field(default_factory=Span, repr=False, exclude=True)
 
     def unparse(self) -> str:
         parts = [a.unparse() for a in self.args] + [k.unparse() for k in self.kwargs]
-        return f"{self.func}({', '.join(parts)})"
+        return f"{self.func}({', '.join(parts)})" + (f" per {self.per}" if self.per else "")
+
+
+class DictExpr(Expr):
+    """`{"sharegpt": 0.7, "dolly": 0.3}`: string keys (group values) to values."""
+
+    keys: tuple[str, ...] = ()
+    values: tuple[Expr, ...] = ()
+
+    def unparse(self) -> str:
+        return "{" + ", ".join(f"{String(value=k).unparse()}: {v.unparse()}" for k, v in zip(self.keys, self.values)) + "}"
 
 
 class ListExpr(Expr):
@@ -164,15 +175,31 @@ class Where(Stage):
 class Rank(Stage):
     by: Expr | None = None
     order: Literal["asc", "desc"] | None = None
+    per: str | None = None  # rank within each group, groups interleaved (best of each first)
 
 
 class Top(Stage):
     amount: Expr
+    per: str | None = None  # the amount from each group (a percentage: of each group's size)
+    kwargs: tuple[Kwarg, ...] = ()  # weights={...}: the amount split over the groups (a mixture)
 
 
 class Sample(Stage):
     amount: Expr
+    per: str | None = None
     kwargs: tuple[Kwarg, ...] = ()
+
+
+class Dedup(Stage):
+    """`dedup exact | minhash(…) | semantic(…) using M [against DATA]`: keep the best-ranked
+    row of each duplicate group, or drop rows near-duplicate to another dataset."""
+
+    method: str
+    method_span: Span = Field(default_factory=Span, repr=False, exclude=True)
+    args: tuple[Expr, ...] = ()
+    kwargs: tuple[Kwarg, ...] = ()
+    using: Expr | None = None
+    against: Expr | None = None
 
 
 class Diverse(Stage):
@@ -191,6 +218,9 @@ class Normalize(Stage):
 class Use(Stage):
     recipe: str
     is_path: bool = False
+    args: tuple[Expr, ...] = ()  # `use ifd(5%)`
+    kwargs: tuple[Kwarg, ...] = ()  # `use ifd(size=5%)`: the spliced recipe's parameters
+    alias: str | None = None  # `use ifd as cherry`: its columns become cherry.ifd, …
 
 
 class Combine(Stage):
@@ -218,6 +248,7 @@ class SelectDecl(Node):
 
 class Recipe(Node):
     name: str | None = None
+    params: tuple[Kwarg, ...] = ()  # `recipe ifd(size = 10%)`: parameters and their defaults
     title: str | None = None
     cites: tuple[str, ...] = ()
     code: tuple[str, ...] = ()

@@ -32,11 +32,13 @@ class Compiled:
 
 
 def compile_text(text: str, path: str | None = None, *, resolver: Resolver = default_resolver,
-                 passes: list[Pass] = PASSES) -> Compiled:
+                 passes: list[Pass] = PASSES, pool_fields: dict[str, str] | None = None) -> Compiled:
+    """`pool_fields`: the pool's own fields and their column types (`pool_column_types`), when known;
+    without them a name no stage produces is taken to be a pool field, checked when the pool is read."""
     try:
         recipe = parse(text, path)
         try:
-            logical = lower(recipe, resolver)
+            logical = lower(recipe, resolver, pool_fields)
         except RecipeError as err:
             raise err.with_source(text, path)
         return Compiled(recipe, logical, optimise(logical, passes))
@@ -60,6 +62,33 @@ def resolve_recipe_path(name_or_path: str) -> Path:
 def compile_file(name_or_path: str | Path, **kw) -> Compiled:
     path = resolve_recipe_path(str(name_or_path))
     return compile_text(read_recipe_text(path), str(path), **kw)
+
+
+def pool_column_types(schema) -> dict[str, str]:
+    """The recipe column type of each extra field of a pool schema (Polars dtypes by name): numbers
+    are "float", booleans "bool", strings "text", lists of strings "tags", lists or arrays of
+    numbers "vector", anything else "other" (kept in the output, usable only in `is_null`)."""
+    import polars as pl
+
+    from tamis.dsl.registry import POOL_COLUMNS
+
+    out: dict[str, str] = {}
+    for name, dtype in schema.items():
+        if name in POOL_COLUMNS:
+            continue
+        if dtype.is_numeric():
+            out[name] = "float"
+        elif dtype == pl.Boolean:
+            out[name] = "bool"
+        elif dtype in (pl.String, pl.Categorical, pl.Null) or isinstance(dtype, (pl.Categorical, pl.Enum)):
+            out[name] = "text"
+        elif isinstance(dtype, (pl.List, pl.Array)) and dtype.inner == pl.String:
+            out[name] = "tags"
+        elif isinstance(dtype, (pl.List, pl.Array)) and dtype.inner.is_numeric():
+            out[name] = "vector"
+        else:
+            out[name] = "other"
+    return out
 
 
 def builtin_recipes() -> list[Path]:

@@ -105,14 +105,19 @@ def measure(g: nx.DiGraph) -> Feasibility:
     has_build = bool(trained_any) or bool(generated)
 
     numbers = step_numbers(g)
-    llm_steps = {g.nodes[n]["step"] for n in ops if _runs_llm(g, n)}
+    # LLM uses: each operator that runs an LLM over data (however the stages are laid out: three
+    # LLM scorers in one comma-separated stage count as three, as written in three stages), plus
+    # one for LLM-generated data (whether or not a model is trained on it)
+    llm_ops = [n for n in ops if _runs_llm(g, n)]
     steps = len(set(numbers.values())) + (1 if has_build else 0)
-    uses = len(llm_steps) + (1 if build_generates or (generated and not trained_any) else 0)
+    uses = len(llm_ops) + (1 if generated else 0)
 
     def training_data(m: str) -> list[str]:
         return [p for p, _, d in g.in_edges(m, data=True) if d["flow"] == "train"]
 
-    dataset_free = not any(g.nodes[d].get("derives_from_pool") for m in trained_any for d in training_data(m))
+    # a selection of the pool (an operator's rows) derives from the pool too
+    dataset_free = not any(g.nodes[d].get("derives_from_pool") or g.nodes[d]["kind"] == "op"
+                           for m in trained_any for d in training_data(m))
     return Feasibility(
         recipe=g.graph.get("recipe") or g.graph.get("path") or "<recipe>",
         trained_llms=trained_count,

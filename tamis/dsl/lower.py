@@ -94,9 +94,84 @@ class Scope:
     models: dict[str, ModelInfo] = field(default_factory=dict)
     datas: dict[str, DataInfo] = field(default_factory=dict)
     selects: dict[str, str] = field(default_factory=dict)
+    column_prefix: str = ""  # `use X as a`: the columns X produces are named "a.<column>"
+    renames: dict[str, str] = field(default_factory=dict)  # a column as this recipe names it -> its real name
 
     def error(self, message: str, span: Span | None, hint: str | None = None) -> RecipeError:
         return RecipeError(message, span, source=self.recipe.source, path=self.recipe.path, hint=hint)
+
+    def produced(self, name: str) -> str:
+        """The real name of a column this recipe produces (prefixed under `use … as`)."""
+        real = self.column_prefix + name
+        if self.column_prefix:
+            self.renames[name] = real
+        return real
+
+    def column(self, name: str) -> str:
+        return self.renames.get(name, name)
+
+    def resolve(self, e):
+        """An expression (or stage) with this recipe's column names replaced by the real ones."""
+        if not self.renames:
+            return e
+        return substitute(e, {k: ast.Name(id=v) for k, v in self.renames.items()})
+
+
+def substitute(node, names: dict):
+    """`node` with each `Name` whose id is in `names` replaced by names[id] (recipe parameters by
+    their values; a spliced recipe's columns by their prefixed names, keeping the span)."""
+    if isinstance(node, ast.Name):
+        new = names.get(node.id)
+        if new is None:
+            return node
+        return new.model_copy(update={"span": node.span}) if isinstance(new, ast.Name) else new
+    if isinstance(node, tuple):
+        out = tuple(substitute(x, names) for x in node)
+        return node if all(a is b for a, b in zip(out, node)) else out
+    if isinstance(node, ast.Node) and not isinstance(node, (ast.Recipe,)):
+        update = {}
+        for name in type(node).model_fields:
+            value = getattr(node, name)
+            if isinstance(value, (ast.Node, tuple)):
+                new = substitute(value, names)
+                if new is not value:
+                    update[name] = new
+        per = getattr(node, "per", None)
+        if per is not None and isinstance(names.get(per), ast.Name):
+            update["per"] = names[per].id
+        return node.model_copy(update=update) if update else node
+    return node
+
+
+def _param_kind(e: ast.Expr) -> str:
+    """What kind of value a recipe parameter holds, told from its default (or an override)."""
+    if isinstance(e, ast.Percent):
+        return "size"
+    if isinstance(e, ast.Number):
+        return "count" if e.is_int else "number"
+    if isinstance(e, ast.Neg):
+        return "number"
+    if isinstance(e, ast.String):
+        return "string"
+    if isinstance(e, ast.Bool):
+        return "bool"
+    if isinstance(e, ast.ListExpr):
+        return "list"
+    if isinstance(e, ast.DictExpr):
+        return "dict"
+    if isinstance(e, ast.Name):
+        return "model" if e.id == "pfm" else "data" if e.id == "pool" else "name"
+    if isinstance(e, ast.Call):
+        return "model" if e.func in reg.MODEL_CTORS else "data" if e.func in reg.DATA_CTORS else "value"
+    return "value"
+
+
+# which override kinds a default's kind accepts (a count and a percentage are both sizes)
+_ACCEPTS = {"size": {"size", "count"}, "count": {"count", "size", "number"}, "number": {"number", "count"},
+            "model": {"model", "name"}, "data": {"data", "name"}, "name": {"name", "model", "data"}}
+_KIND_TEXT = {"size": "a size (a count or a percentage)", "count": "a number", "number": "a number",
+              "string": "a string", "bool": "true or false", "list": "a list", "dict": "a {…} mapping",
+              "model": "a model", "data": "a dataset", "name": "a model or dataset", "value": "a value"}
 
 
 Resolver = Callable[[str, bool, "ast.Recipe"], tuple[str, str]]  # (name, is_path, from) -> (path, text)
@@ -131,11 +206,15 @@ def default_resolver(name: str, is_path: bool, origin: ast.Recipe) -> tuple[str,
 
 
 class Lowerer:
-    def __init__(self, resolver: Resolver = default_resolver) -> None:
+    def __init__(self, resolver: Resolver = default_resolver, pool_fields: dict[str, str] | None = None) -> None:
         self.g = nx.DiGraph()
         self.resolver = resolver
+        # the pool's own fields and their column types, when known (`check --pool`, or a run once
+        # the pool is loaded); None: a name no stage produces is assumed to be a pool field
+        self.pool_fields = pool_fields
         self._counter = 0
         self._stack: list[str] = []
+        self._splices: list[list[bool]] = [[]]  # per recipe being lowered: whether each recipe it splices is reproducible
 
     # -- graph building --
     def node(self, kind: str, label: str, scope: Scope | None, span: Span | None = None, **attrs) -> str:
@@ -163,6 +242,7 @@ class Lowerer:
     # -- entry --
     def lower(self, recipe: ast.Recipe) -> nx.DiGraph:
         self._stack.append(self._key(recipe))
+        recipe = self.bind_params(Scope(recipe, prefix=""), recipe, (), (), None)
         scope = Scope(recipe, prefix="")
         self.declare(scope)
         state = self.new_chain(scope, recipe.pipeline)
@@ -179,10 +259,49 @@ class Lowerer:
         return str(Path(recipe.path).resolve()) if recipe.path else f"<{recipe.name or 'recipe'}>"
 
     def reproducible(self, recipe: ast.Recipe) -> bool:
+        """Its own code, or every recipe it splices directly is reproducible (recursively)."""
         if recipe.code:
             return True
-        used = self.g.graph.setdefault("used_reproducible", {})
-        return bool(used) and all(used.values())
+        direct = self._splices[0]
+        return bool(direct) and all(direct)
+
+    def bind_params(self, outer: Scope, recipe: ast.Recipe, args, kwargs, span: Span | None) -> ast.Recipe:
+        """`recipe` with its parameters replaced by their values: a `use`'s arguments (checked
+        against each default's kind, errors at the `use`) or the defaults."""
+        declared = {k.name: k for k in recipe.params}
+        names = list(declared)
+        what = f"recipe {recipe.name or Path(recipe.path or 'recipe').stem}"
+        if (args or kwargs) and not declared:
+            raise outer.error(f"{what} takes no parameters", (args or kwargs)[0].span,
+                              hint="declare them in its header: recipe NAME(size = 10%)")
+        if len(args) > len(names):
+            raise outer.error(f"{what} takes {len(names)} parameter(s), got {len(args)}", args[len(names)].span,
+                              hint=f"parameters: {', '.join(names)}")
+        given = dict(zip(names, args))
+        for kw in kwargs:
+            if kw.name not in declared:
+                raise outer.error(f"{what} has no parameter {kw.name!r}", kw.span,
+                                  hint=did_you_mean(kw.name, names) or f"parameters: {', '.join(names)}")
+            if kw.name in given:
+                raise outer.error(f"{what}: parameter {kw.name!r} given twice", kw.span)
+            given[kw.name] = kw.value
+        values = {}
+        for name, decl in declared.items():
+            want = _param_kind(decl.value)
+            value = given.get(name, decl.value)
+            got = _param_kind(value)
+            if got != want and got not in _ACCEPTS.get(want, ()):
+                raise outer.error(f"{what}: parameter {name!r} takes {_KIND_TEXT[want]} (its default is "
+                                  f"{decl.value.unparse()}), got {value.unparse()}", value.span)
+            values[name] = value
+        for d in recipe.decls:
+            if d.name in declared:
+                raise RecipeError(f"{d.name!r} is both a parameter and a declaration", d.span,
+                                  source=recipe.source, path=recipe.path)
+        if not values:
+            return recipe
+        return recipe.model_copy(update={"decls": substitute(recipe.decls, values),
+                                         "pipeline": substitute(recipe.pipeline, values)})
 
     def declare(self, scope: Scope) -> None:
         for d in scope.recipe.decls:  # in source order: a declaration sees those above it
@@ -204,6 +323,8 @@ class Lowerer:
     def new_chain(self, scope: Scope, stages) -> ChainState:
         pool = self.pool()
         cols = {k: Column(t) for k, t in reg.POOL_COLUMNS.items()}
+        for name, t in (self.pool_fields or {}).items():
+            cols.setdefault(name, Column(t))
         return ChainState(prev=pool, columns=cols, produced_later=self.produced_columns(stages))
 
     def pool(self) -> str:
@@ -284,6 +405,8 @@ class Lowerer:
                 raise scope.error(f"{what}: {p.name!r} must be one of {', '.join(map(repr, p.choices))}", e.span,
                                   hint=did_you_mean(e.value, p.choices))
             return e.value
+        if t == "any":  # checked by the caller (a stage's own keyword, e.g. weights={…})
+            return e
         if t == "bool":
             if not isinstance(e, ast.Bool):
                 raise scope.error(f"{what}: {p.name!r} needs true or false", e.span)
@@ -435,10 +558,13 @@ class Lowerer:
                 return DataInfo(self.pool(), derives_from_pool=True)
             if e.id in scope.datas:
                 return scope.datas[e.id]
+            if e.id in scope.selects:  # a selection is a dataset: train on it, score it, splice it
+                return DataInfo(scope.selects[e.id], derives_from_pool=True)
             if e.id in scope.models or e.id == "pfm":
                 raise scope.error(f"{e.id!r} is a model, but a dataset is needed here", e.span)
             raise scope.error(f"unknown dataset {e.id!r}", e.span,
-                              hint=did_you_mean(e.id, list(scope.datas) + ["pool"]) or f"declare it: data {e.id} = load(\"file.jsonl\")")
+                              hint=did_you_mean(e.id, list(scope.datas) + list(scope.selects) + ["pool"])
+                              or f"declare it: data {e.id} = load(\"file.jsonl\")")
         if not isinstance(e, ast.Call):
             raise scope.error(f"a dataset is needed here, got {e.unparse()}", e.span)
         ctor = reg.DATA_CTORS.get(e.func)
@@ -494,7 +620,7 @@ class Lowerer:
             v = self.bind(scope, spec.params, item.args, item.kwargs, item.span, what)
             model = self.scorer_model(scope, spec.model, item.using, item, what)
             target = self.data(scope, item.on) if item.on is not None else None
-            col = item.column
+            col = scope.produced(item.column)
             if col in state.columns:
                 raise scope.error(f"column {col!r} already exists", item.span,
                                   hint=f"name this score: score {item.scorer} … as {col}_2")
@@ -510,7 +636,7 @@ class Lowerer:
             dataset = self.g.nodes[target.node]["label"] if target else None
             outs = {col + suffix: Column(t, dataset) for suffix, t in spec.columns.items()}
             label = f"score {item.scorer}" + (f" using {self.g.nodes[model.node]['label']}" if model else "") \
-                + (f" on {dataset}" if dataset else "") + (f" as {item.alias}" if item.alias else "")
+                + (f" on {dataset}" if dataset else "") + (f" as {col}" if col != item.scorer else "")
             nid = self.op(scope, item.span, state, "score", label, step, columns_out={k: c.type for k, c in outs.items()},
                           columns_in=list(model.features) if model and model.fit else [],
                           rowwise=spec.rowwise and target is None, cost=spec.cost,
@@ -561,25 +687,28 @@ class Lowerer:
             raise scope.error(f"{what} needs {wants}, but {label} is not", span)
 
     def stage_let(self, scope, stage: ast.Let, state: ChainState, step: str) -> None:
-        if stage.name in state.columns:
-            raise scope.error(f"column {stage.name!r} already exists", stage.span, hint=f"choose another name than {stage.name!r}")
-        t, cols, aggregate = self.expr_type(scope, stage.expr, state)
-        if t not in ("float", "bool"):
+        expr = scope.resolve(stage.expr)
+        t, cols, aggregate = self.expr_type(scope, expr, state)
+        name = scope.produced(stage.name)
+        if name in state.columns:
+            raise scope.error(f"column {name!r} already exists", stage.span, hint=f"choose another name than {stage.name!r}")
+        if t not in ("float", "bool", "any"):
             raise scope.error(f"`let` needs a number or a condition, but this is {t}", stage.expr.span)
-        self.op(scope, stage.span, state, "let", f"let {stage.name} = {stage.expr.unparse()}", step,
-                columns_out={stage.name: t}, columns_in=cols, rowwise=not aggregate, expr=stage.expr,
-                params={"name": stage.name, "expr": stage.expr.unparse()})
-        state.columns[stage.name] = Column(t)
-        if t == "float":
-            state.last_score = stage.name
+        self.op(scope, stage.span, state, "let", f"let {name} = {expr.unparse()}", step,
+                columns_out={name: t}, columns_in=cols, rowwise=not aggregate, expr=expr,
+                params={"name": name, "expr": expr.unparse()})
+        state.columns[name] = Column(t)
+        if t in ("float", "any"):
+            state.last_score = name
 
     def stage_where(self, scope, stage: ast.Where, state: ChainState, step: str) -> None:
-        t, cols, aggregate = self.expr_type(scope, stage.cond, state)
-        if t != "bool":
+        cond = scope.resolve(stage.cond)
+        t, cols, aggregate = self.expr_type(scope, cond, state)
+        if t not in ("bool", "any"):
             raise scope.error(f"`where` needs a condition, but this is a {t}", stage.cond.span,
                               hint=f"compare it: where {stage.cond.unparse()} > …")
-        self.op(scope, stage.span, state, "where", f"where {stage.cond.unparse()}", step, pick=True, columns_in=cols,
-                rowwise=not aggregate, expr=stage.cond, params={"expr": stage.cond.unparse()})
+        self.op(scope, stage.span, state, "where", f"where {cond.unparse()}", step, pick=True, columns_in=cols,
+                rowwise=not aggregate, expr=cond, params={"expr": cond.unparse()})
 
     def stage_rank(self, scope, stage: ast.Rank, state: ChainState, step: str) -> None:
         if stage.by is None:
@@ -588,13 +717,15 @@ class Lowerer:
                                   hint="add a score stage before it, or write `rank by EXPR`")
             by: ast.Expr = ast.Name(id=state.last_score, span=stage.span)
         else:
-            by = stage.by
+            by = scope.resolve(stage.by)
         t, cols, _ = self.expr_type(scope, by, state)
-        if t != "float":
+        if t not in ("float", "any"):
             raise scope.error(f"`rank by` needs a number, but this is a {t}", by.span)
         order = stage.order or "desc"
-        self.op(scope, stage.span, state, "rank", f"rank by {by.unparse()} {order}", step, pick=True, columns_in=cols,
-                expr=by, params={"by": by.unparse(), "order": order})
+        per = self.group_column(scope, stage.per, stage.span, state, "rank … per") if stage.per else None
+        self.op(scope, stage.span, state, "rank", f"rank by {by.unparse()} {order}" + (f" per {per}" if per else ""),
+                step, pick=True, columns_in=cols + ([per] if per else []), expr=by,
+                params={"by": by.unparse(), "order": order, **({"per": per} if per else {})})
         state.ranked = True
 
     def stage_top(self, scope, stage: ast.Top, state: ChainState, step: str) -> None:
@@ -602,15 +733,80 @@ class Lowerer:
             raise scope.error("`top` with nothing ranked", stage.span,
                               hint="add `rank` (or `rank by EXPR`) before `top`; use `sample` for a random subset")
         size = self.value(scope, reg.Param("amount", "size"), stage.amount, "top")
-        self.op(scope, stage.span, state, "top", f"top {stage.amount.unparse()}", step, pick=True,
-                params={"size": size})
+        v = self.bind(scope, (reg.Param("weights", "any", None),), (), stage.kwargs, stage.span, "top")
+        per, weights = self.grouping(scope, stage, state, v["weights"], "top")
+        self.op(scope, stage.span, state, "top", f"top {stage.amount.unparse()}" + self._per_text(per, weights), step,
+                pick=True, columns_in=[per] if per else [], params={"size": size, **_grouped(per, weights)})
 
     def stage_sample(self, scope, stage: ast.Sample, state: ChainState, step: str) -> None:
         size = self.value(scope, reg.Param("amount", "size"), stage.amount, "sample")
-        v = self.bind(scope, (reg.Param("seed", "seed", 42),), (), stage.kwargs, stage.span, "sample")
-        self.op(scope, stage.span, state, "sample", f"sample {stage.amount.unparse()}", step, pick=True,
-                params={"size": size, **v})
+        v = self.bind(scope, (reg.Param("seed", "seed", 42), reg.Param("weights", "any", None)), (), stage.kwargs,
+                      stage.span, "sample")
+        per, weights = self.grouping(scope, stage, state, v.pop("weights"), "sample")
+        self.op(scope, stage.span, state, "sample", f"sample {stage.amount.unparse()}" + self._per_text(per, weights),
+                step, pick=True, columns_in=[per] if per else [], params={"size": size, **v, **_grouped(per, weights)})
         state.ranked = False
+
+    @staticmethod
+    def _per_text(per: str | None, weights: dict | None) -> str:
+        if per is None:
+            return ""
+        return f" per {per}" + (" with weights={" + ", ".join(f"{k}: {v:g}" for k, v in weights.items()) + "}"
+                                if weights else "")
+
+    def grouping(self, scope, stage, state: ChainState, weights, what: str) -> tuple[str | None, dict | None]:
+        """`per G` and `with weights={…}` of a top/sample stage: the group column, the mixture weights."""
+        per = self.group_column(scope, stage.per, stage.span, state, f"{what} … per") if stage.per else None
+        if weights is None:
+            return per, None
+        span = next(k.span for k in stage.kwargs if k.name == "weights")
+        if per is None:
+            raise scope.error(f"`{what}` with weights needs groups to weigh", span,
+                              hint=f'write {what} {stage.amount.unparse()} per source with weights={{"a": 0.7, "b": 0.3}}')
+        if not isinstance(weights, ast.DictExpr) or not weights.keys:
+            raise scope.error("weights needs a mapping from group values to numbers", span,
+                              hint='e.g. weights={"sharegpt": 0.7, "dolly": 0.3}')
+        out = {}
+        for key, value in zip(weights.keys, weights.values):
+            if not isinstance(value, ast.Number) or value.value < 0:
+                raise scope.error(f"the weight of {key!r} must be a number ≥ 0", value.span)
+            out[key] = value.value
+        if not sum(out.values()) > 0:
+            raise scope.error("the weights add up to 0: nothing would be picked", span)
+        return per, out
+
+    def group_column(self, scope, name: str, span: Span, state: ChainState, what: str) -> str:
+        """The column `per NAME` groups by: a column here, or (unknown pool schema) an assumed pool field."""
+        real = scope.column(name)
+        col = state.columns.get(real) or self.field_or_error(scope, real, span, state)
+        if col.dataset is not None:
+            raise scope.error(f"{what}: {real!r} holds scores of dataset {col.dataset}, not of these rows", span)
+        if col.type in ("vector", "tags", "messages", "other"):
+            raise scope.error(f"{what}: cannot group by {real!r}, a {col.type} column", span,
+                              hint="group by a field (source, category) or a cluster score (score cluster using …)")
+        return real
+
+    def field_or_error(self, scope, name: str, span: Span, state: ChainState) -> Column:
+        """A name no stage has produced: an error, or — when the pool's fields are not known yet — a
+        pool field assumed to exist, checked (with this line and column) once the run loads the pool."""
+        later = state.produced_later.get(name)
+        if later is not None and later.span.start > span.start:
+            raise scope.error(f"column {name!r} is used before any stage produces it", span,
+                              hint=f"it is produced at line {later.span.line}; move this stage after it")
+        known = [c for c in state.columns if state.columns[c].dataset is None]
+        # a name close to a column a stage produced is a typo far more often than a pool field
+        produced = [c for c in known if c not in reg.POOL_COLUMNS and state.columns[c].type != "any"
+                    and c not in (self.pool_fields or {})]
+        typo = did_you_mean(name, produced)
+        if self.pool_fields is None and not typo and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            self.g.graph.setdefault("assumed_fields", []).append(
+                {"name": name, "line": span.line, "column": span.column, "path": scope.recipe.path})
+            state.columns[name] = Column("any")
+            return state.columns[name]
+        if typo and self.pool_fields is None:
+            typo += " (if it is a field of the pool, `tamis check --pool FILE` checks it against the pool)"
+        raise scope.error(f"unknown column {name!r}", span,
+                          hint=typo or did_you_mean(name, known) or f"columns here: {', '.join(known)}")
 
     def stage_diverse(self, scope, stage: ast.Diverse, state: ChainState, step: str) -> None:
         spec = reg.SAMPLERS.get(stage.method)
@@ -624,7 +820,7 @@ class Lowerer:
                               hint="add `rank by EXPR` before it")
         cols = []
         for pname, ctype in spec.column_types.items():
-            col = v[pname]
+            col = v[pname] = scope.column(v[pname])
             if col not in state.columns:
                 raise scope.error(f"{what}: no column {col!r}", stage.span, hint=did_you_mean(col, state.columns))
             if state.columns[col].type != ctype:
@@ -646,18 +842,50 @@ class Lowerer:
             self.edge(model.node, nid, "model")
         state.ranked = True
 
+    def stage_dedup(self, scope, stage: ast.Dedup, state: ChainState, step: str) -> None:
+        spec = reg.DEDUP_METHODS.get(stage.method)
+        if spec is None:
+            raise scope.error(f"unknown dedup method {stage.method!r}", stage.method_span,
+                              hint=did_you_mean(stage.method, reg.DEDUP_METHODS)
+                              or f"methods: {', '.join(reg.DEDUP_METHODS)}")
+        what = f"dedup {stage.method}"
+        v = self.bind(scope, spec.params, stage.args, stage.kwargs, stage.span, what)
+        if "threshold" in v and not 0 < v["threshold"] <= 1:
+            at = next((k.value.span for k in stage.kwargs if k.name == "threshold"), stage.span)
+            raise scope.error(f"{what}: threshold must lie in (0, 1], got {v['threshold']:g}", at)
+        model = None
+        if spec.model:
+            if stage.using is None:
+                raise scope.error(f"{what} needs a model to embed with: add `using …`", stage.span,
+                                  hint='e.g. using encoder("sentence-transformers/all-MiniLM-L6-v2")')
+            model = self.model(scope, stage.using)
+            self.check_model_need(scope, spec.model, model, stage.using.span, what)
+        elif stage.using is not None:
+            raise scope.error(f"{what} uses no model; remove `using`", stage.using.span)
+        against = self.data(scope, stage.against) if stage.against is not None else None
+        other = self.g.nodes[against.node]["label"] if against else None
+        label = f"dedup {stage.method}" + (f" using {self.g.nodes[model.node]['label']}" if model else "") \
+            + (f" against {other}" if other else "")
+        nid = self.op(scope, stage.span, state, "dedup", label, step, pick=True, rowwise=False,
+                      cost="model" if model else "cheap", params={"method": spec.name, **self.plain(v), "against": other})
+        if model:
+            self.edge(model.node, nid, "model")
+        if against:
+            self.edge(against.node, nid, "side", role="against")
+
     def stage_normalize(self, scope, stage: ast.Normalize, state: ChainState, step: str) -> None:
-        col = state.columns.get(stage.column)
+        column = scope.column(stage.column)
+        col = state.columns.get(column)
         if col is None:
-            raise scope.error(f"normalize: no column {stage.column!r}", stage.span, hint=did_you_mean(stage.column, state.columns))
+            raise scope.error(f"normalize: no column {column!r}", stage.span, hint=did_you_mean(column, state.columns))
         if col.type != "tags":
-            raise scope.error(f"normalize works on tags, but {stage.column!r} is {col.type}", stage.span)
+            raise scope.error(f"normalize works on tags, but {column!r} is {col.type}", stage.span)
         v = self.bind(scope, reg.TAG_NORMALIZE_PARAMS, (), stage.kwargs, stage.span, "normalize")
         sem: ModelInfo | None = v.get("semantic")
         if sem is not None:
             self.check_model_need(scope, "embedder", sem, stage.span, "normalize")
-        nid = self.op(scope, stage.span, state, "normalize", f"normalize {stage.column}", step,
-                      columns_in=[stage.column], rowwise=False, params={"column": stage.column, **self.plain(v)})
+        nid = self.op(scope, stage.span, state, "normalize", f"normalize {column}", step,
+                      columns_in=[column], rowwise=False, params={"column": column, **self.plain(v)})
         if sem is not None:
             self.edge(sem.node, nid, "model")
 
@@ -689,15 +917,25 @@ class Lowerer:
         if key in self._stack:
             chain = " → ".join(Path(k).stem for k in self._stack[self._stack.index(key):] + [key])
             raise scope.error(f"composition cycle: {chain}", stage.span)
-        other = parse(text, path)
+        other = self.bind_params(scope, parse(text, path), stage.args, stage.kwargs, stage.span)
         self._stack.append(key)
+        self._splices.append([])
         try:
-            inner = Scope(other, prefix=f"{other.name or Path(path).stem}:{step}.")
+            inner = Scope(other, prefix=f"{other.name or Path(path).stem}:{step}.",
+                          column_prefix=scope.column_prefix + (f"{stage.alias}." if stage.alias else ""))
             self.declare(inner)
             self.pipeline(inner, other.pipeline, state, step_prefix="")
+        except RecipeError as err:
+            if err.path == path:  # an error inside the spliced file: say where it was spliced too
+                err.notes.append(scope.error(f"in recipe {stage.recipe!r}, spliced here", stage.span).render())
+            raise
         finally:
             self._stack.pop()
-        self.g.graph.setdefault("used_reproducible", {})[other.name or path] = bool(other.code)
+            inner_splices = self._splices.pop()
+        # a spliced recipe is reproducible when it has its own code, or when everything it splices is
+        reproducible = bool(other.code) or (bool(inner_splices) and all(inner_splices))
+        self._splices[-1].append(reproducible)
+        self.g.graph.setdefault("used_reproducible", {})[other.name or path] = reproducible
 
     # ---- expressions -------------------------------------------------------------
     def expr_type(self, scope: Scope, e: ast.Expr, state: ChainState) -> tuple[str, list[str], bool]:
@@ -716,14 +954,7 @@ class Lowerer:
             if isinstance(x, ast.String):
                 return "text"
             if isinstance(x, ast.Name):
-                col = state.columns.get(x.id)
-                if col is None:
-                    later = state.produced_later.get(x.id)
-                    if later is not None and later.span.start > x.span.start:
-                        raise scope.error(f"column {x.id!r} is used before any stage produces it", x.span,
-                                          hint=f"it is produced at line {later.span.line}; move this stage after it")
-                    raise scope.error(f"unknown column {x.id!r}", x.span,
-                                      hint=did_you_mean(x.id, state.columns) or f"columns here: {', '.join(state.columns)}")
+                col = state.columns.get(x.id) or self.field_or_error(scope, x.id, x.span, state)
                 if col.dataset is not None:
                     raise scope.error(f"column {x.id!r} holds scores of dataset {col.dataset}, not of these rows",
                                       x.span, hint="use it inside influence(...) or win_rate(...)")
@@ -734,33 +965,38 @@ class Lowerer:
             if isinstance(x, ast.BinOp):
                 for side in (x.left, x.right):
                     st = t(side)
-                    if st != "float":
+                    if st not in ("float", "any"):
                         raise scope.error(f"`{x.op}` needs numbers, but {side.unparse()} is {st}", side.span)
                 return "float"
             if isinstance(x, ast.Neg):
                 st = t(x.operand)
-                if st != "float":
+                if st not in ("float", "any"):
                     raise scope.error(f"`-` needs a number, but {x.operand.unparse()} is {st}", x.operand.span)
                 return "float"
             if isinstance(x, ast.Compare):
                 lt, rt = t(x.left), t(x.right)
-                if lt == rt == "text" and x.op in ("==", "!="):
-                    return "bool"
+                if "any" in (lt, rt) or (lt == rt and lt in ("text", "group") and x.op in ("==", "!=")):
+                    return "bool"  # a pool field whose type is not known yet is checked at run time
+                if {lt, rt} <= {"text", "group"} and lt != rt and x.op in ("==", "!="):
+                    return "bool"  # a cluster id against its written value, e.g. cluster == "3"
                 for side, st in ((x.left, lt), (x.right, rt)):
-                    if st not in ("float", "bool"):
+                    if st not in ("float", "bool", "group"):
                         raise scope.error(f"`{x.op}` compares numbers, but {side.unparse()} is {st}", side.span)
                 return "bool"
             if isinstance(x, ast.BoolOp):
                 for side in (x.left, x.right):
-                    if t(side) != "bool":
+                    if t(side) not in ("bool", "any"):
                         raise scope.error(f"`{x.op}` needs conditions, but {side.unparse()} is not one", side.span)
                 return "bool"
             if isinstance(x, ast.Not):
-                if t(x.operand) != "bool":
+                if t(x.operand) not in ("bool", "any"):
                     raise scope.error("`not` needs a condition", x.operand.span)
                 return "bool"
             if isinstance(x, ast.ListExpr):
                 raise scope.error("a list is not a value a row can hold", x.span)
+            if isinstance(x, ast.DictExpr):
+                raise scope.error("a {…} mapping is not a value a row can hold", x.span,
+                                  hint="mappings are for stage options, e.g. top 1000 per source with weights={…}")
             raise AssertionError(type(x))
 
         def call(x: ast.Call) -> str:
@@ -776,6 +1012,11 @@ class Lowerer:
             if len(x.args) != len(spec.args):
                 raise scope.error(f"{x.func}(...) takes {len(spec.args)} argument(s), got {len(x.args)}", x.span)
             agg[0] = agg[0] or spec.aggregate
+            if x.per is not None:
+                if not spec.aggregate:
+                    raise scope.error(f"{x.func}(...) is computed row by row: `per` groups only functions over rows "
+                                      f"({', '.join(f for f, v in reg.FUNCTIONS.items() if v.aggregate)})", x.span)
+                cols.append(self.group_column(scope, x.per, x.span, state, f"{x.func}(...) per"))
             for kind, a in zip(spec.args, x.args):
                 if kind == "foreign":
                     if not isinstance(a, ast.Name) or a.id not in state.columns or state.columns[a.id].dataset is None:
@@ -786,13 +1027,18 @@ class Lowerer:
                     continue
                 at = t(a)
                 want = {"num": ("float", "bool"), "vector": ("vector",), "tags": ("tags",), "any": None}[kind]
-                if want is not None and at not in want:
+                if want is not None and at not in want and at != "any":
                     raise scope.error(f"{x.func}(...) needs {'a number' if kind == 'num' else kind}, "
                                       f"but {a.unparse()} is {at}", a.span)
             return spec.returns
 
         typ = t(e)
         return typ, cols, agg[0]
+
+
+def _grouped(per: str | None, weights: dict | None) -> dict:
+    """A stage's grouping parameters, present only when given (ungrouped stages keep their old keys)."""
+    return {**({"per": per} if per else {}), **({"weights": weights} if weights else {})}
 
 
 def _size_text(size) -> str:
@@ -803,5 +1049,6 @@ def _size_text(size) -> str:
     return str(size)
 
 
-def lower(recipe: ast.Recipe, resolver: Resolver = default_resolver) -> nx.DiGraph:
-    return Lowerer(resolver).lower(recipe)
+def lower(recipe: ast.Recipe, resolver: Resolver = default_resolver,
+          pool_fields: dict[str, str] | None = None) -> nx.DiGraph:
+    return Lowerer(resolver, pool_fields).lower(recipe)

@@ -91,9 +91,33 @@ class ToAst(Transformer):
         return ast.Name(id=str(c[0]), span=span_of(meta))
 
     def call(self, meta, c):
-        func, arglist = c
+        func, arglist, per = c
         args, kwargs = arglist if arglist is not None else ((), ())
-        return ast.Call(func=str(func), args=args, kwargs=kwargs, span=span_of(meta), func_span=span_of(func))
+        return ast.Call(func=str(func), args=args, kwargs=kwargs, per=per, span=span_of(meta), func_span=span_of(func))
+
+    def dict(self, meta, c):
+        keys, values = [], []
+        for item in c:
+            if item is None:
+                continue
+            key, value = item
+            if key in keys:
+                raise RecipeError(f"key {key!r} given twice", value.span)
+            keys.append(key)
+            values.append(value)
+        return ast.DictExpr(keys=tuple(keys), values=tuple(values), span=span_of(meta))
+
+    def pair(self, meta, c):
+        return (_str(c[0]), c[1])
+
+    def per(self, meta, c):
+        return str(c[0])
+
+    def against(self, meta, c):
+        return ("against", c[0])
+
+    def params(self, meta, c):
+        return tuple(x for x in c if x is not None)
 
     def list(self, meta, c):
         return ast.ListExpr(items=tuple(x for x in c if x is not None), span=span_of(meta))
@@ -197,14 +221,21 @@ class ToAst(Transformer):
         return ast.Where(cond=c[0], span=span_of(meta))
 
     def rank_stage(self, meta, c):
-        by, order = c
-        return ast.Rank(by=by, order=str(order) if order is not None else None, span=span_of(meta))
+        by, order, per = c
+        return ast.Rank(by=by, order=str(order) if order is not None else None, per=per, span=span_of(meta))
 
     def top_stage(self, meta, c):
-        return ast.Top(amount=c[0], span=span_of(meta))
+        return ast.Top(amount=c[0], per=c[1], kwargs=c[2] or (), span=span_of(meta))
 
     def sample_stage(self, meta, c):
-        return ast.Sample(amount=c[0], kwargs=c[1] or (), span=span_of(meta))
+        return ast.Sample(amount=c[0], per=c[1], kwargs=c[2] or (), span=span_of(meta))
+
+    def dedup_stage(self, meta, c):
+        name, call_args, using, against = c
+        args, kwargs = call_args if call_args is not None else ((), ())
+        return ast.Dedup(method=str(name), method_span=span_of(name), args=args, kwargs=kwargs,
+                         using=using[1] if using else None, against=against[1] if against else None,
+                         span=span_of(meta))
 
     def diverse_stage(self, meta, c):
         name, arglist, using = c
@@ -218,10 +249,12 @@ class ToAst(Transformer):
         return ast.Normalize(column=str(c[0]), kwargs=c[1] or (), span=span_of(meta))
 
     def use_stage(self, meta, c):
-        tok = c[0]
+        tok, call_args, alias = c
+        args, kwargs = call_args if call_args is not None else ((), ())
+        common = {"args": args, "kwargs": kwargs, "alias": alias[1] if alias else None, "span": span_of(meta)}
         if tok.type == "STRING":
-            return ast.Use(recipe=_str(tok), is_path=True, span=span_of(meta))
-        return ast.Use(recipe=str(tok), span=span_of(meta))
+            return ast.Use(recipe=_str(tok), is_path=True, **common)
+        return ast.Use(recipe=str(tok), **common)
 
     def combine_stage(self, meta, c):
         return ast.Combine(op=str(c[0]), selection=str(c[1]), span=span_of(meta))
@@ -231,7 +264,7 @@ class ToAst(Transformer):
 
     # ---- header and declarations -------------------------------------------
     def recipe_header(self, meta, c):
-        return ("recipe", str(c[0]), _str(c[1]) if c[1] is not None else None, span_of(meta))
+        return ("recipe", str(c[0]), _str(c[2]) if c[2] is not None else None, span_of(meta), c[1] or ())
 
     def cite(self, meta, c):
         return ("cite", _str(c[0]))
@@ -254,7 +287,7 @@ class ToAst(Transformer):
             if isinstance(item, tuple) and item and item[0] == "recipe":
                 if "name" in fields:
                     raise RecipeError("a recipe has one `recipe` header", item[3])
-                fields["name"], fields["title"] = item[1], item[2]
+                fields["name"], fields["title"], fields["params"] = item[1], item[2], item[4]
             elif isinstance(item, tuple) and item and item[0] == "cite":
                 fields["cites"].append(item[1])
             elif isinstance(item, tuple) and item and item[0] == "code":

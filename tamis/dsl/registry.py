@@ -17,7 +17,9 @@ from typing import Literal
 ValueType = Literal["count", "seed", "size", "fraction", "number", "string", "bool", "model", "data", "lora", "column", "list", "any"]
 
 # Column types.
-ColumnType = Literal["float", "bool", "text", "tags", "vector", "messages", "id"]
+#   group: a group label (a `cluster` id); any: a pool field whose type is not known until the pool is
+#   read (checked then); other: a pool field no expression can use (a struct, a list of numbers...).
+ColumnType = Literal["float", "bool", "text", "tags", "vector", "messages", "id", "group", "any", "other"]
 
 REQUIRED = object()
 
@@ -154,6 +156,10 @@ SCORERS: dict[str, ScorerSpec] = {
         ScorerSpec("unieval", "UniEval dialogue score on one dimension", {"": "float"}, "encoder",
                    (Param("dimension", "string", REQUIRED, ("naturalness", "coherence", "understandability")),)),
         ScorerSpec("predict", "the prediction of a fitted selector from its feature columns", {"": "float"}, "fit", (), cost="cheap"),
+        ScorerSpec("cluster", "KMeans cluster id of each row over a model's embeddings: a group column for `per`",
+                   {"": "group"}, "embedder", (Param("k", "count", 10, doc="number of clusters"),
+                                               Param("seed", "seed", 0, doc="KMeans' random state")),
+                   rowwise=False, source="KMeans as Cherry LLM's and InstructionGPT-4's clustering steps"),
         ScorerSpec("knn", "mean distance to the k nearest neighbours in embedding space (Instruction-Mining KNN-6)",
                    {"": "float"}, "embedder", (Param("k", "count", 6),), rowwise=False),
     ]
@@ -170,6 +176,32 @@ SAMPLERS: dict[str, SamplerSpec] = {
                     (_BUDGET, Param("metric", "string", "euclidean", ("euclidean", "cosine"))), "embedder",
                     source="tianyi-lab/Superfiltering code_diversity_fla/do_fla.py"),
         SamplerSpec("kcenter", "greedy k-center over embeddings", (_BUDGET,), "embedder"),
+    ]
+}
+
+@dataclass(frozen=True)
+class DedupSpec:
+    name: str
+    doc: str
+    params: tuple[Param, ...] = ()
+    model: ModelNeed | None = None
+    source: str = ""
+
+
+_DEDUP_FIELD = Param("field", "string", "all", ("instruction", "input", "output", "all"),
+                     "the text compared: one field, or instruction, input and output together")
+DEDUP_METHODS: dict[str, DedupSpec] = {
+    d.name: d
+    for d in [
+        DedupSpec("exact", "equal text once normalised (lower case, whitespace collapsed, punctuation dropped)",
+                  (_DEDUP_FIELD,)),
+        DedupSpec("minhash", "near-duplicate text: estimated Jaccard similarity of word n-grams ≥ threshold "
+                  "(MinHash LSH, datasketch)",
+                  (Param("threshold", "number", 0.8), Param("ngram", "count", 5, doc="words per shingle"),
+                   Param("num_perm", "count", 128, doc="MinHash permutations"), Param("seed", "seed", 1), _DEDUP_FIELD),
+                  source="ekzhu/datasketch MinHashLSH"),
+        DedupSpec("semantic", "near-duplicate meaning: cosine similarity of embeddings ≥ threshold (chunked, never N×N)",
+                  (Param("threshold", "number", 0.95),), "embedder"),
     ]
 }
 
@@ -273,4 +305,5 @@ def all_names() -> dict[str, list[str]]:
     return {
         "scorer": list(SCORERS), "sampler": list(SAMPLERS), "function": list(FUNCTIONS),
         "model constructor": [m for m in MODEL_CTORS if m != "lora"], "data constructor": list(DATA_CTORS),
+        "dedup method": list(DEDUP_METHODS),
     }

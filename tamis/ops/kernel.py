@@ -14,6 +14,7 @@ functions. Contracts by family (`params` are the entry's declared parameters, by
   function  fn(*args: pl.Expr) -> pl.Expr                                   (row-wise or aggregate)
   model     fn(params, env: BuildEnv) -> Built                               (driver side)
   data      fn(params, env: BuildEnv) -> pl.DataFrame                        (driver side)
+  dedup     fn(rows, against rows | None, **params[, options]) -> DedupResult   (global)
 
 A kernel that names a parameter `options` receives the run's `ExecOptions` (batch size,
 progress bars, device): how to run, never what to compute, so never part of a cache key.
@@ -27,7 +28,7 @@ from typing import Any, Callable, Literal, Mapping
 
 import polars as pl
 
-Family = Literal["scorer", "sampler", "function", "model", "data"]
+Family = Literal["scorer", "sampler", "function", "model", "data", "dedup"]
 Mode = Literal["rowwise", "global"]
 
 
@@ -195,6 +196,8 @@ def node_kernel(attrs: Mapping[str, Any]) -> Kernel | None:
         return kernel_for("scorer", attrs["params"]["scorer"])
     if attrs.get("op") == "diverse":
         return kernel_for("sampler", attrs["params"]["sampler"])
+    if attrs.get("op") == "dedup":
+        return kernel_for("dedup", attrs["params"]["method"])
     return None
 
 

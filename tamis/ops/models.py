@@ -105,6 +105,24 @@ def warmup(params: Mapping, env: BuildEnv) -> Built:
     return _built(env, lm, info)
 
 
+def _train_runs(params: Mapping, options: ExecOptions) -> str | None:
+    if params.get("task"):
+        return (f"train(..., task={params['task']!r}) (DEITA's in-recipe scorer training) has no local runtime yet; "
+                "bind DEITA's released scorers instead (see the README)")
+    return None
+
+
+@kernel("model", "train", plan_check=_train_runs, resources=_LLM)
+def train(params: Mapping, env: BuildEnv) -> Built:
+    """`train(M, on=D)`: M fine-tuned on dataset D — a loaded file, or a selection of the pool
+    (`select s = … | …` then `train(pfm, on=s)`: iterative selection)."""
+    from tamis.runtime.warmup import train_on
+
+    base = env.bases[0].get()
+    lm, info = train_on(base, env.inputs[0].get(), dict(params), env.artifacts, env.options, label=env.label)
+    return _built(env, lm, info)
+
+
 @kernel("model", "encoder", resources=Resources(device="any"))
 def encoder(params: Mapping, env: BuildEnv) -> Built:
     from tamis.runtime.embeddings import EncoderModel

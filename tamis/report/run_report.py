@@ -54,6 +54,13 @@ def markdown(report: dict) -> str:
     if notes:
         lines += ["", "## Notes", ""] + [f"- `{label}`: {n}" for label, n in notes]
     for s in report["stages"]:
+        if s.get("removed"):  # dedup: what it removed, and why
+            lines += ["", f"### `{s['label']}`: removed rows (first {len(s['removed'])})", "",
+                      "| id | duplicate of | similarity | method |", "|---|---|---|---|"]
+            for r in s["removed"]:
+                sim = r.get("similarity")
+                lines.append(f"| {r['id']} | {r['duplicate_of']} | {'' if sim is None else f'{sim:.3f}'} | {r['method']} |")
+    for s in report["stages"]:
         h = s.get("histogram")
         if not h:
             continue

@@ -23,7 +23,7 @@ from tamis.ops.kernel import BuildEnv, ExecOptions, Kernel, Lazy, kernel_for, ke
 
 # The engine's own stages: the language's row algebra. Everything a stage computes (scorers,
 # samplers, expression functions, models, datasets) comes from the kernel table.
-STAGES = {"score", "let", "where", "rank", "top", "topk", "sample", "intersect", "union", "diverse"}
+STAGES = {"score", "let", "where", "rank", "top", "topk", "sample", "intersect", "union", "diverse", "dedup"}
 
 
 @dataclass
@@ -72,6 +72,7 @@ class StageReport:
     # rows whose cached values were cut off at the end of a killed run's cache journal, so computed again
     # (-1: a cut-off chunk of unknown size); counted in scored_rows too
     torn_rows: int = 0
+    removed: list[dict] = field(default_factory=list)  # `dedup`: the first removed rows, each with why
 
 
 @dataclass
@@ -119,13 +120,28 @@ def check_runnable(g: nx.DiGraph, cfg: "RunConfig | None" = None) -> None:
                         + f"\nrunnable scorers: {', '.join(sorted(kernels('scorer')))}")
 
 
+def check_pool_fields(g: nx.DiGraph, schema, pool: str) -> None:
+    """Names the recipe took to be pool fields (compiled without the pool's schema) must be fields of
+    the loaded pool: checked before any model work, each named at its line and column."""
+    fields = [name for name in schema if name not in reg.POOL_COLUMNS]
+    missing = [f for f in g.graph.get("assumed_fields", []) if f["name"] not in schema]
+    if missing:
+        from tamis.dsl.lower import did_you_mean
+
+        lines = [f"{f['path'] or '<recipe>'}:{f['line']}:{f['column']}: unknown column {f['name']!r}: no stage "
+                 f"produces it and {pool} has no such field" + (f" ({did_you_mean(f['name'], fields)})"
+                                                               if did_you_mean(f['name'], fields) else "")
+                 for f in missing]
+        raise PlanError("\n".join(lines) + f"\n  the pool's own fields: {', '.join(fields) or 'none'}")
+
+
 def _missing_kernel(a: dict) -> str | None:
     """What an operator node lacks to run, as a phrase, or None."""
     if a["op"] not in STAGES:
         return f"`{a['op']}`"
-    if a["op"] in ("score", "diverse") and node_kernel(a) is None:
-        family = "scorer" if a["op"] == "score" else "sampler"
-        return f"{family} `{a['params'][family]}`"
+    if a["op"] in ("score", "diverse", "dedup") and node_kernel(a) is None:
+        family, key = {"score": ("scorer", "scorer"), "diverse": ("sampler", "sampler"), "dedup": ("dedup", "method")}[a["op"]]
+        return f"{family} `{a['params'][key]}`"
     return None
 
 
@@ -141,6 +157,45 @@ def _size_rows(size: dict, n: int) -> int:
     if "fraction" in size:
         return max(1, int(round(size["fraction"] * n)))
     return min(int(size["count"]), n)
+
+
+def group_quotas(sizes: pl.DataFrame, key: str, size: dict, weights: dict | None, pool_size: int,
+                 report: StageReport) -> pl.DataFrame:
+    """Rows to take from each group (`sizes`: the group value as a string in `key`, its rows in `len`).
+
+    Without weights, `size` applies to each group: a count is taken from every group, a percentage
+    is that share of the group's rows here (at least one row of a non-empty group). With weights, `size`
+    is the whole budget (a percentage: of the pool, as everywhere) split over the weighted groups in
+    proportion to their weights (largest remainders, so the parts add up); groups with no weight get
+    nothing. A group smaller than its quota gives all it has, and the report says so: the shortfall
+    is not moved to other groups, so the mixture stays what was asked."""
+    groups = sizes[key].to_list()
+    have = dict(zip(groups, sizes["len"].to_list()))
+    if weights is None:
+        quota = {g: (min(int(size["count"]), n) if "count" in size else max(1, int(round(size["fraction"] * n))))
+                 for g, n in have.items()}
+    else:
+        total = _size_rows(size, pool_size)
+        wsum = sum(weights.values())
+        exact = {g: total * w / wsum for g, w in weights.items()}
+        quota = {g: int(v) for g, v in exact.items()}
+        for g in sorted(exact, key=lambda g: exact[g] - quota[g], reverse=True)[: total - sum(quota.values())]:
+            quota[g] += 1
+        missing = [g for g in weights if g not in have]
+        if missing:
+            report.notes.append(f"no rows in group(s) {', '.join(map(repr, missing))} given weights")
+        unweighted = [g for g in have if g not in weights]
+        if unweighted:
+            shown = ", ".join("null" if g is None else repr(g) for g in unweighted[:5])
+            report.notes.append(f"{len(unweighted)} group(s) have no weight and give no rows ({shown}"
+                                + (", …" if len(unweighted) > 5 else "") + ")")
+        quota = {g: quota.get(g, 0) for g in have}
+    short = {g: (q, have[g]) for g, q in quota.items() if have[g] < q}
+    if short:
+        shown = ", ".join(f"{'null' if g is None else repr(g)}: {n} of {q}" for g, (q, n) in list(short.items())[:5])
+        report.notes.append(f"{len(short)} group(s) have fewer rows than their quota ({shown}"
+                            + (", …" if len(short) > 5 else "") + ")")
+    return pl.DataFrame({key: groups, "⟨quota⟩": [quota[g] for g in groups]}, schema={key: pl.String, "⟨quota⟩": pl.Int64})
 
 
 # Columns the executor adds for itself. Their names hold a character no recipe name can
@@ -189,6 +244,7 @@ class LocalExecutor:
         pool = loaded.frame
         if pool.height == 0:
             raise TamisError(f"{self.cfg.pool}: no rows to select from")
+        check_pool_fields(self.g, pool.schema, self.cfg.pool)
         self.pool_size = pool.height
         self._frames["data:pool"] = pool
         self.scores = pool.select("id")
@@ -245,7 +301,15 @@ class LocalExecutor:
                 .sort(RANK_KEY, descending=a["params"]["order"] == "desc", nulls_last=True, maintain_order=True))
 
     def _op_rank(self, n, a, frame, report):
-        return self._sorted(a, frame)
+        out = self._sorted(a, frame)
+        per = a["params"].get("per")
+        if per is None:
+            return out
+        # `rank … per G`: groups interleaved, the best of each group first, then the second best, …
+        # (rows without a ranking key last), so that a later `top N` takes the groups in turn
+        pos = "⟨group position⟩"
+        return (out.with_columns(pl.int_range(pl.len()).over(per).alias(pos))
+                .sort([pl.col(RANK_KEY).is_null(), pl.col(pos)], maintain_order=True).drop(pos))
 
     def _top(self, a, frame, report) -> pl.DataFrame:
         """The first rows in rank order, never one whose ranking key is null (a skipped score,
@@ -261,12 +325,33 @@ class LocalExecutor:
         return out
 
     def _op_top(self, n, a, frame, report):
+        if "per" in a["params"]:
+            keyed = frame.filter(pl.col(RANK_KEY).is_not_null()) if RANK_KEY in frame.columns else frame
+            if keyed.height < frame.height:
+                report.notes.append(f"{frame.height - keyed.height} row(s) with a null ranking key "
+                                    "(a skipped score, or an expression over one) are never picked")
+            return self._per_group(a["params"], keyed, report)
         return self._top(a, frame, report)
+
+    def _per_group(self, p: dict, frame: pl.DataFrame, report: StageReport) -> pl.DataFrame:
+        """`top|sample N per G [with weights={…}]` on rows in pick order: the first rows of each group,
+        as many as its quota (see `group_quotas`), the rows keeping their order."""
+        key, pos = "⟨group⟩", "⟨group position⟩"
+        keyed = frame.with_columns(pl.col(p["per"]).cast(pl.String).alias(key))
+        sizes = keyed.group_by(key, maintain_order=True).len()
+        quotas = group_quotas(sizes, key, p["size"], p.get("weights"), self.pool_size, report)
+        out = (keyed.with_columns(pl.int_range(pl.len()).over(key).alias(pos))
+               .join(quotas, on=key, how="left", nulls_equal=True, maintain_order="left")
+               .filter(pl.col(pos) < pl.col("⟨quota⟩")))
+        return out.drop(key, pos, "⟨quota⟩")
 
     def _op_topk(self, n, a, frame, report):
         return self._top(a, self._sorted(a, frame), report)
 
     def _op_sample(self, n, a, frame, report):
+        if "per" in a["params"]:  # a random order, then each group's first rows
+            return self._per_group(a["params"], frame.sample(fraction=1.0, seed=a["params"]["seed"], shuffle=True),
+                                   report)
         k = min(_size_rows(a["params"]["size"], self.pool_size), frame.height)
         return frame.sample(n=k, seed=a["params"]["seed"], shuffle=True)
 
@@ -299,6 +384,35 @@ class LocalExecutor:
             frame = frame.with_columns(self._scored_input(needs(model), model, frame, report).alias(column))
         keep = call_sampler(k, frame, model, budget, params, self.cfg.options())
         return frame[keep].drop(list(inputs))
+
+    def _op_dedup(self, n, a, frame, report):
+        p = a["params"]
+        spec = reg.DEDUP_METHODS[p["method"]]
+        k = kernel_for("dedup", p["method"])
+        model = self._stage_model(n, report) if self._model_of(n) else None
+        against = self._side_datasets(n).get("against")
+        for column, needs in k.scored_inputs.items():  # e.g. the embeddings, through the score cache
+            frame = frame.with_columns(self._scored_input(needs(model), model, frame, report).alias(column))
+            if against is not None:
+                against = against.with_columns(self._scored_input(needs(model), model, against, report).alias(column))
+        params = {q.name: p[q.name] for q in spec.params if q.name in p}
+        extra = {"options": self.cfg.options()} if k.wants_options else {}
+        result = k.fn(frame, against, **params, **extra)
+        keep = pl.Series(result.keep)
+        if len(keep) != frame.height:
+            raise TamisError(f"dedup `{k.name}` ({k.source}) returned {len(keep)} flags for {frame.height} rows")
+        if result.removed:
+            from tamis.runtime.dedup import summary
+
+            shown = summary(result, frame["id"], against["id"] if against is not None else None)
+            report.removed = shown.to_dicts()
+            why = (f"near-duplicate to a row of {p['against']}" if against is not None
+                   else "duplicates of a row ranked above them")
+            first = shown.row(0, named=True)
+            report.notes.append(f"removed {result.removed} row(s), {why} ({p['method']}"
+                                + (f", threshold {p['threshold']:g}" if "threshold" in p else "")
+                                + f"; e.g. {first['id']} ~ {first['duplicate_of']})")
+        return frame.filter(keep).drop(list(k.scored_inputs))
 
     def _scored_input(self, needs: tuple[str, dict], model, frame: pl.DataFrame, report: StageReport) -> pl.Series:
         """A scorer's main values for `frame`'s rows, for a kernel that reads them (a sampler's embeddings):
@@ -334,6 +448,9 @@ class LocalExecutor:
         # a cached kernel's rows are counted on the stage's one bar (`_cached_rows`), not on a bar per chunk
         options = replace(self.cfg.options(), progress=False) if k.cached else self.cfg.options()
         names = {col: main + suffix for col, suffix in k.names.items()}
+        inputs = k.scored_inputs  # e.g. a `cluster` scorer's embeddings, through the score cache
+        for column, needs in inputs.items():
+            frame = frame.with_columns(self._scored_input(needs(model), model, frame, report).alias(column))
 
         def compute(chunk: pl.DataFrame) -> dict:
             return call_scorer(k, chunk, model, params, options)
@@ -355,7 +472,7 @@ class LocalExecutor:
             report.histogram = _histogram(cols[main]) if cols[main].dtype.is_numeric() else None
             report.target, report.target_rows = p["target"], frame.height
             return pool_rows
-        out = frame.join(cols, on="id", how="left", maintain_order="left")
+        out = frame.drop(list(inputs)).join(cols, on="id", how="left", maintain_order="left")
         self._record_scores(cols)
         report.histogram = _histogram(out[main]) if out[main].dtype.is_numeric() else None
         return out
@@ -495,6 +612,8 @@ class LocalExecutor:
         return self._models[node]
 
     def _dataset(self, node: str) -> pl.DataFrame:
+        if node not in self._frames and self.g.nodes[node]["kind"] == "op":  # a selection, not run yet
+            raise TamisError(f"selection `{self.g.nodes[node]['label']}` is used before it is computed")
         if node not in self._frames:
             self._frames[node] = self._build(node, "data")
         return self._frames[node]
@@ -516,6 +635,9 @@ class LocalExecutor:
         a = self.g.nodes[node]
         if a["kind"] == "model":
             return Lazy(node, a["ctor"], a["label"], a["params"], lambda: self._model(node))
+        if a["kind"] == "op":  # a selection (`select s = …`) used as a dataset: its rows, internal columns dropped
+            return Lazy(node, "selection", a["label"], a["params"],
+                        lambda: self._dataset(node).drop([c for c in INTERNAL_COLUMNS if c in self._dataset(node).columns]))
         return Lazy(node, a["source"], a["label"], a["params"], lambda: self._dataset(node))
 
 

@@ -62,7 +62,8 @@ def to_polars(e: ast.Expr, foreign: Mapping[str, pl.Series] | None = None) -> pl
             k = kernel_for("function", x.func)
             if k is None:
                 raise TamisError(f"function {x.func}(...) has no local runtime implementation yet")
-            return k.fn(*[conv(a) for a in x.args])
+            out = k.fn(*[conv(a) for a in x.args])
+            return out.over(x.per) if x.per else out  # `pct(ifd) per language`: within each group
         raise TamisError(f"cannot evaluate {x.unparse()}")
 
     return conv(e)

@@ -31,11 +31,35 @@ def warm_up(base, pool: pl.DataFrame, params: dict, artifacts, cfg, *, label: st
     `cfg` needs progress, device and dtype; `draw_sample` gives the rows to train on (by
     default, `sample_ids` of the pool), called only when the model is not cached yet."""
     from tamis.runtime.cache import data_fingerprint, fingerprint
-    from tamis.runtime.models import load_causal_lm
-    from tamis.runtime.training import TrainConfig, train_warmup
+
+    config = train_config(params)
+    # The sample is a deterministic function of the pool, the base model and the parameters,
+    # so the key needs no sampling pass: a cached warmup costs nothing on a re-run.
+    key = fingerprint({"op": "warmup", "base": base.fingerprint, "pool": data_fingerprint(pool),
+                       "sampling": {k: params[k] for k in ("size", "select", "clusters", "seed")},
+                       "config": config.to_json()})
+
+    def rows() -> pl.DataFrame:
+        return draw_sample() if draw_sample else pool.filter(pl.col("id").is_in(sample_ids(base, pool, params, cfg.progress)))
+
+    return trained_model(base, key, config, rows, artifacts, cfg, {"label": label, "select": params["select"]})
+
+
+def train_on(base, rows: pl.DataFrame, params: dict, artifacts, cfg, *, label: str) -> tuple[Any, dict]:
+    """`train(M, on=D)`: fine-tune `base` on the rows of a dataset (a loaded file, or a selection of
+    the pool); cached as an artifact keyed by the rows' content, so a re-run trains nothing."""
+    from tamis.runtime.cache import data_fingerprint, fingerprint
+
+    config = train_config(params)
+    key = fingerprint({"op": "train", "base": base.fingerprint, "data": data_fingerprint(rows), "config": config.to_json()})
+    return trained_model(base, key, config, lambda: rows, artifacts, cfg, {"label": label, "rows_given": rows.height})
+
+
+def train_config(params: dict):
+    from tamis.runtime.training import TrainConfig
 
     lora = params.get("lora")
-    config = TrainConfig(
+    return TrainConfig(
         method="lora" if lora else "full",
         epochs=int(params["epochs"]), learning_rate=params["lr"], batch_size=params["batch"],
         max_length=params["max_length"], seed=params["seed"],
@@ -44,15 +68,17 @@ def warm_up(base, pool: pl.DataFrame, params: dict, artifacts, cfg, *, label: st
         **({"lora_r": lora["r"], "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"]} if lora else {}),
         **({"target_modules": tuple(lora["targets"])} if lora and lora.get("targets") else {}),
     )
-    # The sample is a deterministic function of the pool, the base model and the parameters,
-    # so the key needs no sampling pass: a cached warmup costs nothing on a re-run.
-    key = fingerprint({"op": "warmup", "base": base.fingerprint, "pool": data_fingerprint(pool),
-                       "sampling": {k: params[k] for k in ("size", "select", "clusters", "seed")},
-                       "config": config.to_json()})
-    summary: dict = {"label": label, "select": params["select"], "method": config.method,
-                     "cached": artifacts.exists(key)}
+
+
+def trained_model(base, key: str, config, rows: Callable[[], pl.DataFrame], artifacts, cfg,
+                  summary: dict) -> tuple[Any, dict]:
+    """Train `base` on `rows()` under artifact `key` (unless it is cached), then load the result."""
+    from tamis.runtime.models import load_causal_lm
+    from tamis.runtime.training import train_warmup
+
+    summary = {**summary, "method": config.method, "cached": artifacts.exists(key)}
     if not artifacts.exists(key):
-        sample = draw_sample() if draw_sample else pool.filter(pl.col("id").is_in(sample_ids(base, pool, params, cfg.progress)))
+        sample = rows()
         ids = sample["id"].to_list()
         with artifacts.building(key) as out_dir:
             result = train_warmup(base, sample, config, Path(out_dir) / "model", progress=cfg.progress)
