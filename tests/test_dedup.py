@@ -158,6 +158,23 @@ def test_minhash_agrees_with_brute_force_jaccard():
     assert np.all(np.abs(r.similarity[gone] - jac[np.flatnonzero(gone), want[gone]]) < 0.1)
 
 
+def test_minhash_verifies_lsh_candidates_with_the_estimated_jaccard():
+    # 40 pairs of word sets (ngram 1) sharing 30 of 50 words: Jaccard 0.6, far below 0.85 (≈ 6σ of
+    # the 128-permutation estimate). The LSH proposes some of them; none may be grouped.
+    rng = np.random.default_rng(2)
+    texts = []
+    for _ in range(40):
+        w = _words(rng, 50, 10**9)
+        texts += [" ".join(w[:40]), " ".join(w[10:])]
+    r = minhash(pl.Series(texts), threshold=0.85, ngram=1)
+    assert r.keep.all()
+    uniq, _, _ = dedup._unique_texts(normalise(pl.Series(texts)))
+    mhs, _ = dedup._signatures(uniq, 1, 128, 1)
+    lsh = dedup._lsh(mhs, 0.85, 128)
+    proposed = sum(2 * k + 1 in lsh.query(mhs[2 * k]) for k in range(40))
+    assert proposed >= 2  # so the check above really exercised the verification step
+
+
 def test_minhash_chain_is_one_group():
     # word sets (ngram 1): A~B and B~C (Jaccard 25/35 = 0.71) but A, C only 20/40 = 0.5
     a, b, c = (" ".join(f"w{i}" for i in range(lo, lo + 30)) for lo in (0, 5, 10))
@@ -240,7 +257,8 @@ def test_against_exact_matches_normalised_bench_rows():
 def test_against_minhash_points_at_the_most_similar_bench_row():
     rng = np.random.default_rng(11)
     q1, q2 = _words(rng, 50), _words(rng, 50)
-    bench = pl.Series([" ".join(q1 + ["extra"]), " ".join(_words(rng, 50)), " ".join(q1), " ".join(q2)])
+    bench = pl.Series([" ".join(q1 + ["extra"]), " ".join(_words(rng, 50)), " ".join(q1), " ".join(q2),
+                       " ".join(q2) + "."])  # bench duplicates: the first one is named
     pool = pl.Series([" ".join(_words(rng, 50)), " ".join(q1).upper(), " ".join(["lead"] + q2), "",
                       " ".join(q1[:25])])
     r = against_minhash(pool, bench, threshold=0.8, ngram=5)
@@ -267,6 +285,8 @@ def test_against_semantic_matches_dense_cosine():
     two = np.array([[1.0, 0.0], [0.97, np.sqrt(1 - 0.97**2)]], np.float32)
     q = np.array([[0.99, np.sqrt(1 - 0.99**2)]], np.float32)
     assert against_semantic(q, two, threshold=0.9, chunk=1).representative.tolist() == [1]
+    # a tie (the same bench row twice, in separate chunks) goes to the earlier one
+    assert against_semantic(q, two[[0, 1, 1]], threshold=0.9, chunk=1).representative.tolist() == [1]
     with pytest.raises(ValueError, match="dimension"):
         against_semantic(pool, bench[:, :8])
 

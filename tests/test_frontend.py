@@ -238,3 +238,43 @@ def test_reproducible_propagates_through_nested_use():
     f = compile_text("use deita_superfiltered | sample 50%").feasibility()
     assert f.reproducible
     assert not compile_text("score length | use ifd_and_alpagasus").feasibility().reproducible
+
+
+def test_recipe_parameters_and_aliases_splice_without_copy_paste():
+    g = compile_text("use ifd(size=5%) as cherry | use superfiltering(size=20%) as sf | rank by cherry.ifd | top 1%").graph
+    tops = [g.nodes[n]["params"]["size"] for n in g if g.nodes[n].get("op") == "topk"]
+    assert tops == [{"fraction": 0.05}, {"fraction": 0.2}, {"fraction": 0.01}] or sorted(map(str, tops)) == sorted(
+        map(str, [{"fraction": 0.05}, {"fraction": 0.2}, {"fraction": 0.01}]))
+    outs = {c for n in g for c in g.nodes[n].get("columns_out", {})}
+    assert {"cherry.ifd", "sf.ifd"} <= outs
+    # defaults when not overridden; a model parameter
+    g2 = compile_text('use ifd(model=hf("gpt2"))').graph
+    assert any(g2.nodes[n]["label"] == "hf(gpt2)" for n in g2)
+
+
+def test_pool_fields_assumed_then_checked_against_the_pool_schema():
+    from tamis.errors import RecipeError
+
+    c = compile_text('score length | where source != "x" and turns > 1 | rank | top 5 per source')
+    assert sorted({f["name"] for f in c.graph.graph["assumed_fields"]}) == ["source", "turns"]
+    ok = compile_text('score length | where source != "x" | rank | top 5 per source',
+                      pool_fields={"source": "text", "turns": "float"})
+    assert "assumed_fields" not in ok.graph.graph
+    with pytest.raises(RecipeError) as info:
+        compile_text('score length | where sourse != "x"', pool_fields={"source": "text"})
+    assert (info.value.line, info.value.column) == (1, 22) and "did you mean `source`" in str(info.value)
+    with pytest.raises(RecipeError) as info:  # a text field compared with a number
+        compile_text('score length | where source > 1', pool_fields={"source": "text"})
+    assert "compares numbers" in str(info.value)
+    with pytest.raises(RecipeError):  # a score named like a field collides with it
+        compile_text('score length as source', pool_fields={"source": "text"})
+
+
+def test_warnings_unused_unknown_size_never_passing():
+    w = compile_text('model m = pfm\ndata d = load("x.jsonl")\n'
+                     'score ifd using warmup(hf("my-model"), 5%) | where ifd < 1 and ifd > 2 | rank | top 5').graph.graph["warnings"]
+    text = "\n".join(w)
+    assert "model 'm' is declared but never used" in text and "dataset 'd' is declared but never used" in text
+    assert "size of hf(my-model) is unknown" in text
+    assert "can never pass" in text
+    assert not compile_text("score ifd using pfm | where ifd <= 1 and ifd >= 1").graph.graph.get("warnings")

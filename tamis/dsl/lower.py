@@ -96,6 +96,7 @@ class Scope:
     selects: dict[str, str] = field(default_factory=dict)
     column_prefix: str = ""  # `use X as a`: the columns X produces are named "a.<column>"
     renames: dict[str, str] = field(default_factory=dict)  # a column as this recipe names it -> its real name
+    used: set[str] = field(default_factory=set)  # declarations some stage or declaration refers to
 
     def error(self, message: str, span: Span | None, hint: str | None = None) -> RecipeError:
         return RecipeError(message, span, source=self.recipe.source, path=self.recipe.path, hint=hint)
@@ -247,6 +248,8 @@ class Lowerer:
         self.declare(scope)
         state = self.new_chain(scope, recipe.pipeline)
         self.pipeline(scope, recipe.pipeline, state, step_prefix="")
+        self.warn_unused(scope)
+        self.warn_unknown_sizes()
         out = self.node("output", "selection", scope, None)
         self.edge(state.prev, out, "data")
         self.g.graph.update(
@@ -314,6 +317,27 @@ class Lowerer:
                 state = self.new_chain(scope, d.pipeline)
                 self.pipeline(scope, d.pipeline, state, step_prefix=f"{d.name}.")
                 scope.selects[d.name] = state.prev
+
+    def warn(self, scope: Scope, span: Span | None, message: str) -> None:
+        where = f"{scope.recipe.path or '<recipe>'}" + (f":{span.line}:{span.column}" if span else "")
+        self.g.graph.setdefault("warnings", []).append(f"{where}: {message}")
+
+    def warn_unused(self, scope: Scope) -> None:
+        for d in scope.recipe.decls:
+            if d.name not in scope.used:
+                kind = {"ModelDecl": "model", "DataDecl": "dataset", "SelectDecl": "selection"}[type(d).__name__]
+                self.warn(scope, d.span, f"{kind} {d.name!r} is declared but never used")
+
+    def warn_unknown_sizes(self) -> None:
+        """A trained model whose size is unknown leaves the small-proxy mark (`*`) undecided."""
+        for n, a in self.g.nodes(data=True):
+            if a["kind"] == "model" and a.get("ctor") == "hf" and a.get("param_count") is None:
+                trained = any(self.g.nodes[s].get("trained") for s in self.g.successors(n)
+                              if self.g.nodes[s]["kind"] == "model")
+                if trained:
+                    self.g.graph.setdefault("warnings", []).append(
+                        f"{a.get('recipe') or '<recipe>'}:{a['line']}: the size of {a['label']} is unknown, so whether "
+                        "it is a small proxy (the feasibility `*`) cannot be decided: give it, e.g. hf(\"…\", params=7e9)")
 
     def check_fresh(self, scope: Scope, name: str, span: Span) -> None:
         taken = {**scope.models, **scope.datas, **{k: None for k in scope.selects}}
@@ -452,6 +476,7 @@ class Lowerer:
                                      depends_on_pfm=True, multiplicity=1, param_count=None, params={})
                 return ModelInfo(nid, llm=True, depends_on_pfm=True)
             if e.id in scope.models:
+                scope.used.add(e.id)
                 return scope.models[e.id]
             if e.id in scope.datas:
                 raise scope.error(f"{e.id!r} is a dataset, but a model is needed here", e.span)
@@ -557,8 +582,10 @@ class Lowerer:
             if e.id == "pool":
                 return DataInfo(self.pool(), derives_from_pool=True)
             if e.id in scope.datas:
+                scope.used.add(e.id)
                 return scope.datas[e.id]
             if e.id in scope.selects:  # a selection is a dataset: train on it, score it, splice it
+                scope.used.add(e.id)
                 return DataInfo(scope.selects[e.id], derives_from_pool=True)
             if e.id in scope.models or e.id == "pfm":
                 raise scope.error(f"{e.id!r} is a model, but a dataset is needed here", e.span)
@@ -707,6 +734,10 @@ class Lowerer:
         if t not in ("bool", "any"):
             raise scope.error(f"`where` needs a condition, but this is a {t}", stage.cond.span,
                               hint=f"compare it: where {stage.cond.unparse()} > …")
+        from tamis.dsl.conditions import never_passes
+
+        if why := never_passes(cond):
+            self.warn(scope, stage.cond.span, f"this `where` can never pass: {why}; every row would be dropped")
         self.op(scope, stage.span, state, "where", f"where {cond.unparse()}", step, pick=True, columns_in=cols,
                 rowwise=not aggregate, expr=cond, params={"expr": cond.unparse()})
 
@@ -891,6 +922,7 @@ class Lowerer:
 
     def stage_combine(self, scope, stage: ast.Combine, state: ChainState, step: str) -> None:
         other = scope.selects.get(stage.selection)
+        scope.used.add(stage.selection)
         if other is None:
             raise scope.error(f"unknown selection {stage.selection!r}", stage.span,
                               hint=did_you_mean(stage.selection, scope.selects) or f"declare it: select {stage.selection} = use RECIPE")
@@ -925,6 +957,7 @@ class Lowerer:
                           column_prefix=scope.column_prefix + (f"{stage.alias}." if stage.alias else ""))
             self.declare(inner)
             self.pipeline(inner, other.pipeline, state, step_prefix="")
+            self.warn_unused(inner)
         except RecipeError as err:
             if err.path == path:  # an error inside the spliced file: say where it was spliced too
                 err.notes.append(scope.error(f"in recipe {stage.recipe!r}, spliced here", stage.span).render())

@@ -125,6 +125,8 @@ def fuse_rank_top(g: nx.DiGraph) -> nx.DiGraph:
         other_outs = [s for _, s, d in g.out_edges(n, data=True) if d["flow"] != "data"]
         if len(succs) != 1 or other_outs or g.nodes[succs[0]].get("op") != "top":
             continue
+        if "per" in g.nodes[n]["params"] or "per" in g.nodes[succs[0]]["params"]:
+            continue  # grouped: `rank … per` interleaves groups, `top … per` takes quotas; each its own path
         top = succs[0]
         r, t = g.nodes[n], g.nodes[top]
         r["op"] = "topk"

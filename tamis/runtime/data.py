@@ -6,6 +6,12 @@ columns ``id``, ``instruction``, ``input``, ``output`` (all strings; ``input`` m
 roles ``user``/``assistant``/``system``). Operators downstream never look at file
 formats again.
 
+The pool's own metadata comes along: every other field of a record becomes a typed
+column after the canonical ones (``source``, ``category``, ``score`` ...), so recipes can
+filter and group on it; rows made from a conversation also get ``turns``, the number of
+user→assistant exchanges in it. See "extra fields" below for the rules, and
+`pool_schema` for the columns and types a pool will have, read from its first records.
+
 Supported inputs: Alpaca-style JSON (an array of ``{instruction, input, output}``),
 JSONL, either of them gzip- or zstd-compressed (``.json.gz``, ``.jsonl.gz``,
 ``.jsonl.zst``; zstd needs the ``zstandard`` package), Parquet, CSV and TSV (a header
@@ -57,7 +63,7 @@ import operator
 import re
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Mapping
@@ -76,6 +82,7 @@ __all__ = [
     "chatterbot_pairs",
     "content_id",
     "load_pool",
+    "pool_schema",
     "sharegpt_asset_path",
 ]
 
@@ -132,7 +139,11 @@ class LoadReport:
     ``turns="all"`` one conversation can give several). ``skip_reasons`` counts
     problems by "field: reason" (a skipped record may have more than one problem).
     ``warnings`` are one-sentence notes for the console: data was lost quietly
-    (a cut-off file, skipped records) though the load succeeded.
+    (a cut-off file, skipped records) or bent (a field of mixed types kept as text)
+    though the load succeeded. ``fields`` names the columns kept beyond the canonical
+    ones (the pool's own fields, and ``turns`` for conversations) with their types, as
+    short strings ("Int64", "String", "List(String)"); ``ignored_fields`` counts the
+    fields that were not kept (see "extra fields" in the module).
     """
 
     path: str
@@ -149,6 +160,7 @@ class LoadReport:
     stopped_at_limit: bool = False
     blank_lines: int = 0
     ignored_fields: Counter[str] = field(default_factory=Counter)
+    fields: dict[str, str] = field(default_factory=dict)
     duplicate_ids_renamed: int = 0
     warnings: list[str] = field(default_factory=list)
 
@@ -167,9 +179,12 @@ class LoadReport:
             )
         if self.stopped_at_limit:
             parts.append("  stopped early: row limit reached")
+        if self.fields:
+            kept = ", ".join(f"{k} ({dtype})" for k, dtype in self.fields.items())
+            parts.append(f"  fields: {kept}")
         if self.ignored_fields:
             names = ", ".join(f"{k} ({n})" for k, n in sorted(self.ignored_fields.items()))
-            parts.append(f"  ignored non-canonical fields: {names}")
+            parts.append(f"  ignored fields: {names}")
         if self.duplicate_ids_renamed:
             parts.append(f"  duplicate ids made unique: {self.duplicate_ids_renamed}")
         if self.blank_lines:
@@ -193,6 +208,7 @@ class LoadReport:
             "stopped_at_limit": self.stopped_at_limit,
             "blank_lines": self.blank_lines,
             "ignored_fields": dict(self.ignored_fields),
+            "fields": dict(self.fields),
             "duplicate_ids_renamed": self.duplicate_ids_renamed,
             "warnings": list(self.warnings),
         }
@@ -694,25 +710,46 @@ def _csv_hint(path: Path, container: str) -> str:
     return ""
 
 
-def _read_csv(path: Path, container: str, n_rows: int | None = None) -> pl.DataFrame:
-    """Every cell a string ("" for an empty one); a blank line is a row of nulls."""
+def _read_csv(path: Path, container: str, opts: _Options, n_rows: int | None = None,
+              report: LoadReport | None = None) -> pl.DataFrame:
+    """The fields the mapping may read as strings ("" for an empty cell), the others as
+    Polars infers them from the first 100 rows (empty cells null there), or from all rows
+    where a later cell breaks that (the report says which); a blank line is a row of
+    nulls and empty strings."""
     kind = container.upper()
     header = _csv_header(path, container)
     dupes = sorted({name for name in header if header.count(name) > 1})
     if dupes:
         raise DataError(f"{path}: the {kind} header names {', '.join(map(repr, dupes))} more than once")
+    text = {name: pl.String() for name in header if name in _MAPPABLE or name in opts.columns}
+    read = functools.partial(pl.read_csv, path, separator=_csv_separator(container), schema_overrides=text,
+                             empty_string_is_null=False)
     try:
-        return pl.read_csv(path, separator=_csv_separator(container), infer_schema=False,
-                           empty_string_is_null=False, n_rows=n_rows)
+        try:
+            return read(infer_schema_length=_INFER_RECORDS, n_rows=n_rows)
+        except pl.exceptions.ComputeError as e:
+            if "could not parse" not in str(e):
+                raise
+        frame = read(infer_schema_length=None, n_rows=n_rows)
+        first = read(infer_schema_length=_INFER_RECORDS, n_rows=_INFER_RECORDS).schema
     except _POLARS_ERRORS as e:
         raise DataError(f"{path}: cannot read as {kind}: {_first_line(e)}{_csv_hint(path, container)}") from e
+    if report is not None:
+        for name, dtype in frame.schema.items():
+            if first.get(name) != dtype:
+                report.warnings.append(
+                    f"field {name!r} reads as {first.get(name)} in the first {_INFER_RECORDS} rows but not in all: "
+                    f"it is typed from all rows ({dtype})"
+                )
+    return frame
 
 
 def _csv_rows(frame: pl.DataFrame, report: LoadReport, id_column: str) -> tuple[pl.DataFrame, list[int]]:
     """Drop blank lines (no text in any cell: counted), number the rest by line after the
     header, and read an empty id cell as "no id" (CSV cannot write a null)."""
-    blank = pl.all_horizontal((pl.all().is_null()) | (pl.all() == "")) if frame.width else pl.lit(False)
-    keep = frame.select(~blank).to_series() if frame.width else pl.Series([True] * frame.height)
+    empty = [pl.col(name).is_null() | (pl.col(name) == "") if dtype == pl.String else pl.col(name).is_null()
+             for name, dtype in frame.schema.items()]
+    keep = frame.select(~pl.all_horizontal(empty)).to_series() if frame.width else pl.Series([True] * frame.height)
     numbered = frame.with_row_index("\0row", offset=1).filter(keep)
     report.blank_lines += frame.height - numbered.height
     if id_column in frame.columns:
@@ -797,9 +834,10 @@ def _read_hf(path: Path, n_rows: int | None = None) -> pl.DataFrame:
         raise DataError(f"{path}: the data files do not share one schema: {_first_line(e)}") from e
 
 
-def _read_table(path: Path, container: str, n_rows: int | None = None) -> pl.DataFrame:
+def _read_table(path: Path, container: str, opts: _Options, n_rows: int | None = None,
+                report: LoadReport | None = None) -> pl.DataFrame:
     if container in ("csv", "tsv"):
-        return _read_csv(path, container, n_rows)
+        return _read_csv(path, container, opts, n_rows, report)
     if container == "ipc":
         return _read_ipc(path, n_rows)
     return _read_hf(path, n_rows)
@@ -822,15 +860,27 @@ class _Options:
     reverse: dict[str, str]  # canonical -> user's name, for messages
     schema: str  # "auto" | "alpaca" | "sharegpt"
     turns: str
+    # The fields kept as columns, in order, with the type each is read as (a table's own
+    # type; for JSON, the first records' type); see "extra fields". Set once known.
+    extras: dict[str, pl.DataType] = field(default_factory=dict)
+    mixed: dict[str, str] = field(default_factory=dict)  # JSON fields of several kinds in the first records: why
+    json_values: bool = False  # values come from Python's json (not a Polars table)
+
+
+_EXTRAS = "\0extras"  # a row's kept fields (a dict), next to its canonical values
+_TURNS = "\0turns"  # a conversation row's exchange count, until merged into its extras
+TURNS_COLUMN = "turns"
 
 
 def _user_name(opts: _Options, canonical: str) -> str:
     return opts.reverse.get(canonical, canonical)
 
 
-def _apply_mapping(record: dict[str, Any], opts: _Options, ignored: Counter[str]) -> dict[str, Any]:
-    """Rename the user's fields to canonical names; count fields we drop."""
+def _apply_mapping(record: dict[str, Any], opts: _Options, ignored: Counter[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Rename the user's fields to canonical names: (canonical fields, kept extra
+    fields); count the fields we drop."""
     out: dict[str, Any] = {}
+    extras: dict[str, Any] = {}
     for key, value in record.items():
         if key in opts.columns:
             out[opts.columns[key]] = value
@@ -839,22 +889,57 @@ def _apply_mapping(record: dict[str, Any], opts: _Options, ignored: Counter[str]
             continue
         if key in _MAPPABLE and key not in out:
             out[key] = value
+        elif key in opts.extras:
+            extras[key] = value
         else:
             ignored[_printable(key)] += 1
-    return out
+    return out, extras
 
 
 def _normalise(raw: _Raw, opts: _Options, ignored: Counter[str]) -> tuple[list[dict[str, Any]], list[_Issue]]:
-    """Turn one raw record into canonical rows (maybe several), or its problems."""
+    """Turn one raw record into canonical rows (maybe several), or its problems. Each
+    row carries the record's kept fields under `_EXTRAS` (conversation rows: with `turns`)."""
     if raw.issue is not None:
         return [], [raw.issue]
     if not isinstance(raw.value, dict):
         kind = type(raw.value).__name__
         return [], [_Issue(None, "wrong type", f"expected a JSON object, got {kind}")]
-    record = _apply_mapping(raw.value, opts, ignored)
+    record, extras = _apply_mapping(raw.value, opts, ignored)
     if _is_conversation(record, opts.schema):
-        return _conversation_rows(record, opts)
-    return _alpaca_row(record, opts)
+        rows, issues = _conversation_rows(record, opts)
+    else:
+        rows, issues = _alpaca_row(record, opts)
+    if opts.json_values:
+        issues += [issue for name, value in extras.items() if (issue := _nested_unicode_issue(value, name))]
+    if issues:
+        return [], issues
+    merged = None
+    for row in rows:
+        turns = row.pop(_TURNS, None)
+        if turns is None or extras.get(TURNS_COLUMN) is not None:
+            row[_EXTRAS] = extras  # a record's own `turns` wins
+        else:
+            merged = merged or {**extras, TURNS_COLUMN: turns}
+            row[_EXTRAS] = merged
+    return rows, []
+
+
+def _nested_unicode_issue(value: Any, field: str) -> _Issue | None:
+    """A lone surrogate anywhere in a kept field's value (strings, list items, object
+    keys and values): no UTF-8 writer can store it, so the record is bad."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            issue = _unicode_issue(item, field)
+            if issue:
+                return issue
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+    return None
 
 
 def _is_conversation(record: dict[str, Any], schema: str) -> bool:
@@ -964,8 +1049,18 @@ def _conversation_rows(record: dict[str, Any], opts: _Options) -> tuple[list[dic
     if not messages:
         return [], [_Issue(shown, "empty conversation")]
     if opts.turns == "first":
-        return _first_pair_row(messages, rid, shown, speaker_key, record[key])
-    return _all_pair_rows(messages, rid, shown)
+        rows, issues = _first_pair_row(messages, rid, shown, speaker_key, record[key])
+    else:
+        rows, issues = _all_pair_rows(messages, rid, shown)
+    exchanges = _exchanges(messages)
+    for row in rows:
+        row[_TURNS] = exchanges
+    return rows, issues
+
+
+def _exchanges(messages: list[dict[str, str]]) -> int:
+    """How many user→assistant exchanges a whole conversation holds (adjacent pairs)."""
+    return sum(1 for a, b in zip(messages, messages[1:]) if a["role"] == "user" and b["role"] == "assistant")
 
 
 def _first_pair_row(messages: list[dict[str, str]], rid: str | None, shown: str, speaker_key: str, turns: list[Any]) -> tuple[list[dict[str, Any]], list[_Issue]]:
@@ -1043,6 +1138,202 @@ class _IdAssigner:
         return unique
 
 
+# --------------------------------------------------------------------------- extra fields
+#
+# Every field of a record that is not a canonical column is kept as a typed column after
+# them, in file order of first appearance: the pool's own metadata (`source`,
+# `category`, `score`), for recipes to filter and group on. The rules:
+#
+# * Which fields. JSON and JSONL pools: the fields seen in their first `_INFER_RECORDS`
+#   (100) records. A field first seen later is not a column; the per-record reader counts
+#   it in `ignored_fields` (the vectorised reader never sees it). Tables (Parquet,
+#   CSV/TSV, Arrow IPC, datasets folders): every column.
+# * Not kept, counted in `ignored_fields`: a field named like a canonical column (id,
+#   instruction, input, output, messages, conversations) that the `columns` mapping did
+#   not use (`--column prompt=instruction` with an `instruction` field too), and a field
+#   whose name is empty or holds control characters (or a lone surrogate).
+# * Types. Tables keep their columns' own types; CSV/TSV cells are inferred by Polars
+#   from the first 100 rows (numbers, booleans, else text; the fields the mapping reads
+#   stay text), and a column whose later cells break that inference is inferred from all
+#   rows instead, with a warning. JSON fields take Polars' JSON inference over their
+#   values in the first 100 records (Int64, Float64, Boolean, String, List(...),
+#   Struct(...), Null when only nulls were seen) and every record's value is read as that
+#   type the way Polars' JSONL reader reads it: an object's keys first seen later are
+#   dropped, a number inside a list of strings becomes its text. A later value that the
+#   type cannot hold (1.5 after whole numbers) gives the type Polars infers from all the
+#   values instead.
+# * Mixed types. A field whose values are of different kinds across records (1 and "a",
+#   a number and a list, true and 0) is a String column: strings as they are, anything
+#   else as compact JSON text (1 → "1", [1,2] → "[1,2]"); the report warns, naming it.
+# * Missing fields are null in the rows of records that lack them.
+# * Conversation rows (ShareGPT `conversations`, `messages`) get an Int64 `turns`: the
+#   number of user→assistant exchanges in the whole conversation (every row a record
+#   yields has the same), unless the record carries its own non-null `turns` field (a
+#   kept one), which wins. Alpaca-style rows get none (null in a mixed pool).
+# * A lone surrogate anywhere in a kept value (JSON's "\ud83d" alone) makes the record
+#   bad ("invalid Unicode"), as in the canonical texts.
+# * Ids never look at these fields: content ids hash instruction/input/output only.
+
+_INFER_RECORDS = 100  # records (JSON) or rows (CSV) whose values decide the extra columns
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def _bad_name(name: str) -> bool:
+    """A field name that cannot be a column: empty, control characters, lone surrogates."""
+    return not name or _CONTROL.search(name) is not None or _SURROGATE.search(name) is not None
+
+
+def _kept_name(name: str, opts: _Options) -> bool:
+    """Whether a field becomes a column of its own (when it is not a mapped source)."""
+    return name not in opts.columns and name not in _MAPPABLE and not _bad_name(name)
+
+
+def _table_extras(schema: Mapping[str, pl.DataType], opts: _Options) -> dict[str, pl.DataType]:
+    return {name: dtype for name, dtype in schema.items() if _kept_name(name, opts)}
+
+
+@dataclass
+class _Window:
+    """The first records of a JSON or JSONL pool, which decide its extra columns."""
+
+    records: list[_Raw]
+    dtypes: dict[str, pl.DataType]  # every key seen, in order of first appearance: its type
+    mixed: dict[str, str]  # keys whose values there are of several kinds: the kinds, for warnings
+
+
+def _first_records(path: Path, container: str, n: int = _INFER_RECORDS) -> list[_Raw]:
+    """The first `n` records of a JSON array or JSONL file, as the per-record readers give
+    them (a JSON array's cut-off tail just ends the list)."""
+    if container == "jsonl":
+        found: list[_Raw] = []
+        with _open_binary(path) as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if len(found) >= n:
+                    break
+                if line.strip():
+                    found.append(_parse_jsonl_line(line.removeprefix(codecs.BOM_UTF8) if lineno == 1 else line, lineno))
+        return found
+    records = iter(_JsonArrayReader(path))
+    try:
+        return list(itertools.islice(records, n))
+    finally:
+        records.close()  # type: ignore[attr-defined]
+
+
+def _json_window(path: Path, container: str) -> _Window:
+    values: dict[str, list[Any]] = {}
+    records = _first_records(path, container)
+    for raw in records:
+        if raw.issue is None and isinstance(raw.value, dict):
+            for key, value in raw.value.items():
+                seen = values.setdefault(key, [])
+                if _nested_unicode_issue(value, "") is None:  # such a record is bad: it types nothing
+                    seen.append(value)
+    dtypes: dict[str, pl.DataType] = {}
+    mixed: dict[str, str] = {}
+    for key, seen in values.items():
+        kinds = _kinds(seen)
+        if len(kinds) > 1:
+            dtypes[key], mixed[key] = pl.String(), _kinds_text(kinds)
+            continue
+        try:
+            dtypes[key] = _json_series("v", seen).dtype
+        except _POLARS_ERRORS:
+            dtypes[key], mixed[key] = pl.String(), "values Polars cannot read"
+    return _Window(records, dtypes, mixed)
+
+
+def _with_window(opts: _Options, window: _Window) -> _Options:
+    kept = {name: dtype for name, dtype in window.dtypes.items() if _kept_name(name, opts)}
+    mixed = {name: why for name, why in window.mixed.items() if name in kept}
+    return replace(opts, extras=kept, mixed=mixed, json_values=True)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _kinds(values: Iterable[Any]) -> list[str]:
+    return sorted({_kind(v) for v in values if v is not None})
+
+
+def _kinds_text(kinds: list[str]) -> str:
+    return (", ".join(kinds[:-1]) + " and " + kinds[-1] if len(kinds) > 1 else "".join(kinds)) + " values"
+
+
+_SCALAR_FITS: dict[Any, Any] = {
+    pl.Int64: lambda v: type(v) is int,
+    pl.Float64: lambda v: type(v) in (int, float),
+    pl.Boolean: lambda v: type(v) is bool,
+    pl.String: lambda v: type(v) is str,
+}
+
+
+def _json_series(name: str, values: list[Any], dtype: pl.DataType | None = None) -> pl.Series:
+    """Values from Python's json as Polars' JSONL reader reads them: as `dtype`, or
+    inferred from all of them. Raises where a value does not fit `dtype`."""
+    if all(v is None for v in values):
+        return pl.Series(name, values, dtype=dtype or pl.Null())
+    if dtype is not None:
+        fits = _SCALAR_FITS.get(dtype.base_type()) if not dtype.is_nested() else None
+        if fits is not None and all(v is None or fits(v) for v in values):
+            return pl.Series(name, values, dtype=dtype, strict=True)
+    body = "".join('{"v":' + json.dumps(v) + "}\n" for v in values).encode("utf-8")
+    if dtype is None:
+        frame = pl.read_ndjson(io.BytesIO(body), infer_schema_length=None)
+    else:
+        frame = pl.read_ndjson(io.BytesIO(body), schema={"v": dtype})
+    return frame.to_series().alias(name)
+
+
+def _json_text(value: Any) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+    except (ValueError, RecursionError):  # a circular or absurdly deep value: say what it is
+        return repr(value)
+
+
+def _as_text(name: str, values: list[Any]) -> pl.Series:
+    return pl.Series(name, [v if v is None or isinstance(v, str) else _json_text(v) for v in values], dtype=pl.String)
+
+
+def _mixed_warning(name: str, why: str) -> str:
+    return f"field {name!r} holds {why}: it is kept as text (String), values that are not strings written as JSON"
+
+
+def _extra_column(name: str, values: list[Any], dtype: pl.DataType, opts: _Options) -> tuple[pl.Series, str | None]:
+    """One kept field's column on the per-record path, and a warning when its values
+    were of several kinds (then it is text). See "extra fields"."""
+    why = opts.mixed.get(name)
+    if not opts.json_values and why is None:
+        try:
+            return pl.Series(name, values, dtype=dtype, strict=True), None  # a table's values, its own type
+        except _POLARS_ERRORS:
+            pass  # only a conversation table's own `turns` mixed with counted ones lands here
+    if why is None:
+        kinds = _kinds(values)
+        if len(kinds) > 1:
+            why = _kinds_text(kinds)
+    if why is None:
+        for attempt in (dtype, None):
+            try:
+                return _json_series(name, values, attempt), None
+            except _POLARS_ERRORS:
+                continue
+        why = "values Polars cannot read"
+    return _as_text(name, values), _mixed_warning(name, why)
+
+
 # --------------------------------------------------------------------------- entry points
 
 
@@ -1084,12 +1375,15 @@ def load_pool(
     container, compression = _container(path, format)
     label = container if compression is None else f"{container}+{compression}"
     report = LoadReport(path=str(path), format=label if opts.schema == "auto" else f"{label}/{opts.schema}")
-    fast = _fast_load(path, container, opts, report, limit=limit)
+    window = _json_window(path, container) if container in ("json", "jsonl") else None
+    if window is not None:
+        opts = _with_window(opts, window)
+    fast = _fast_load(path, container, opts, report, limit=limit, window=window)
     if fast is not None:
         frame, problems = fast
     else:
         report = LoadReport(path=report.path, format=report.format)  # whatever the fast path counted is void
-        rows, problems = _collect(path, container, opts, report, skip_bad=skip_bad, limit=limit)
+        rows, problems, opts = _collect(path, container, opts, report, skip_bad=skip_bad, limit=limit)
     if problems and not skip_bad:
         raise DataError(
             f"{path}: {len(problems)} problem(s) in {report.skipped} of {report.records_read} "
@@ -1097,11 +1391,70 @@ def load_pool(
             problems,
         )
     report.problems = problems
-    report.warnings = _warnings(report)
+    report.warnings = _warnings(report) + report.warnings  # the readers' notes (CSV types) after
     if fast is None:
-        frame = _build_frame(rows, report)
+        frame = _build_frame(rows, report, opts)
     report.rows_loaded = frame.height
+    report.fields = {name: str(dtype) for name, dtype in frame.schema.items() if name not in CANONICAL_COLUMNS}
     return LoadedPool(frame, report)
+
+
+def pool_schema(path: str | Path, *, format: Format = "auto", columns: dict[str, str] | None = None) -> dict[str, pl.DataType]:
+    """The column names and types `load_pool(path, format=..., columns=...)` gives,
+    read cheaply for `tamis check RECIPE --pool F`: never the whole file.
+
+    Parquet and Arrow: from the file's metadata; CSV/TSV: the header and the first 100
+    rows' inference; JSON and JSONL: the first 100 records (the ones that decide the
+    extra columns, see "extra fields"); conversations and tables with a conversation
+    column: those first records or rows, normalised (so `messages` and `turns` show).
+    Where a pool's later records change what the first ones say (a field that turns text
+    after them, a first stretch of only bad records), `load_pool` has the last word.
+    Raises DataError as `load_pool` does for a file it cannot read.
+    """
+    path = Path(path)
+    opts = _options(format, columns, "first")
+    _check_file(path)
+    container, _ = _container(path, format)
+    report = LoadReport(path=str(path), format=container)
+    if container in ("json", "jsonl"):
+        window = _json_window(path, container)
+        opts = _with_window(opts, window)
+        records: Iterable[_Raw] = window.records
+    else:
+        schema = _table_schema(path, container, opts)
+        opts = replace(opts, extras=_table_extras(schema, opts))
+        sources = _sources(opts, schema)
+        if opts.schema != "sharegpt" and all(sources[name] is None for name in _CONVERSATION):
+            return {**canonical_schema(False), **opts.extras}
+        head = _read_table(path, container, opts, n_rows=_INFER_RECORDS)
+        rows = None
+        if container in ("csv", "tsv"):
+            head, rows = _csv_rows(head, report, _user_name(opts, "id"))
+        records = _iter_frame(head, rows)
+    loaded: list[dict[str, Any]] = []
+    for raw in records:
+        loaded += _normalise(raw, opts, Counter())[0]
+    return dict(_build_frame(loaded, report, opts).schema)
+
+
+def _table_schema(path: Path, container: str, opts: _Options) -> dict[str, pl.DataType]:
+    """A table's columns and types without reading its rows (CSV: the first 100)."""
+    if container in ("csv", "tsv"):
+        return dict(_read_csv(path, container, opts, n_rows=_INFER_RECORDS).schema)
+    if container == "parquet":
+        try:
+            return dict(pl.scan_parquet(path).collect_schema())
+        except _PARQUET_ERRORS as e:
+            raise DataError(f"{path}: cannot read as Parquet: {e}") from e
+    file = _hf_files(path)[0] if container == "hf" else path
+    try:
+        if not _ipc_is_stream(file):
+            return dict(pl.read_ipc_schema(file))
+    except DataError:
+        raise
+    except _POLARS_ERRORS as e:
+        raise DataError(f"{file}: cannot read as Arrow IPC / Feather: {_first_line(e)}") from e
+    return dict(_read_ipc(file, n_rows=1).schema)  # a stream: its first batch (the schema comes first)
 
 
 def _options(format: str, columns: dict[str, str] | None, turns: str) -> _Options:
@@ -1210,30 +1563,34 @@ def _is_json_line(line: str) -> bool:
     return True
 
 
-def _raw_records(path: Path, container: str, report: LoadReport, opts: _Options) -> tuple[Iterable[_Raw], _JsonArrayReader | None]:
+def _raw_records(path: Path, container: str, report: LoadReport, opts: _Options) -> tuple[Iterable[_Raw], _JsonArrayReader | None, _Options]:
+    """The records, the JSON array reader (for its truncation), and the options with a
+    table's extra columns (JSON's come from its first records, already in `opts`)."""
     if container == "json":
         reader = _JsonArrayReader(path)
-        return reader, reader
+        return reader, reader, opts
     if container == "jsonl":
-        return _iter_jsonl(path, report), None
+        return _iter_jsonl(path, report), None, opts
     if container == "parquet":
-        return _iter_parquet(path), None
-    frame = _read_table(path, container)
+        return _iter_parquet(path), None, replace(opts, extras=_table_extras(_table_schema(path, container, opts), opts))
+    frame = _read_table(path, container, opts, report=report)
+    opts = replace(opts, extras=_table_extras(frame.schema, opts))
     if container in ("csv", "tsv"):
         frame, rows = _csv_rows(frame, report, _user_name(opts, "id"))
-        return _iter_frame(frame, rows), None
-    return _iter_frame(frame), None
+        return _iter_frame(frame, rows), None, opts
+    return _iter_frame(frame), None, opts
 
 
-def _collect(path: Path, container: str, opts: _Options, report: LoadReport, *, skip_bad: bool, limit: int | None) -> tuple[list[dict[str, Any]], list[RowProblem]]:
+def _collect(path: Path, container: str, opts: _Options, report: LoadReport, *, skip_bad: bool,
+             limit: int | None) -> tuple[list[dict[str, Any]], list[RowProblem], _Options]:
     """Read records until the end (or `limit` good rows), assigning ids in file order."""
-    records, reader = _raw_records(path, container, report, opts)
+    records, reader, opts = _raw_records(path, container, report, opts)
     ids = _IdAssigner()
     rows: list[dict[str, Any]] = []
     problems: list[RowProblem] = []
     if limit == 0:
         report.stopped_at_limit = True
-        return rows, problems
+        return rows, problems, opts
     for raw in records:
         report.records_read += 1
         new_rows, issues = _normalise(raw, opts, report.ignored_fields)
@@ -1257,7 +1614,7 @@ def _collect(path: Path, container: str, opts: _Options, report: LoadReport, *, 
         report.truncated_at_record = reader.truncated_at_record
         report.truncation_detail = reader.truncation_detail
     report.duplicate_ids_renamed = ids.renamed
-    return rows, problems
+    return rows, problems, opts
 
 
 def _warnings(report: LoadReport) -> list[str]:
@@ -1288,11 +1645,23 @@ def _records(n: int, kind: str = "") -> str:
     return f"{n:,} {kind}record" + ("" if n == 1 else "s")
 
 
-def _build_frame(rows: list[dict[str, Any]], report: LoadReport) -> pl.DataFrame:
+def _build_frame(rows: list[dict[str, Any]], report: LoadReport, opts: _Options) -> pl.DataFrame:
+    """The canonical columns, then the kept fields (see "extra fields"); a field of mixed
+    types adds a warning to the report."""
     with_messages = any(r["messages"] is not None for r in rows)
     schema = canonical_schema(with_messages)
     data = {name: [r[name] for r in rows] for name in schema}
-    return pl.DataFrame(data, schema=schema)
+    frame = pl.DataFrame(data, schema=schema)
+    extras = dict(opts.extras)
+    if TURNS_COLUMN not in extras and any(TURNS_COLUMN in r[_EXTRAS] for r in rows):
+        extras = {TURNS_COLUMN: pl.Int64(), **extras}  # counted for conversations: first of the extras
+    columns = []
+    for name, dtype in extras.items():
+        column, warning = _extra_column(name, [r[_EXTRAS].get(name) for r in rows], dtype, opts)
+        columns.append(column)
+        if warning:
+            report.warnings.append(warning)
+    return frame.hstack(columns) if columns else frame
 
 
 # --------------------------------------------------------------------------- the vectorised path
@@ -1308,11 +1677,25 @@ def _build_frame(rows: list[dict[str, Any]], report: LoadReport) -> pl.DataFrame
 # a JSON array with a `limit` or with flagged rows (their messages need line numbers),
 # JSONL with a byte-order mark.
 #
-# Where the two paths can still differ (JSON and JSONL only, both documented in the
-# tests): a record holding the same key twice keeps the first value here (Polars) and
-# the last on the per-record path (Python's json); and `ignored_fields` counts the
-# non-null values of the fields seen in the first 100 records, where the per-record
-# path counts every field of every record, null or not.
+# The kept extra fields (see "extra fields") ride along as columns of the same frame:
+# filtered by the same mask, cut by the same `limit`, never a Python object per row.
+# JSON and JSONL are read with the types of their first 100 records, and whatever that
+# cannot vouch for goes to the per-record path whole: a kept field of several kinds in
+# those records, a field name that cannot be a column, a later value the type refuses
+# (Polars' JSONL reader raises), a text field holding values that look like numbers,
+# booleans, lists or objects unless the file's bytes show they are all strings (Polars
+# reads 5 into a text column as "5"), and a JSON array whose kept fields are not all
+# text, booleans or nulls (Polars' array reader bends a later 1.5 into 1 and true into 1
+# where its JSONL reader refuses them). A NUL in a kept JSON value (what Polars makes of
+# a lone surrogate) flags the row for the per-record checks.
+#
+# Where the two paths can still differ (JSON and JSONL only, documented in the tests):
+# a record holding the same key twice keeps the first value here (Polars) and the last
+# on the per-record path (Python's json); `ignored_fields` counts the non-null values of
+# the ignored fields seen in the first 100 records here, where the per-record path counts
+# every ignored field of every record, null or not; and a field first seen after the
+# first 100 records is a column on neither path, but only the per-record path, which
+# reads every record, counts it in `ignored_fields`.
 
 
 @functools.lru_cache(maxsize=None)
@@ -1373,15 +1756,23 @@ class _Table:
     extras_counted: dict[str, int] | None = None  # ignored-field counts when not "every record"
 
 
-def _fast_load(path: Path, container: str, opts: _Options, report: LoadReport, *, limit: int | None) -> tuple[pl.DataFrame, list[RowProblem]] | None:
-    """The canonical frame and the problems, or None: take the per-record path."""
+def _fast_load(path: Path, container: str, opts: _Options, report: LoadReport, *, limit: int | None,
+               window: _Window | None = None) -> tuple[pl.DataFrame, list[RowProblem]] | None:
+    """The canonical frame (with the kept fields after it) and the problems, or None:
+    take the per-record path."""
     if opts.schema == "sharegpt" or limit == 0:
         return None
-    table = _fast_read(path, container, opts, report, limit)
+    table = _fast_read(path, container, opts, report, limit, window)
     if table is None:
         return None
     raw = table.frame
     sources = _sources(opts, raw.columns)
+    used = {s for s in sources.values() if s is not None}
+    extras = [name for name in raw.columns if name not in used and _kept_name(name, opts)]
+    if not table.json:
+        opts = replace(opts, extras={name: raw.schema[name] for name in extras})
+    elif not _extras_are_text(path, raw, extras):
+        return None
     for name in _CONVERSATION:
         if sources[name] is not None and raw[sources[name]].null_count() < raw.height:
             return None  # conversations: the per-record path
@@ -1397,19 +1788,65 @@ def _fast_load(path: Path, container: str, opts: _Options, report: LoadReport, *
     canon = _canonical_columns(raw, sources)
     names, _ = _checked(sources, raw)
     flagged = _flags(canon, names, table.json)
-    keep, problems, fixes = _check_flagged(path, container, opts, report, table, canon, flagged, names, sources)
+    nul = _nul_flags(raw, extras) if table.json else None
+    if nul is not None:
+        flagged = flagged | nul
+    keep, problems, fixes = _check_flagged(path, container, opts, report, table, canon, flagged, names, sources, nul)
     if keep is None or (problems and limit is not None):
         return None  # a limit counts good rows: reading on past bad ones is the per-record path's job
     report.records_read = raw.height
     report.stopped_at_limit = limit is not None and raw.height >= limit
-    _count_ignored(report, raw, sources, table)
+    _count_ignored(report, raw, used | set(extras), table)
+    kept = raw.select(extras)
     if fixes:
         canon = _apply_fixes(canon, fixes)
     if keep is not True:
-        canon = canon.filter(keep)
+        canon, kept = canon.filter(keep), kept.filter(keep)
     ids, renamed = _assign_ids(canon)
     report.duplicate_ids_renamed = renamed
-    return canon.with_columns(ids.alias("id")).select(["id", *_TEXT]), problems
+    return canon.with_columns(ids.alias("id")).select(["id", *_TEXT]).hstack(kept.get_columns()), problems
+
+
+# How Polars' JSON readers write a non-string read into a text column (5, 1.5e3, true,
+# [..], {..}); a kept text field with such a value is checked against the file's bytes.
+_COERCED_EXTRA = r"^(?:-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|true|false|\[[\s\S]*\]|\{[\s\S]*\})$"
+
+
+def _extras_are_text(path: Path, raw: pl.DataFrame, extras: list[str]) -> bool:
+    """Whether the kept text fields of a JSON pool were strings in the file: Polars reads
+    a later 5 or [1] into a text column as "5" or "[1]", where the per-record path sees a
+    field of mixed types. Only the fields with such look-alike values ask the bytes."""
+    texts = [name for name in extras if raw.schema[name] == pl.String]
+    if not texts:
+        return True
+    found = raw.select(pl.col(name).str.contains(_COERCED_EXTRA).any().alias(name) for name in texts).row(0)
+    suspect = [name for name, hit in zip(texts, found) if hit]
+    return not suspect or _json_values_are_strings(path, raw, suspect)
+
+
+def _has_text(dtype: pl.DataType) -> bool:
+    if dtype == pl.String:
+        return True
+    if isinstance(dtype, (pl.List, pl.Array)):
+        return _has_text(dtype.inner)
+    if isinstance(dtype, pl.Struct):
+        return any(_has_text(f.dtype) for f in dtype.fields)
+    return False
+
+
+def _nul_flags(raw: pl.DataFrame, extras: list[str]) -> pl.Series | None:
+    """Rows whose kept JSON values hold a NUL (what Polars makes of a lone surrogate,
+    which makes the record bad): the per-record checks look at them."""
+    checks = []
+    for name in extras:
+        dtype = raw.schema[name]
+        if dtype == pl.String:
+            checks.append(pl.col(name).str.contains("\x00", literal=True))
+        elif dtype.is_nested() and _has_text(dtype):
+            checks.append(pl.struct(pl.col(name)).struct.json_encode().str.contains("\\u0000", literal=True))
+    if not checks:
+        return None
+    return raw.select(pl.any_horizontal(c.fill_null(False) for c in checks)).to_series()
 
 
 def _mapped_and_own_name(raw: pl.DataFrame, opts: _Options) -> bool:
@@ -1457,11 +1894,11 @@ def _flags(canon: pl.DataFrame, names: list[str], json_values: bool) -> pl.Serie
     return canon.select(pl.any_horizontal(c.fill_null(False) for c in checks)).to_series()
 
 
-def _lookalikes_only(canon: pl.DataFrame, flagged: pl.Series, names: list[str]) -> tuple[pl.Series, list[str]]:
+def _lookalikes_only(canon: pl.DataFrame, flagged: pl.Series, names: list[str], nul: pl.Series | None = None) -> tuple[pl.Series, list[str]]:
     """Of the flagged JSON rows: (the ones only flagged for looking like a coerced value,
     the columns where those values are). Found on the flagged rows alone."""
-    rows = canon.filter(flagged)
-    hard = [pl.col("instruction").is_null(), pl.col("output").is_null()]
+    rows = canon.with_columns((nul if nul is not None else pl.Series([False] * canon.height)).alias("\0nul")).filter(flagged)
+    hard = [pl.col("instruction").is_null(), pl.col("output").is_null(), pl.col("\0nul")]
     for name in names:
         hard.append(pl.col(name).str.contains("\x00", literal=True))
         if name != "input":
@@ -1475,7 +1912,8 @@ def _lookalikes_only(canon: pl.DataFrame, flagged: pl.Series, names: list[str]) 
 
 
 def _check_flagged(path: Path, container: str, opts: _Options, report: LoadReport, table: _Table, canon: pl.DataFrame,
-                   flagged: pl.Series, names: list[str], sources: dict[str, str | None]) -> tuple[Any, list[RowProblem], dict[int, dict[str, Any]]]:
+                   flagged: pl.Series, names: list[str], sources: dict[str, str | None],
+                   nul: pl.Series | None = None) -> tuple[Any, list[RowProblem], dict[int, dict[str, Any]]]:
     """Run the per-record checks on flagged rows: (keep mask or True or None, problems,
     values of flagged rows that turned out fine). None: give up, per-record path."""
     n_flagged = flagged.sum()
@@ -1484,7 +1922,7 @@ def _check_flagged(path: Path, container: str, opts: _Options, report: LoadRepor
     if table.json and (container == "json" or n_flagged > _MANY_LOOKALIKES):
         # many numeric-looking texts (answers like "42"), or a JSON array, whose records
         # have no lines to re-read: ask the file's bytes once whether those are strings
-        lookalike, columns = _lookalikes_only(canon, flagged, names)
+        lookalike, columns = _lookalikes_only(canon, flagged, names, nul)
         if lookalike.any() and _json_values_are_strings(path, table.frame, [sources[n] for n in columns]):
             flagged = flagged & ~lookalike
             n_flagged = flagged.sum()
@@ -1567,8 +2005,8 @@ def _apply_fixes(canon: pl.DataFrame, fixes: dict[int, dict[str, Any]]) -> pl.Da
     return pl.DataFrame(columns)
 
 
-def _count_ignored(report: LoadReport, raw: pl.DataFrame, sources: dict[str, str | None], table: _Table) -> None:
-    used = {s for s in sources.values() if s is not None}
+def _count_ignored(report: LoadReport, raw: pl.DataFrame, used: set[str], table: _Table) -> None:
+    """Count the columns that are neither read nor kept (see "extra fields")."""
     for name in raw.columns:
         if name in used:
             continue
