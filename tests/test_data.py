@@ -115,7 +115,9 @@ def test_column_mapping() -> None:
     )
     assert pool.frame.height == 4
     assert pool.frame["input"][1] == "The cat sleeps on the sofa."
-    assert pool.report.ignored_fields == {"source": 4}
+    assert pool.frame.columns == ["id", "instruction", "input", "output", "source"]
+    assert pool.frame["source"].to_list() == ["fixture"] * 4 and pool.frame.schema["source"] == pl.String
+    assert pool.report.ignored_fields == {} and pool.report.fields == {"source": "String"}
 
 
 def test_column_mapping_errors_name_the_users_field(tmp_path: Path) -> None:

@@ -115,3 +115,29 @@ def test_lr_weights_of_an_untrained_warmup_are_an_error_not_a_silent_switch(tmp_
     with pytest.raises(TamisError, match='weights="uniform"'):
         _checkpoints(model, "all", "lr")
     assert _checkpoints(model, "all", "uniform")[1] == [1.0]
+
+
+def test_influence_by_a_subtask_field_is_the_max_of_per_subtask_means():
+    """`influence(g, t, t.subtask)`: one target set, any number of subtasks of any sizes (a field of
+    the target rows), against the runtime's matching (mean per subtask, max over subtasks)."""
+    from tamis.ops.functions import influence as influence_expr
+    from tamis.runtime.less import influence as matching
+
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(7, 5)).astype(np.float32)
+    target = rng.normal(size=(6, 5)).astype(np.float32)
+    labels = ["a", "b", "a", "c", "a", "b"]
+    frame = pl.DataFrame({"g": pl.Series(train.tolist(), dtype=pl.Array(pl.Float32, 5))})
+    t = pl.Series([target.tolist()], dtype=pl.List(pl.Array(pl.Float32, 5)))
+    lab = pl.Series([labels], dtype=pl.List(pl.String))
+    got = frame.select(influence_expr(pl.col("g"), pl.lit(t), pl.lit(lab))).to_series().to_numpy()
+    want = matching(train[:, None, :], target[:, None, :], [1.0], labels)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    direct = np.max([(train.astype(np.float64) @ target[[i for i, x in enumerate(labels) if x == s]].T.astype(np.float64)
+                      ).mean(axis=1) for s in "abc"], axis=0)
+    np.testing.assert_allclose(got, direct, rtol=1e-6)
+    # lowering: a field of the target set, written NAME.field, is accepted only for a score of that set
+    head = 'data t = load("t.jsonl")\nscore embedding using encoder("m") as n | '
+    compile_text(head + 'score embedding using encoder("m") on t as tl | rank by influence(n, tl, tl.subtask) | top 1')
+    with pytest.raises(Exception, match="must be a score of another dataset"):
+        compile_text(head + "rank by influence(n, n.subtask) | top 1")

@@ -1042,8 +1042,9 @@ class Lowerer:
                                   hint=did_you_mean(x.func, reg.FUNCTIONS) or f"functions: {', '.join(reg.FUNCTIONS)}")
             if x.kwargs:
                 raise scope.error(f"{x.func}(...) takes no keyword arguments", x.kwargs[0].span)
-            if len(x.args) != len(spec.args):
-                raise scope.error(f"{x.func}(...) takes {len(spec.args)} argument(s), got {len(x.args)}", x.span)
+            if not len(spec.args) - spec.optional <= len(x.args) <= len(spec.args):
+                n = f"{len(spec.args) - spec.optional} to {len(spec.args)}" if spec.optional else str(len(spec.args))
+                raise scope.error(f"{x.func}(...) takes {n} argument(s), got {len(x.args)}", x.span)
             agg[0] = agg[0] or spec.aggregate
             if x.per is not None:
                 if not spec.aggregate:
@@ -1052,6 +1053,11 @@ class Lowerer:
                 cols.append(self.group_column(scope, x.per, x.span, state, f"{x.func}(...) per"))
             for kind, a in zip(spec.args, x.args):
                 if kind == "foreign":
+                    if isinstance(a, ast.Name) and a.id not in state.columns and "." in a.id:
+                        # `t.subtask`: a field of the dataset whose scores column `t` holds (checked at run time)
+                        owner = state.columns.get(a.id.rsplit(".", 1)[0])
+                        if owner is not None and owner.dataset is not None:
+                            state.columns[a.id] = Column("any", owner.dataset)
                     if not isinstance(a, ast.Name) or a.id not in state.columns or state.columns[a.id].dataset is None:
                         raise scope.error(f"{x.func}(...): argument {a.unparse()} must be a score of another dataset "
                                           "(score … on DATA as NAME)", a.span)

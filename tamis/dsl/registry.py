@@ -77,6 +77,7 @@ class FunctionSpec:
     args: tuple[str, ...]  # argument kinds: "num", "any", "vector", "foreign", "tags", "const"
     returns: ColumnType
     aggregate: bool = False  # normalises over all rows (pct, zscore): not row-wise
+    optional: int = 0  # how many of the last arguments may be left out
 
 
 @dataclass(frozen=True)
@@ -222,8 +223,9 @@ FUNCTIONS: dict[str, FunctionSpec] = {
         FunctionSpec("win_rate", "Nuggets golden score: fraction of anchors whose loss the one-shot prompt lowers",
                      ("vector", "foreign"), "float"),
         FunctionSpec("influence", "LESS: checkpoint-weighted cosine of train and target gradients, mean over the "
-                     "target's rows (per subtask when its rows have a `subtask` field, then the max)",
-                     ("vector", "foreign"), "float"),
+                     "target's rows; with a third argument, a field of the target set naming each row's subtask "
+                     "(influence(g, t, t.subtask)), the mean over each subtask's rows, then the max",
+                     ("vector", "foreign", "foreign"), "float", optional=1),
     ]
 }
 

@@ -93,31 +93,41 @@ def win_rate(one_shot: pl.Expr, zero_shot: pl.Expr) -> pl.Expr:
 
 
 @kernel("function", "influence")
-def influence(train: pl.Expr, target: pl.Expr) -> pl.Expr:
+def influence(train: pl.Expr, target: pl.Expr, subtask: pl.Expr | None = None) -> pl.Expr:
     """LESS: the mean over the target rows of Σ_c w_c ⟨train_c, target_c⟩. The `grads` vectors hold
     each checkpoint's L2-normalised features scaled by √w_c, so this is the mean dot product — and,
     being linear, the dot product with the target rows' mean vector (matching.py computes the whole
-    train × target matrix, then its mean over a subtask's columns: the same number). Several
-    subtasks: one target set each, `max(influence(g, t1), influence(g, t2))`, as matching.py's max."""
+    train × target matrix, then its mean over a subtask's columns: the same number). With `subtask`
+    (a field of the target set, one label per target row: any number of subtasks, any sizes), the mean
+    over each subtask's rows, then the max over subtasks, as matching.py. Target rows without features
+    are left out of their subtask."""
     import numpy as np
 
     def dot_mean(cols: list[pl.Series]) -> pl.Series:
-        vectors, targets = cols
+        vectors, targets = cols[0], cols[1]
         t = targets[0]  # the target set's vectors (a foreign column, as one list)
-        t = t.filter(t.is_not_null())
+        labels = cols[2][0] if len(cols) > 2 else pl.Series([0] * len(t))
+        if len(labels) != len(t):
+            raise TamisError(f"influence: {len(labels)} subtask labels for {len(t)} target rows")
+        scored = t.is_not_null()
+        t, labels = t.filter(scored), labels.filter(scored)
         if len(t) == 0:
             raise TamisError("influence: the target set has no gradient features (every target row was skipped)")
-        centre = _matrix(t, "influence").astype(np.float64).mean(axis=0)
+        m = _matrix(t, "influence").astype(np.float64)
+        codes = labels.cast(pl.String).fill_null("")  # a row without a label: a subtask of its own
+        groups = codes.unique(maintain_order=True).to_list()
+        centres = np.stack([m[(codes == g).to_numpy()].mean(axis=0) for g in groups])  # [subtasks, dim]
 
         def dots(x):
-            if x.shape[1] != centre.shape[0]:
+            if x.shape[1] != centres.shape[1]:
                 raise TamisError(f"influence: training vectors have {x.shape[1]} values, target vectors "
-                                 f"{centre.shape[0]}: score both with the same model, dim and checkpoints")
-            return x.astype(np.float64) @ centre
+                                 f"{centres.shape[1]}: score both with the same model, dim and checkpoints")
+            return (x.astype(np.float64) @ centres.T).max(axis=1)
 
         return _per_vector(vectors, dots, "influence")
 
-    return pl.map_batches([train, target], dot_mean, return_dtype=pl.Float64)
+    inputs = [train, target] + ([subtask] if subtask is not None else [])
+    return pl.map_batches(inputs, dot_mean, return_dtype=pl.Float64)
 
 
 def _per_vector(vectors: pl.Series, fn, what: str) -> pl.Series:

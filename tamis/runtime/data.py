@@ -1797,14 +1797,14 @@ def _fast_load(path: Path, container: str, opts: _Options, report: LoadReport, *
     report.records_read = raw.height
     report.stopped_at_limit = limit is not None and raw.height >= limit
     _count_ignored(report, raw, used | set(extras), table)
-    kept = raw.select(extras)
+    kept = [raw[name] for name in extras]
     if fixes:
         canon = _apply_fixes(canon, fixes)
     if keep is not True:
-        canon, kept = canon.filter(keep), kept.filter(keep)
+        canon, kept = canon.filter(keep), [column.filter(keep) for column in kept]
     ids, renamed = _assign_ids(canon)
     report.duplicate_ids_renamed = renamed
-    return canon.with_columns(ids.alias("id")).select(["id", *_TEXT]).hstack(kept.get_columns()), problems
+    return canon.with_columns(ids.alias("id")).select(["id", *_TEXT]).hstack(kept), problems
 
 
 # How Polars' JSON readers write a non-string read into a text column (5, 1.5e3, true,
@@ -2040,20 +2040,24 @@ def _jsonl_records_at(path: Path, indices: list[int]) -> list[_Raw]:
 # ------------------------------------------------------------------ fast readers
 
 
-def _fast_read(path: Path, container: str, opts: _Options, report: LoadReport, limit: int | None) -> _Table | None:
+def _fast_read(path: Path, container: str, opts: _Options, report: LoadReport, limit: int | None,
+               window: _Window | None = None) -> _Table | None:
     try:
         if container == "parquet":
             lazy = pl.scan_parquet(path)
             return _Table((lazy.head(limit) if limit is not None else lazy).collect())
-        if container == "jsonl":
-            return _fast_jsonl(path, opts, report, limit)
-        if container == "json":
-            return _fast_json(path, opts, limit)
+        if container in ("json", "jsonl"):
+            assert window is not None
+            if not _window_is_plain(opts, window):
+                return None
+            if container == "jsonl":
+                return _fast_jsonl(path, opts, report, limit, window)
+            return _fast_json(path, opts, limit, window)
     except DataError:
         raise
     except _POLARS_ERRORS:
         return None  # the per-record reader finds (and names) what is wrong
-    frame = _read_table(path, container)  # errors here are the per-record path's too
+    frame = _read_table(path, container, opts, report=report)  # errors here are the per-record path's too
     rows = None
     if container in ("csv", "tsv"):
         frame, rows = _csv_rows(frame, report, _user_name(opts, "id"))
@@ -2062,33 +2066,38 @@ def _fast_read(path: Path, container: str, opts: _Options, report: LoadReport, l
     return _Table(frame, rows)
 
 
-def _json_schema(opts: _Options, inferred: Mapping[str, pl.DataType], int_ids: bool) -> dict[str, pl.DataType]:
+def _window_is_plain(opts: _Options, window: _Window) -> bool:
+    """Whether a JSON pool's first records let Polars read it: no conversations, no field
+    name that cannot be a column, no kept field of several kinds."""
+    if any(_user_name(opts, name) in window.dtypes for name in _CONVERSATION):
+        return False
+    return not opts.mixed and not any(_bad_name(name) for name in window.dtypes)
+
+
+def _json_schema(opts: _Options, window: _Window, int_ids: bool) -> dict[str, pl.DataType]:
     """Every field the mapping may read, as strings (Polars fills absent ones with null),
-    an integer id as such where the reader is strict about it (JSONL's), and the other
-    fields seen in the first records, only to count them as ignored."""
+    an integer id as such where the reader is strict about it (JSONL's), the kept fields
+    with the types of the first records, and the other fields seen there as strings,
+    only to count them as ignored."""
     schema: dict[str, pl.DataType] = {}
     for name in ("id", *_TEXT, *_CONVERSATION):
         user = _user_name(opts, name)
-        if name == "id" and int_ids and user in inferred and _is_int(inferred[user]):
+        if name == "id" and int_ids and user in window.dtypes and _is_int(window.dtypes[user]):
             schema[user] = pl.Int64()
         elif user not in schema:
             schema[user] = pl.String()
         if name in opts.reverse and name not in opts.columns:
             schema.setdefault(name, pl.String())  # its own name, for _mapped_and_own_name
-    for name in inferred:
-        schema.setdefault(name, pl.String())
+    for name in window.dtypes:
+        schema.setdefault(name, opts.extras.get(name, pl.String()))
     return schema
 
 
-def _fast_jsonl(path: Path, opts: _Options, report: LoadReport, limit: int | None) -> _Table | None:
+def _fast_jsonl(path: Path, opts: _Options, report: LoadReport, limit: int | None, window: _Window) -> _Table | None:
     with open(path, "rb") as fh:
         if fh.read(3) == codecs.BOM_UTF8:
             return None  # Polars' reader stops at a byte-order mark
-    inferred = pl.scan_ndjson(path, infer_schema_length=100).collect_schema()
-    if any(_user_name(opts, name) in inferred for name in _CONVERSATION):
-        return None
-    schema = _json_schema(opts, inferred, int_ids=True)
-    frame = pl.read_ndjson(path, schema=schema, n_rows=limit)
+    frame = pl.read_ndjson(path, schema=_json_schema(opts, window, int_ids=True), n_rows=limit)
     report.blank_lines = _jsonl_lines(path, frame.height if limit is not None and frame.height >= limit else None) - frame.height
     counted = {name: frame.height - frame[name].null_count() for name in frame.columns}
     return _Table(frame, json=True, extras_counted=counted)
@@ -2114,22 +2123,17 @@ def _jsonl_lines(path: Path, records: int | None) -> int:
     return lines
 
 
-def _fast_json(path: Path, opts: _Options, limit: int | None) -> _Table | None:
+_ARRAY_SAFE = (pl.String, pl.Boolean, pl.Null)  # kept types Polars' array reader does not bend
+
+
+def _fast_json(path: Path, opts: _Options, limit: int | None, window: _Window) -> _Table | None:
     if limit is not None:
         return None  # the per-record reader stops at the limit; Polars would read it all
-    records = iter(_JsonArrayReader(path))
-    try:  # the first records' fields (Polars refuses fields it did not see first)
-        head = list(itertools.islice(records, 100))
-    finally:
-        records.close()  # type: ignore[attr-defined]
-    if any(raw.issue is not None or not isinstance(raw.value, dict) for raw in head):
+    if any(raw.issue is not None or not isinstance(raw.value, dict) for raw in window.records):
         return None
-    inferred = {k: pl.String() for raw in head for k in raw.value}
-    if any(_user_name(opts, name) in inferred for name in _CONVERSATION):
-        return None
-    frame = pl.read_json(path, schema=_json_schema(opts, inferred, int_ids=False))
-    if limit is not None:
-        frame = frame.head(limit)
+    if any(dtype.base_type() not in _ARRAY_SAFE for dtype in opts.extras.values()):
+        return None  # numbers, lists, objects: see "the vectorised path"
+    frame = pl.read_json(path, schema=_json_schema(opts, window, int_ids=False))
     counted = {name: frame.height - frame[name].null_count() for name in frame.columns}
     return _Table(frame, json=True, extras_counted=counted)
 

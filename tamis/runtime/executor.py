@@ -469,6 +469,10 @@ class LocalExecutor:
         if "target" in side:
             for col in cols.columns[1:]:
                 self._foreign[col] = cols[col]
+            # the target set's own fields, as `NAME.field` (e.g. influence(g, t, t.subtask)), row for row
+            for f in frame.columns:
+                if f not in reg.POOL_COLUMNS and not f.startswith("⟨"):
+                    self._foreign[f"{main}.{f}"] = frame[f]
             report.histogram = _histogram(cols[main]) if cols[main].dtype.is_numeric() else None
             report.target, report.target_rows = p["target"], frame.height
             return pool_rows
