@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from tamis.errors import TamisError
+from tamis.errors import DataError, TamisError
 
 app = typer.Typer(
     add_completion=False,
@@ -324,7 +324,11 @@ def run(
     base = output.with_suffix("")
     report_json, report_md = base.with_name(base.name + ".report.json"), base.with_name(base.name + ".report.md")
     try:
-        compiled = compile_file(recipe, pool_fields=_pool_fields(pool, pool_format, mapping))
+        try:  # the pool's fields, so that names are checked at their line now; a bad pool is the load's to report
+            fields = _pool_fields(pool, pool_format, mapping)
+        except DataError:
+            fields = None
+        compiled = compile_file(recipe, pool_fields=fields)
         _warn(compiled)
         outputs = {"-o": output, "-o (report)": report_md, "-o (report manifest)": report_json,
                    **({"--scores": scores} if scores is not None else {})}

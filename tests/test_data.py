@@ -17,6 +17,7 @@ from tamis.runtime.data import (
     chatterbot_pairs,
     content_id,
     load_pool,
+    pool_schema,
     sharegpt_asset_path,
 )
 
@@ -570,14 +571,15 @@ def test_csv_and_tsv(tmp_path: Path) -> None:
     path = tmp_path / "pool.csv"
     path.write_text(csv_text, encoding="utf-8")
     pool = load_pool(path)
-    assert pool.frame.columns == CANON
+    assert pool.frame.columns == [*CANON, "source"]  # the pool's own field, a column of its own
     assert _rows(pool.frame) == [
         ("a", "Add 1, 2.", "", "3"),
         (content_id("Say hi.", "", "Hi!\nHow are you?"), "Say hi.", "", "Hi!\nHow are you?"),
         ("c", 'He said "no".', "ctx", "ok"),
     ]
     assert pool.report.format == "csv" and pool.report.blank_lines == 1
-    assert pool.report.ignored_fields == {"source": 3}
+    assert pool.frame["source"].to_list() == ["", "", ""]  # short lines: the missing cells, empty
+    assert pool.report.ignored_fields == {} and pool.report.fields == {"source": "String"}
     tsv = tmp_path / "pool.tsv"
     tsv.write_text("instruction\toutput\nq\ta\n", encoding="utf-8")
     assert _rows(load_pool(tsv).frame) == [(content_id("q", "", "a"), "q", "", "a")]
@@ -694,8 +696,9 @@ def test_arrow_ipc_and_feather(tmp_path: Path, name: str, writer: str) -> None:
     path = tmp_path / name
     getattr(_table(), writer)(path)
     pool = load_pool(path)
-    assert pool.frame.columns == CANON and _rows(pool.frame) == _expected_table()
-    assert pool.report.format == "ipc" and pool.report.ignored_fields == {"meta": 3}
+    assert pool.frame.columns == [*CANON, "meta"] and _rows(pool.frame) == _expected_table()
+    assert pool.frame["meta"].to_list() == [1, 2, 3] and pool.frame.schema["meta"] == pl.Int64
+    assert pool.report.format == "ipc" and pool.report.ignored_fields == {} and pool.report.fields == {"meta": "Int64"}
 
 
 def test_arrow_bad_rows_named(tmp_path: Path) -> None:
@@ -943,4 +946,266 @@ def test_known_differences_of_the_fast_path(tmp_path: Path, monkeypatch: pytest.
     fast, slow = load_pool(path), _per_record(monkeypatch, path)
     assert fast.frame["instruction"].to_list() == ["first", "q"]  # Polars keeps a repeated key's first value
     assert [row[1] for row in slow[1]] == ["last", "q"]  # Python's json keeps the last
-    assert fast.report.ignored_fields == {} and slow[3]["ignored_fields"] == {"note": 1}  # a null extra field
+    # a field seen only as null is kept on both paths alike: a Null column
+    assert fast.frame["note"].to_list() == [None, None] and slow[2]["note"] == fast.frame.schema["note"] == pl.Null
+    # an ignored field (canonical name, not used by the mapping) that is null: only the per-record path counts it
+    mapped = write_jsonl(tmp_path / "m.jsonl", [json.dumps({"prompt": "p", "output": "o", "instruction": None})])
+    fast, slow = load_pool(mapped, columns={"prompt": "instruction"}), _per_record(monkeypatch, mapped, columns={"prompt": "instruction"})
+    assert fast.report.ignored_fields == {} and slow[3]["ignored_fields"] == {"instruction": 1}
+    # a field first seen after the first 100 records is a column on neither path; only the
+    # per-record path, which reads every record, counts it as ignored
+    late = write_jsonl(tmp_path / "late.jsonl", [json.dumps(alpaca(f"q{i}")) for i in range(100)]
+                       + [json.dumps({**alpaca("late"), "source": "x"})])
+    fast, slow = load_pool(late), _per_record(monkeypatch, late)
+    assert fast.frame.columns == CANON and (fast.frame.rows(), fast.frame.schema) == (slow[1], slow[2])
+    assert fast.report.ignored_fields == {} and slow[3]["ignored_fields"] == {"source": 1}
+
+
+# --------------------------------------------------------------------------- extra fields
+
+
+def _meta_records(n: int = 6) -> list[dict]:
+    """Alpaca records carrying metadata of every JSON kind (one field only in some records)."""
+    records = []
+    for i in range(n):
+        record = {"id": f"r{i}", **alpaca(f"q{i}", output=f"a{i}"), "source": ["alpaca", "dolly"][i % 2], "score": i / 2,
+                  "n": i, "ok": i % 3 == 0, "tags": ["t", str(i)], "meta": {"lang": "en", "len": i}, "note": None if i % 2 else "n"}
+        if i % 2 == 0:
+            record["category"] = f"c{i}"
+        records.append(record)
+    return records
+
+
+META_SCHEMA = {"source": pl.String, "score": pl.Float64, "n": pl.Int64, "ok": pl.Boolean, "tags": pl.List(pl.String),
+               "meta": pl.Struct({"lang": pl.String, "len": pl.Int64}), "note": pl.String, "category": pl.String}
+
+
+def _meta_files(tmp_path: Path) -> dict[str, Path]:
+    records = _meta_records()
+    paths = {"jsonl": write_jsonl(tmp_path / "m.jsonl", [json.dumps(r) for r in records]), "json": tmp_path / "m.json",
+             "parquet": tmp_path / "m.parquet", "arrow": tmp_path / "m.arrow"}
+    paths["json"].write_text(json.dumps(records, indent=1))
+    frame = pl.DataFrame(records, schema={**dict.fromkeys(CANON, pl.String), **META_SCHEMA})
+    frame.write_parquet(paths["parquet"])
+    frame.write_ipc(paths["arrow"])
+    return paths
+
+
+def test_extra_fields_are_typed_columns_in_every_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    records = _meta_records()
+    expected_rows = [tuple(r["id"] if k == "id" else r.get(k) for k in [*CANON, *META_SCHEMA]) for r in records]
+    frames = {}
+    for kind, path in _meta_files(tmp_path).items():
+        pool = load_pool(path)
+        assert pool.frame.columns == [*CANON, *META_SCHEMA], kind  # after the canonical ones, in file order
+        assert dict(pool.frame.schema) == {**dict.fromkeys(CANON, pl.String), **META_SCHEMA}, kind
+        assert pool.frame.rows() == expected_rows, kind
+        assert pool.report.fields == {name: str(dtype) for name, dtype in META_SCHEMA.items()} and not pool.report.ignored_fields
+        assert pool.report.to_dict()["fields"]["tags"] == "List(String)" and "fields: source (String), score (Float64)" in pool.report.summary()
+        for kwargs in ({}, {"limit": 2}, {"skip_bad": True}):
+            assert _outcome(path, **kwargs) == _per_record(monkeypatch, path, **kwargs), (kind, kwargs)
+        frames[kind] = pool.frame
+    assert all(frame.equals(frames["jsonl"]) for frame in frames.values())
+    # ids are the content's, whatever metadata rides along
+    bare = write_jsonl(tmp_path / "bare.jsonl", [json.dumps(alpaca("x")), json.dumps({**alpaca("x"), "source": "s"})])
+    assert load_pool(bare).frame["id"].to_list() == [content_id("x", "", "Hi!"), content_id("x", "", "Hi!") + "#2"]
+
+
+def test_extra_fields_in_csv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    records = _meta_records()
+    scalars = ["source", "score", "n", "ok", "category"]
+    path = tmp_path / "m.csv"
+    pl.DataFrame(records).select(*CANON, *scalars).write_csv(path)
+    pool = load_pool(path)
+    assert dict(pool.frame.schema) == {**dict.fromkeys(CANON, pl.String), **{k: META_SCHEMA[k] for k in scalars}}
+    assert pool.frame["n"].to_list() == list(range(6)) and pool.frame["ok"].to_list() == [r["ok"] for r in records]
+    assert pool.frame["category"].to_list() == ["c0", "", "c2", "", "c4", ""]  # CSV writes no null: an empty cell
+    for kwargs in ({}, {"limit": 2}):
+        assert _outcome(path, **kwargs) == _per_record(monkeypatch, path, **kwargs)
+    # the fields the mapping reads stay text even when they look like numbers
+    numbers = tmp_path / "n.csv"
+    numbers.write_text("id,prompt,output,score\n1,q,2,3\n", encoding="utf-8")
+    pool = load_pool(numbers, columns={"prompt": "instruction"})
+    assert pool.frame.row(0) == ("1", "q", "", "2", 3)
+    # a column whose later cells break the first rows' type: typed from all of them, with a warning
+    late = tmp_path / "late.csv"
+    late.write_text("instruction,output,n\n" + "".join(f"q{i},a,{i}\n" for i in range(150)) + "q,a,many\n", encoding="utf-8")
+    pool = load_pool(late)
+    assert pool.frame.schema["n"] == pl.String and pool.frame["n"][-1] == "many"
+    assert any("'n'" in w and "first 100 rows" in w for w in pool.report.warnings)
+    assert _outcome(late) == _per_record(monkeypatch, late)
+
+
+def test_extra_fields_take_no_per_record_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tamis.runtime import data
+
+    paths = _meta_files(tmp_path)
+    texts = [{**alpaca(f"q{i}"), "source": f"s{i}", "flag": i % 2 == 0, "year": str(2000 + i)} for i in range(300)]
+    paths["text.json"] = tmp_path / "text.json"  # a JSON array whose fields are text and booleans
+    paths["text.json"].write_text(json.dumps(texts))
+    paths["text.jsonl"] = write_jsonl(tmp_path / "text.jsonl", [json.dumps(r) for r in texts])
+    expected = {kind: _per_record(monkeypatch, path) for kind, path in paths.items()}
+    seen: list[int] = []
+    original = data._normalise
+    monkeypatch.setattr(data, "_normalise", lambda raw, *a: seen.append(raw.row) or original(raw, *a))
+    for kind in ("jsonl", "parquet", "arrow", "text.json", "text.jsonl"):
+        assert _outcome(paths[kind]) == expected[kind], kind
+    assert seen == []  # "2000" etc. were asked of the bytes, not parsed record by record
+    assert load_pool(paths["text.json"]).frame.schema["year"] == pl.String
+
+
+def test_fast_path_keeps_extras_aligned_with_kept_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    records = _meta_records(8)
+    records[3]["output"] = " "
+    records[5]["instruction"] = 7
+    path = write_jsonl(tmp_path / "p.jsonl", [json.dumps(r) for r in records])
+    pool = load_pool(path, skip_bad=True)
+    assert pool.frame["n"].to_list() == [0, 1, 2, 4, 6, 7] and pool.frame["id"].to_list() == [f"r{i}" for i in (0, 1, 2, 4, 6, 7)]
+    assert _outcome(path, skip_bad=True) == _per_record(monkeypatch, path, skip_bad=True)
+    frame = pl.DataFrame(records[:3] + records[4:5] + records[6:]).with_columns(pl.Series("output", ["a", None, "c", "d", "e", "f"]))
+    frame.write_parquet(tmp_path / "p.parquet")
+    pool = load_pool(tmp_path / "p.parquet", skip_bad=True)
+    assert pool.frame["n"].to_list() == [0, 2, 4, 6, 7]
+    for kwargs in ({"skip_bad": True}, {"skip_bad": True, "limit": 3}):
+        assert _outcome(tmp_path / "p.parquet", **kwargs) == _per_record(monkeypatch, tmp_path / "p.parquet", **kwargs)
+
+
+def test_conversations_get_turns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    three = conv("three", ("human", "q1"), ("gpt", "a1"), ("human", "q2"), ("gpt", "a2"), ("human", "q3"), ("gpt", "a3"))
+    one = {**conv("one", ("human", "q"), ("gpt", "a"), ("human", "thanks")), "source": "web"}
+    path = tmp_path / "share.json"
+    path.write_text(json.dumps([three, one]))
+    pool = load_pool(path, turns="all")
+    assert pool.frame["id"].to_list() == ["three", "three:2", "three:3", "one"]
+    assert pool.frame["turns"].to_list() == [3, 3, 3, 1] and pool.frame.schema["turns"] == pl.Int64
+    assert pool.frame.columns == [*CANON, "messages", "turns", "source"]
+    assert pool.frame["source"].to_list() == [None, None, None, "web"]  # every row of a record gets its fields
+    assert load_pool(path).frame["turns"].to_list() == [3, 1]  # the whole conversation's count, turns="first" too
+    assert pool.report.fields == {"turns": "Int64", "source": "String"}
+    # the offline demo fixture; an Alpaca pool gets no turns
+    assert load_pool(FIXTURES / "sharegpt_small.json", turns="all").frame["turns"].to_list() == [1, 2, 2, 1, 2, 2]
+    assert "turns" not in load_pool(FIXTURES / "alpaca_small.json").frame.columns
+    # messages records too; in a mixed pool the Alpaca rows have none
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [json.dumps(alpaca()), json.dumps({"messages": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "q2"}]})])
+    assert load_pool(mixed).frame["turns"].to_list() == [None, 1]
+
+
+def test_a_records_own_turns_wins(tmp_path: Path) -> None:
+    records = [{**conv("own", ("human", "q"), ("gpt", "a"), ("human", "q2"), ("gpt", "a2")), "turns": 7},
+               conv("counted", ("human", "q"), ("gpt", "a")),
+               {**conv("null", ("human", "q"), ("gpt", "a")), "turns": None}]
+    path = write_jsonl(tmp_path / "t.jsonl", [json.dumps(r) for r in records])
+    pool = load_pool(path, turns="all")
+    assert pool.frame["turns"].to_list() == [7, 7, 1, 1] and pool.frame.schema["turns"] == pl.Int64
+    assert pool.frame.columns == [*CANON, "messages", "turns"] and not pool.report.ignored_fields
+    # own turns of another type: the column is mixed, so text, and the report says so
+    records[0]["turns"] = "many"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    pool = load_pool(path)
+    assert pool.frame["turns"].to_list() == ["many", "1", "1"]
+    assert any("'turns'" in w for w in pool.report.warnings)
+
+
+def test_mixed_type_field_becomes_text_with_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    values = [1, "a", [1, 2], {"k": "é"}, True, 2.5, None]
+    records = [{**alpaca(f"q{i}"), "source": v} for i, v in enumerate(values)]
+    jsonl = write_jsonl(tmp_path / "m.jsonl", [json.dumps(r) for r in records])
+    array = tmp_path / "m.json"
+    array.write_text(json.dumps(records))
+    for path in (jsonl, array):
+        pool = load_pool(path)
+        assert pool.frame["source"].to_list() == ["1", "a", "[1,2]", '{"k":"é"}', "true", "2.5", None]
+        assert pool.frame.schema["source"] == pl.String and pool.report.fields["source"] == "String"
+        (warning,) = pool.report.warnings
+        assert "'source'" in warning and "boolean, list, number, object and string values" in warning
+        assert _outcome(path) == _per_record(monkeypatch, path)
+        assert pool_schema(path)["source"] == pl.String
+    # text in the first 100 records, a number later: the bytes tell, and the field is mixed on both paths
+    later = [{**alpaca(f"q{i}"), "category": f"c{i}"} for i in range(120)] + [{**alpaca("n"), "category": 5}]
+    path = write_jsonl(tmp_path / "later.jsonl", [json.dumps(r) for r in later])
+    pool = load_pool(path)
+    assert pool.frame["category"][-1] == "5" and any("'category'" in w for w in pool.report.warnings)
+    assert _outcome(path) == _per_record(monkeypatch, path)
+    # whole numbers first, a fraction later: the type of all the values (no warning)
+    floats = write_jsonl(tmp_path / "floats.jsonl", [json.dumps({**alpaca(f"q{i}"), "score": i}) for i in range(120)]
+                         + [json.dumps({**alpaca("f"), "score": 0.5})])
+    pool = load_pool(floats)
+    assert pool.frame.schema["score"] == pl.Float64 and pool.frame["score"][-1] == 0.5 and not pool.report.warnings
+    assert _outcome(floats) == _per_record(monkeypatch, floats)
+    assert pool_schema(floats)["score"] == pl.Int64  # what the first records say; load_pool has the last word
+    # objects that never have a key would be a Struct({}) column, which Parquet cannot store: text
+    empty = write_jsonl(tmp_path / "empty.jsonl", [json.dumps({**alpaca(f"q{i}"), "x": {}}) for i in range(2)])
+    pool = load_pool(empty)
+    assert pool.frame["x"].to_list() == ["{}", "{}"] and "'x'" in pool.report.warnings[0]
+    pool.frame.write_parquet(tmp_path / "out.parquet")
+    assert pool_schema(empty)["x"] == pl.String
+
+
+def test_fields_that_are_not_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    records = [{"prompt": f"p{i}", "response": "r", "instruction": "own", "ctx": "c", "input": "own", "": 1, "a\u0001b": 2,
+                "keep me": i} for i in range(3)]
+    path = write_jsonl(tmp_path / "p.jsonl", [json.dumps(r) for r in records])
+    columns = {"prompt": "instruction", "response": "output", "ctx": "input"}
+    pool = load_pool(path, columns=columns)
+    assert pool.frame.columns == [*CANON, "keep me"] and pool.frame["keep me"].to_list() == [0, 1, 2]
+    assert pool.frame["input"].to_list() == ["c"] * 3
+    assert pool.report.ignored_fields == {"instruction": 3, "input": 3, "": 3, "a\x01b": 3}
+    for skip in (False, True):
+        assert _outcome(path, columns=columns, skip_bad=skip) == _per_record(monkeypatch, path, columns=columns, skip_bad=skip)
+    table = pl.DataFrame({"prompt": ["p"], "response": ["r"], "instruction": ["own"], "input": ["x"], "a\tb": [1], "source": ["s"]})
+    table.write_parquet(tmp_path / "t.parquet")
+    pool = load_pool(tmp_path / "t.parquet", columns={"prompt": "instruction", "response": "output"})
+    assert pool.frame.columns == [*CANON, "source"] and pool.frame["input"][0] == "x"  # the unmapped canonical input is used
+    assert pool.report.ignored_fields == {"instruction": 1, "a\tb": 1}
+    # a mapped column the table does not have: its records read the canonical name's, on both paths
+    for kwargs in ({"columns": columns}, {"columns": columns, "limit": 1}):
+        assert _outcome(tmp_path / "t.parquet", **kwargs) == _per_record(monkeypatch, tmp_path / "t.parquet", **kwargs)
+    assert load_pool(tmp_path / "t.parquet", columns=columns).frame["input"][0] == "x"
+
+
+def test_lone_surrogate_in_an_extra_field_is_a_bad_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for i, bad in enumerate(['"x\\ud83dy"', '["ok", "\\udc00"]', '{"k": "\\ud800"}']):
+        lines = [json.dumps({**alpaca("a"), "source": "s"}), '{"instruction": "b", "output": "o", "source": %s}' % bad,
+                 json.dumps({**alpaca("c"), "source": "t"})]
+        path = write_jsonl(tmp_path / f"s{i}.jsonl", lines)
+        with pytest.raises(DataError) as info:
+            load_pool(path)
+        (problem,) = info.value.problems
+        assert (problem.row, problem.field) == (2, "source") and "lone surrogate" in problem.message, bad
+        pool = load_pool(path, skip_bad=True)
+        assert pool.frame["instruction"].to_list() == ["a", "c"] and pool.report.skip_reasons == {"source: invalid Unicode": 1}
+        assert _outcome(path, skip_bad=True) == _per_record(monkeypatch, path, skip_bad=True)
+
+
+def test_pool_schema_agrees_with_load_pool(tmp_path: Path) -> None:
+    from tamis.runtime.data import pool_schema
+
+    cases: list[tuple[Path, dict]] = [(p, {}) for p in _meta_files(tmp_path).values()]
+    cases += [(FIXTURES / name, {}) for name in ("alpaca_small.json", "pool_small.jsonl", "sharegpt_small.json")]
+    cases += [(FIXTURES / "mapped_small.jsonl", {"columns": {"prompt": "instruction", "context": "input", "response": "output"}})]
+    records = _meta_records()
+    scalars = pl.DataFrame(records).select(*CANON, "source", "score", "n", "ok")
+    scalars.write_csv(tmp_path / "m.csv")
+    scalars.write_csv(tmp_path / "m.tsv", separator="\t")
+    scalars.write_ipc_stream(tmp_path / "stream.arrow")
+    cases += [(tmp_path / "m.csv", {}), (tmp_path / "m.tsv", {}), (tmp_path / "stream.arrow", {}),
+              (_save_to_disk(tmp_path / "ds", scalars, shards=2), {})]
+    share = load_pool(FIXTURES / "sharegpt_small.json").frame
+    share.write_parquet(tmp_path / "share.parquet")  # instruction + messages + turns
+    conversations = pl.DataFrame({"id": ["a"], "conversations": [[{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]], "lang": ["en"]})
+    conversations.write_parquet(tmp_path / "conv.parquet")
+    messages = write_jsonl(tmp_path / "msgs.jsonl", [json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "lang": "en"})])
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [json.dumps({**alpaca(), "x": v}) for v in (1, "a")])
+    cases += [(tmp_path / "share.parquet", {}), (tmp_path / "conv.parquet", {}), (messages, {}), (mixed, {}),
+              (FIXTURES / "sharegpt_small.json", {"format": "sharegpt"})]
+    for path, kwargs in cases:
+        assert pool_schema(path, **kwargs) == dict(load_pool(path, **kwargs).frame.schema), (path.name, kwargs)
+    assert list(pool_schema(tmp_path / "conv.parquet")) == [*CANON, "messages", "turns", "lang"]
+    # only the first records are read: a bad line further down is load_pool's business
+    long = write_jsonl(tmp_path / "long.jsonl", [json.dumps({**alpaca(f"q{i}"), "n": i}) for i in range(150)] + ["{broken"])
+    assert pool_schema(long) == {**dict.fromkeys(CANON, pl.String), "n": pl.Int64}
+    with pytest.raises(DataError):
+        load_pool(long)
+    with pytest.raises(DataError, match="no such file"):
+        pool_schema(tmp_path / "nope.jsonl")

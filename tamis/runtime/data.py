@@ -15,12 +15,12 @@ user→assistant exchanges in it. See "extra fields" below for the rules, and
 Supported inputs: Alpaca-style JSON (an array of ``{instruction, input, output}``),
 JSONL, either of them gzip- or zstd-compressed (``.json.gz``, ``.jsonl.gz``,
 ``.jsonl.zst``; zstd needs the ``zstandard`` package), Parquet, CSV and TSV (a header
-row, every cell a string), Arrow IPC / Feather v2 (``.arrow``, ``.feather``, ``.ipc``:
-file or streaming format), Hugging Face ``datasets`` folders written by
-``save_to_disk`` (one split's folder; a ``DatasetDict`` folder names its splits), and
-ShareGPT (``{id, conversations: [{from, value}]}``, as a JSON array or JSONL). Records
-with a ``messages`` list of ``{role, content}`` and no ``instruction`` are treated like
-ShareGPT conversations.
+row; the canonical fields are text, the others typed by inference), Arrow IPC /
+Feather v2 (``.arrow``, ``.feather``, ``.ipc``: file or streaming format), Hugging Face
+``datasets`` folders written by ``save_to_disk`` (one split's folder; a ``DatasetDict``
+folder names its splits), and ShareGPT (``{id, conversations: [{from, value}]}``, as a
+JSON array or JSONL). Records with a ``messages`` list of ``{role, content}`` and no
+``instruction`` are treated like ShareGPT conversations.
 
 Row numbers in messages: JSONL counts lines (blank ones too), JSON arrays, Parquet,
 Arrow and ``datasets`` folders count records from 1, CSV/TSV count the lines after the
@@ -710,31 +710,44 @@ def _csv_hint(path: Path, container: str) -> str:
     return ""
 
 
+def _csv_options(path: Path, container: str, opts: _Options) -> dict[str, Any]:
+    """Polars' CSV options: the fields the mapping may read as strings ("" for an empty
+    cell), the others inferred. Refuses a header that names a column twice."""
+    header = _csv_header(path, container)
+    dupes = sorted({name for name in header if header.count(name) > 1})
+    if dupes:
+        raise DataError(f"{path}: the {container.upper()} header names {', '.join(map(repr, dupes))} more than once")
+    text = {name: pl.String() for name in header if name in _MAPPABLE or name in opts.columns}
+    return {"separator": _csv_separator(container), "schema_overrides": text, "empty_string_is_null": False}
+
+
+def _csv_schema(path: Path, container: str, opts: _Options) -> dict[str, pl.DataType]:
+    """The header and the types Polars infers from the first 100 rows (no other row is read)."""
+    options = _csv_options(path, container, opts)
+    try:
+        return dict(pl.scan_csv(path, infer_schema_length=_INFER_RECORDS, **options).collect_schema())
+    except _POLARS_ERRORS as e:
+        raise DataError(f"{path}: cannot read as {container.upper()}: {_first_line(e)}{_csv_hint(path, container)}") from e
+
+
 def _read_csv(path: Path, container: str, opts: _Options, n_rows: int | None = None,
               report: LoadReport | None = None) -> pl.DataFrame:
     """The fields the mapping may read as strings ("" for an empty cell), the others as
     Polars infers them from the first 100 rows (empty cells null there), or from all rows
     where a later cell breaks that (the report says which); a blank line is a row of
     nulls and empty strings."""
-    kind = container.upper()
-    header = _csv_header(path, container)
-    dupes = sorted({name for name in header if header.count(name) > 1})
-    if dupes:
-        raise DataError(f"{path}: the {kind} header names {', '.join(map(repr, dupes))} more than once")
-    text = {name: pl.String() for name in header if name in _MAPPABLE or name in opts.columns}
-    read = functools.partial(pl.read_csv, path, separator=_csv_separator(container), schema_overrides=text,
-                             empty_string_is_null=False)
+    options = _csv_options(path, container, opts)
     try:
         try:
-            return read(infer_schema_length=_INFER_RECORDS, n_rows=n_rows)
+            return pl.read_csv(path, infer_schema_length=_INFER_RECORDS, n_rows=n_rows, **options)
         except pl.exceptions.ComputeError as e:
             if "could not parse" not in str(e):
                 raise
-        frame = read(infer_schema_length=None, n_rows=n_rows)
-        first = read(infer_schema_length=_INFER_RECORDS, n_rows=_INFER_RECORDS).schema
+        frame = pl.read_csv(path, infer_schema_length=None, n_rows=n_rows, **options)
     except _POLARS_ERRORS as e:
-        raise DataError(f"{path}: cannot read as {kind}: {_first_line(e)}{_csv_hint(path, container)}") from e
+        raise DataError(f"{path}: cannot read as {container.upper()}: {_first_line(e)}{_csv_hint(path, container)}") from e
     if report is not None:
+        first = _csv_schema(path, container, opts)
         for name, dtype in frame.schema.items():
             if first.get(name) != dtype:
                 report.warnings.append(
@@ -838,6 +851,12 @@ def _read_table(path: Path, container: str, opts: _Options, n_rows: int | None =
                 report: LoadReport | None = None) -> pl.DataFrame:
     if container in ("csv", "tsv"):
         return _read_csv(path, container, opts, n_rows, report)
+    if container == "parquet":
+        try:
+            lazy = pl.scan_parquet(path)
+            return (lazy.head(n_rows) if n_rows is not None else lazy).collect()
+        except _PARQUET_ERRORS as e:
+            raise DataError(f"{path}: cannot read as Parquet: {e}") from e
     if container == "ipc":
         return _read_ipc(path, n_rows)
     return _read_hf(path, n_rows)
@@ -1165,6 +1184,8 @@ class _IdAssigner:
 # * Mixed types. A field whose values are of different kinds across records (1 and "a",
 #   a number and a list, true and 0) is a String column: strings as they are, anything
 #   else as compact JSON text (1 → "1", [1,2] → "[1,2]"); the report warns, naming it.
+#   So does a field whose objects never have a key ({}: Parquet cannot store that type)
+#   and one whose values Polars cannot read at all (NaN).
 # * Missing fields are null in the rows of records that lack them.
 # * Conversation rows (ShareGPT `conversations`, `messages`) get an Int64 `turns`: the
 #   number of user→assistant exchanges in the whole conversation (every row a record
@@ -1240,7 +1261,21 @@ def _json_window(path: Path, container: str) -> _Window:
             dtypes[key] = _json_series("v", seen).dtype
         except _POLARS_ERRORS:
             dtypes[key], mixed[key] = pl.String(), "values Polars cannot read"
+            continue
+        if _has_empty_struct(dtypes[key]):
+            dtypes[key], mixed[key] = pl.String(), _EMPTY_OBJECTS
     return _Window(records, dtypes, mixed)
+
+
+_EMPTY_OBJECTS = "objects without keys (a column type Parquet cannot store)"
+
+
+def _has_empty_struct(dtype: pl.DataType) -> bool:
+    if isinstance(dtype, pl.Struct):
+        return not dtype.fields or any(_has_empty_struct(f.dtype) for f in dtype.fields)
+    if isinstance(dtype, (pl.List, pl.Array)):
+        return _has_empty_struct(dtype.inner)
+    return False
 
 
 def _with_window(opts: _Options, window: _Window) -> _Options:
@@ -1327,10 +1362,15 @@ def _extra_column(name: str, values: list[Any], dtype: pl.DataType, opts: _Optio
     if why is None:
         for attempt in (dtype, None):
             try:
-                return _json_series(name, values, attempt), None
+                column = _json_series(name, values, attempt)
             except _POLARS_ERRORS:
                 continue
-        why = "values Polars cannot read"
+            if not _has_empty_struct(column.dtype):
+                return column, None
+            why = _EMPTY_OBJECTS
+            break
+        else:
+            why = "values Polars cannot read"
     return _as_text(name, values), _mixed_warning(name, why)
 
 
@@ -1440,7 +1480,7 @@ def pool_schema(path: str | Path, *, format: Format = "auto", columns: dict[str,
 def _table_schema(path: Path, container: str, opts: _Options) -> dict[str, pl.DataType]:
     """A table's columns and types without reading its rows (CSV: the first 100)."""
     if container in ("csv", "tsv"):
-        return dict(_read_csv(path, container, opts, n_rows=_INFER_RECORDS).schema)
+        return _csv_schema(path, container, opts)
     if container == "parquet":
         try:
             return dict(pl.scan_parquet(path).collect_schema())
@@ -1732,13 +1772,14 @@ def _is_int(dtype: pl.DataType) -> bool:
 
 def _sources(opts: _Options, available: Iterable[str]) -> dict[str, str | None]:
     """The column each canonical field comes from, as `_apply_mapping` picks it for a
-    record that has every column: a mapped field wins; an unmapped canonical name
-    stands for itself unless it is itself mapped elsewhere."""
+    record that has every column: a mapped field wins (a table without that column
+    reads the canonical name's, as each of its records would); an unmapped canonical
+    name stands for itself unless it is itself mapped elsewhere."""
     present = set(available)
     out: dict[str, str | None] = {}
     for name in ("id", *_TEXT, *_CONVERSATION):
-        if name in opts.reverse:
-            out[name] = opts.reverse[name] if opts.reverse[name] in present else None
+        if name in opts.reverse and opts.reverse[name] in present:
+            out[name] = opts.reverse[name]
         elif name not in opts.columns and name in present:
             out[name] = name
         else:
