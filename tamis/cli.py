@@ -19,6 +19,9 @@ app = typer.Typer(
 )
 
 RecipeArgs = Annotated[list[str], typer.Argument(help="recipe files, or names of built-in recipes (e.g. ifd)")]
+ParamOpt = Annotated[Optional[list[str]], typer.Option(
+    "--param", help="a value for one of the recipe's parameters, written as in the recipe: --param size=5% "
+                    '(repeatable; see `recipe NAME(size = 10%)`)')]
 PluginOpt = Annotated[Optional[list[Path]], typer.Option(
     "--plugins", help="a Python file of your own operators (repeatable); installed packages' "
                       "`tamis.plugins` entry points load too")]
@@ -63,13 +66,13 @@ def _warn(compiled) -> None:
         typer.echo(f"warning: {w}", err=True)
 
 
-def _compile_all(recipes: list[str], pool_fields: dict[str, str] | None = None):
+def _compile_all(recipes: list[str], pool_fields: dict[str, str] | None = None, params: dict[str, str] | None = None):
     from tamis.dsl.compile import compile_file
 
     out, errors = [], []
     for r in recipes:
         try:
-            out.append(compile_file(r, pool_fields=pool_fields))
+            out.append(compile_file(r, pool_fields=pool_fields, params=params))
             _warn(out[-1])
         except TamisError as err:
             errors.append(err)
@@ -123,6 +126,7 @@ def check(
     pool_format: Annotated[str, typer.Option("--format", help="the pool's format when its extension does not say")] = "auto",
     column: Annotated[Optional[list[str]], typer.Option("--column", help="map a field: --column prompt=instruction")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="warnings are errors (exit 1)")] = False,
+    param: ParamOpt = None,
     plugins: PluginOpt = None,
 ) -> None:
     """Check recipes: syntax, names, types, columns, composition. Exit 1 with located errors.
@@ -134,7 +138,7 @@ def check(
         fields = _pool_fields(pool, pool_format, _pairs("--column", column, "--column prompt=instruction"))
     except TamisError as err:
         _fail(err)
-    compiled, errors = _compile_all(recipes, fields)
+    compiled, errors = _compile_all(recipes, fields, _pairs("--param", param, "--param size=5%"))
     for err in errors:
         typer.echo(str(err) + "\n", err=True)
     warned = False
@@ -305,6 +309,7 @@ def run(
     api_max_failures: Annotated[int, typer.Option(min=1, help="endpoint judges: stop after this many failed requests in a row (rated rows are kept)")] = 3,
     checkpoint_rows: Annotated[int, typer.Option(min=1, help="persist scores to the cache at least every N rows")] = 64,
     checkpoint_seconds: Annotated[float, typer.Option(min=0.1, help="… and about every S seconds of scoring (a kill loses at most that)")] = 30.0,
+    param: ParamOpt = None,
     plugins: PluginOpt = None,
 ) -> None:
     """Run a recipe over a pool: score, pick, write the selection, the scores and a run report."""
@@ -328,7 +333,7 @@ def run(
             fields = _pool_fields(pool, pool_format, mapping)
         except DataError:
             fields = None
-        compiled = compile_file(recipe, pool_fields=fields)
+        compiled = compile_file(recipe, pool_fields=fields, params=_pairs("--param", param, "--param size=5%"))
         _warn(compiled)
         outputs = {"-o": output, "-o (report)": report_md, "-o (report manifest)": report_json,
                    **({"--scores": scores} if scores is not None else {})}

@@ -10,7 +10,7 @@ import networkx as nx
 from tamis.dsl import ast
 from tamis.dsl.feasibility import Feasibility, measure
 from tamis.dsl.lower import Resolver, builtin_recipe_dir, default_resolver, lower
-from tamis.dsl.parse import parse, read_recipe_text
+from tamis.dsl.parse import parse, parse_params, read_recipe_text
 from tamis.dsl.passes import PASSES, Pass, optimise
 from tamis.errors import RecipeError
 
@@ -32,13 +32,15 @@ class Compiled:
 
 
 def compile_text(text: str, path: str | None = None, *, resolver: Resolver = default_resolver,
-                 passes: list[Pass] = PASSES, pool_fields: dict[str, str] | None = None) -> Compiled:
+                 passes: list[Pass] = PASSES, pool_fields: dict[str, str] | None = None,
+                 params: dict[str, str] | None = None) -> Compiled:
     """`pool_fields`: the pool's own fields and their column types (`pool_column_types`), when known;
     without them a name no stage produces is taken to be a pool field, checked when the pool is read."""
     try:
         recipe = parse(text, path)
+        values = parse_params(params or {})  # `--param NAME=VALUE`: the recipe's own parameters
         try:
-            logical = lower(recipe, resolver, pool_fields)
+            logical = lower(recipe, resolver, pool_fields, values)
         except RecipeError as err:
             raise err.with_source(text, path)
         return Compiled(recipe, logical, optimise(logical, passes))

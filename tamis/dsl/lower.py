@@ -207,7 +207,9 @@ def default_resolver(name: str, is_path: bool, origin: ast.Recipe) -> tuple[str,
 
 
 class Lowerer:
-    def __init__(self, resolver: Resolver = default_resolver, pool_fields: dict[str, str] | None = None) -> None:
+    def __init__(self, resolver: Resolver = default_resolver, pool_fields: dict[str, str] | None = None,
+                 params: tuple[ast.Kwarg, ...] = ()) -> None:
+        self.params = params  # the top-level recipe's parameter values (`--param size=5%`)
         self.g = nx.DiGraph()
         self.resolver = resolver
         # the pool's own fields and their column types, when known (`check --pool`, or a run once
@@ -243,7 +245,7 @@ class Lowerer:
     # -- entry --
     def lower(self, recipe: ast.Recipe) -> nx.DiGraph:
         self._stack.append(self._key(recipe))
-        recipe = self.bind_params(Scope(recipe, prefix=""), recipe, (), (), None)
+        recipe = self.bind_params(Scope(recipe, prefix=""), recipe, (), self.params, None)
         scope = Scope(recipe, prefix="")
         self.declare(scope)
         state = self.new_chain(scope, recipe.pipeline)
@@ -272,21 +274,27 @@ class Lowerer:
         """`recipe` with its parameters replaced by their values: a `use`'s arguments (checked
         against each default's kind, errors at the `use`) or the defaults."""
         declared = {k.name: k for k in recipe.params}
+
+        def error(message: str, at: Span, hint: str | None = None) -> RecipeError:
+            if span is None:  # the top-level recipe's values come from `--param`, not from recipe text
+                return RecipeError(f"--param: {message}", hint=hint)
+            return outer.error(message, at, hint=hint)
+
         names = list(declared)
         what = f"recipe {recipe.name or Path(recipe.path or 'recipe').stem}"
         if (args or kwargs) and not declared:
-            raise outer.error(f"{what} takes no parameters", (args or kwargs)[0].span,
+            raise error(f"{what} takes no parameters", (args or kwargs)[0].span,
                               hint="declare them in its header: recipe NAME(size = 10%)")
         if len(args) > len(names):
-            raise outer.error(f"{what} takes {len(names)} parameter(s), got {len(args)}", args[len(names)].span,
+            raise error(f"{what} takes {len(names)} parameter(s), got {len(args)}", args[len(names)].span,
                               hint=f"parameters: {', '.join(names)}")
         given = dict(zip(names, args))
         for kw in kwargs:
             if kw.name not in declared:
-                raise outer.error(f"{what} has no parameter {kw.name!r}", kw.span,
+                raise error(f"{what} has no parameter {kw.name!r}", kw.span,
                                   hint=did_you_mean(kw.name, names) or f"parameters: {', '.join(names)}")
             if kw.name in given:
-                raise outer.error(f"{what}: parameter {kw.name!r} given twice", kw.span)
+                raise error(f"{what}: parameter {kw.name!r} given twice", kw.span)
             given[kw.name] = kw.value
         values = {}
         for name, decl in declared.items():
@@ -294,7 +302,7 @@ class Lowerer:
             value = given.get(name, decl.value)
             got = _param_kind(value)
             if got != want and got not in _ACCEPTS.get(want, ()):
-                raise outer.error(f"{what}: parameter {name!r} takes {_KIND_TEXT[want]} (its default is "
+                raise error(f"{what}: parameter {name!r} takes {_KIND_TEXT[want]} (its default is "
                                   f"{decl.value.unparse()}), got {value.unparse()}", value.span)
             values[name] = value
         for d in recipe.decls:
@@ -1089,5 +1097,5 @@ def _size_text(size) -> str:
 
 
 def lower(recipe: ast.Recipe, resolver: Resolver = default_resolver,
-          pool_fields: dict[str, str] | None = None) -> nx.DiGraph:
-    return Lowerer(resolver, pool_fields).lower(recipe)
+          pool_fields: dict[str, str] | None = None, params: tuple[ast.Kwarg, ...] = ()) -> nx.DiGraph:
+    return Lowerer(resolver, pool_fields, params).lower(recipe)

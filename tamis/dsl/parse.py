@@ -371,6 +371,22 @@ def parse(text: str, path: str | None = None) -> ast.Recipe:
     return recipe.model_copy(update={"path": path, "source": text})
 
 
+def parse_params(pairs: dict[str, str]) -> tuple[ast.Kwarg, ...]:
+    """`--param size=5%` values (recipe expressions as text) as keyword arguments for a recipe's
+    parameters, each parsed as it would be written in `use RECIPE(size=5%)`."""
+    out = []
+    for name, text in pairs.items():
+        try:
+            use = parse(f"use _({name}={text})").pipeline[0]
+        except RecipeError as err:
+            raise RecipeError(f"--param {name}={text}: not a recipe value ({err.message})",
+                              hint='write a value as in a recipe: 5%, 1000, "text", true, hf("gpt2")') from None
+        if not isinstance(use, ast.Use) or len(use.kwargs) != 1 or use.args:
+            raise RecipeError(f"--param {name}={text}: not one value")
+        out.append(use.kwargs[0])
+    return tuple(out)
+
+
 def _syntax_error(err: UnexpectedInput, text: str, path: str | None) -> RecipeError:
     line, col = getattr(err, "line", 1) or 1, getattr(err, "column", 1) or 1
     if line < 1:  # lark reports EOF at -1; point just past the last character
