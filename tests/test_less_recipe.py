@@ -141,3 +141,36 @@ def test_influence_by_a_subtask_field_is_the_max_of_per_subtask_means():
     compile_text(head + 'score embedding using encoder("m") on t as tl | rank by influence(n, tl, tl.subtask) | top 1')
     with pytest.raises(Exception, match="must be a score of another dataset"):
         compile_text(head + "rank by influence(n, n.subtask) | top 1")
+
+
+def test_less_recipe_with_subtasks_from_a_field_of_one_target_set(tiny_gpt2_dir, tmp_path):
+    """One target file whose rows carry a `subtask` field: influence is the max over subtasks of the
+    mean over each subtask's rows (LESS' matching), computed directly from each checkpoint's features."""
+    path = tmp_path / "target.jsonl"
+    rows = [{"instruction": "What is the capital of France?", "input": "", "output": "Paris.", "subtask": "geo"},
+            {"instruction": "Name a colour.", "input": "", "output": "Blue.", "subtask": "words"},
+            {"instruction": "What is the capital of Spain?", "input": "", "output": "Madrid.", "subtask": "geo"},
+            {"instruction": "Translate 'cat' into French.", "input": "", "output": "Chat.", "subtask": "words"},
+            {"instruction": "What river flows through Paris?", "input": "", "output": "The Seine.", "subtask": "geo"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = _recipe(path).replace("influence(train_grads, target_grads)",
+                                 "influence(train_grads, target_grads, target_grads.subtask)")
+    cfg = RunConfig(pool=str(FIX / "pool_small.jsonl"), pfm=tiny_gpt2_dir, dtype="fp32",
+                    cache_dir=str(tmp_path / "cache"), progress=False)
+    ex = LocalExecutor(compile_text(text).graph, cfg)
+    res = ex.run()
+    warm = next(m for m in ex._models.values() if getattr(m, "checkpoints", None) is not None)
+    ck = warm.checkpoints
+    w = np.array(ck.mean_lrs) / sum(ck.mean_lrs)
+    train = _direct(warm, POOL, "adam", list(ck.folders), w)
+    tgt = _direct(warm, pl.read_ndjson(path), "none", list(ck.folders), w)
+    sims = sum(wc * (tr.astype(np.float64) @ tg.astype(np.float64).T) for wc, tr, tg in zip(w, train, tgt))
+    labels = np.array([r["subtask"] for r in rows])
+    want = np.max([sims[:, labels == s].mean(axis=1) for s in ("geo", "words")], axis=0)
+    by_id = {i: v for i, v in zip(POOL["id"], want) if not np.isnan(v)}
+    assert res.selected["id"].to_list() == sorted(by_id, key=lambda i: -by_id[i])[:2]
+    scores = ex._frames[next(n for n in ex._order if ex.g.nodes[n]["op"] in ("topk", "rank"))]
+    for row in scores.select("id", pl.col("⟨rank key⟩")).to_dicts():
+        assert row["⟨rank key⟩"] == pytest.approx(by_id[row["id"]], rel=1e-5, abs=1e-7)
+    # the plain mean over all five rows ranks differently: the subtasks matter here
+    assert not np.allclose(want[~np.isnan(want)], sims.mean(axis=1)[~np.isnan(want)])
