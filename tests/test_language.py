@@ -132,3 +132,13 @@ def test_check_against_the_pool_and_strict_warnings(pool, tmp_path):
     assert runner.invoke(app, ["check", str(unused)]).exit_code == 0
     res = runner.invoke(app, ["check", str(unused), "--strict"])
     assert res.exit_code == 1 and "declared but never used" in res.output
+
+
+def test_warmup_on_a_selection(pool, tmp_path, tiny_gpt2_dir):
+    recipe = tmp_path / "w.tamis"
+    recipe.write_text("select s = score length | rank | top 12\n"
+                      "score loss using warmup(pfm, on=s, lora=lora(r=4, alpha=8), lr=1e-3, batch=4, max_length=128)"
+                      " with max_length=128 | rank by loss asc | top 3\n")
+    sel, report, _ = _run(recipe, pool, tmp_path, "--dtype", "fp32", pfm=tiny_gpt2_dir)
+    training = next(m for k, m in report["models"].items() if k.endswith(":training"))
+    assert training["rows_given"] == 12 and sel.height == 3

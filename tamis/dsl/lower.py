@@ -547,6 +547,16 @@ class Lowerer:
     def model_warmup(self, scope, e, v) -> ModelInfo:
         base: ModelInfo = v["model"]
         self._trainable(scope, e, base, "warmup")
+        on: DataInfo | None = v.pop("on")
+        if on is not None:  # `warmup(pfm, on=s)`: the rows are given, not sampled
+            if v["size"] is not None or v["select"] != "random":
+                raise scope.error("warmup(..., on=DATA) trains on DATA: it takes no size or select", e.span,
+                                  hint="pick the rows in DATA's own pipeline (select s = … | top 5%)")
+            v["trained_on"] = True
+            return self._trained(scope, e, "warmup", base, on.node, v, multiplicity=on.multiplicity)
+        if v["size"] is None:
+            raise scope.error("warmup(...) needs a size (a sample of the pool) or on=DATA", e.span,
+                              hint="e.g. warmup(pfm, 5%) or warmup(pfm, on=first)")
         sample = self.node("dataset", f"warmup sample ({_size_text(v['size'])}, {v['select']})", scope, e.span,
                            source="warmup_sample", derives_from_pool=True, multiplicity=1, llm_generated=False,
                            params={"size": v["size"], "select": v["select"], "seed": v["seed"], "clusters": v["clusters"],

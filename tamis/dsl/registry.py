@@ -248,12 +248,13 @@ MODEL_CTORS: dict[str, ModelCtor] = {
                   (Param("name", "string"), Param("base_url", "string", None)), llm=True, api=True),
         ModelCtor("proxy", "a smaller model standing in for the PFM (tied to it: not model-free)",
                   (Param("of", "model"), Param("model", "model")), llm=None),
-        ModelCtor("warmup", "a model trained on a sample of the pool (answer-only loss)",
-                  (Param("model", "model"), Param("size", "size"), _LORA,
+        ModelCtor("warmup", "a model trained on a sample of the pool, or on a dataset (`on=`: a selection, a file)",
+                  (Param("model", "model"), Param("size", "size", None), _LORA,
                    Param("select", "string", "random", ("random", "cherry")), Param("clusters", "count", 100))
                   + _TRAIN_OPTS
                   + (Param("optimizer_state", "bool", False,
-                           doc="keep the optimizer's moments with each checkpoint (set for you when a stage needs them)"),),
+                           doc="keep the optimizer's moments with each checkpoint (set for you when a stage needs them)"),
+                     Param("on", "data", None, doc="train on this dataset (a `select`ion, a loaded file) instead of a sample of the pool")),
                   llm=None, trained=True),
         ModelCtor("train", "a model trained on a dataset (n copies when the dataset is n subsets)",
                   (Param("model", "model"), Param("on", "data"), _LORA, Param("task", "string", None)) + _TRAIN_OPTS,

@@ -100,6 +100,11 @@ def warmup(params: Mapping, env: BuildEnv) -> Built:
     from tamis.runtime.warmup import warm_up
 
     base = env.bases[0].get()
+    if params.get("trained_on"):  # warmup(M, on=DATA): keyed by DATA's rows, as train(M, on=DATA)
+        from tamis.runtime.warmup import train_on
+
+        lm, info = train_on(base, env.inputs[0].get(), dict(params), env.artifacts, env.options, label=env.label)
+        return _built(env, lm, info)
     lm, info = warm_up(base, env.pool, dict(params), env.artifacts, env.options, label=env.label,
                        draw_sample=env.inputs[0].get)
     return _built(env, lm, info)
