@@ -126,8 +126,11 @@ SCORERS: dict[str, ScorerSpec] = {
         ScorerSpec("rating", "AlpaGasus accuracy rating 0-5 from a judge model (first line parsed as a number)", {"": "float"}, "llm",
                    (Param("prompt", "string", "alpagasus", ("alpagasus",)), Param("max_tokens", "count", 256)),
                    source="gpt4life/alpagasus rating/chatgpt_rating.py"),
-        ScorerSpec("tags", "InsTag open-set intention tags from a tagger model", {"": "tags"}, "llm",
-                   (Param("prompt", "string", "instag", ("instag",)),), source="OFA-Sys/InsTag (prompt as ported)"),
+        ScorerSpec("tags", "InsTag open-set intention tags from a tagger model (a JSON list of tags with explanations)",
+                   {"": "tags"}, "llm",
+                   (Param("prompt", "string", "instag", ("instag",)),
+                    Param("max_tokens", "count", 512, doc="the most tokens a tagger's reply may have")),
+                   source="OFA-Sys/InsTag (InsTagger's prompt, Vicuna v1.1 format)"),
         ScorerSpec("complexity", "DEITA complexity score: sum_k k*softmax(logits of '1'..'6')", {"": "float"}, "local_llm",
                    (Param("max_length", "count", 2048),), source="hkust-nlp/deita scorer"),
         ScorerSpec("quality", "DEITA quality score: sum_k k*softmax(logits of '1'..'6')", {"": "float"}, "local_llm",
@@ -289,6 +292,8 @@ TAG_NORMALIZE_PARAMS: tuple[Param, ...] = (
     Param("stem", "bool", True, doc="rule aggregation: stem words, strip punctuation"),
     Param("semantic", "model", None, doc="semantic aggregation: cluster tag embeddings of this encoder"),
     Param("threshold", "number", 0.9, doc="cosine similarity above which tags merge"),
+    Param("association", "number", None, doc="association aggregation: merge tags that co-occur in at least this "
+                                             "share of the rows of the rarer one (off by default)"),
 )
 
 # Names bound at run time.

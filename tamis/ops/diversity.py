@@ -48,3 +48,12 @@ def kcenter(rows, model, budget: int, options: ExecOptions) -> list[int]:
     from tamis.runtime import samplers
 
     return samplers.kcenter(_embeddings(rows, model, options), budget)
+
+
+@kernel("sampler", "complexity_first", mode="global")
+def complexity_first(rows, model, budget: int, tags: str) -> list[int]:
+    """InsTag: most tags first; a row is added when it brings a tag not yet covered; the covered set
+    is reset after each full pass (`tamis.runtime.instag.complexity_first`)."""
+    from tamis.runtime.instag import complexity_first as pick
+
+    return pick(rows[tags].to_list(), budget)

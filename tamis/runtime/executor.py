@@ -23,7 +23,7 @@ from tamis.ops.kernel import BuildEnv, ExecOptions, Kernel, Lazy, kernel_for, ke
 
 # The engine's own stages: the language's row algebra. Everything a stage computes (scorers,
 # samplers, expression functions, models, datasets) comes from the kernel table.
-STAGES = {"score", "let", "where", "rank", "top", "topk", "sample", "intersect", "union", "diverse", "dedup"}
+STAGES = {"score", "let", "where", "rank", "top", "topk", "sample", "intersect", "union", "diverse", "dedup", "normalize"}
 
 
 @dataclass
@@ -73,6 +73,7 @@ class StageReport:
     # (-1: a cut-off chunk of unknown size); counted in scored_rows too
     torn_rows: int = 0
     removed: list[dict] = field(default_factory=list)  # `dedup`: the first removed rows, each with why
+    tag_counts: dict[str, int] = field(default_factory=dict)  # `normalize`: distinct tags after each step
 
 
 @dataclass
@@ -384,6 +385,30 @@ class LocalExecutor:
             frame = frame.with_columns(self._scored_input(needs(model), model, frame, report).alias(column))
         keep = call_sampler(k, frame, model, budget, params, self.cfg.options())
         return frame[keep].drop(list(inputs))
+
+    def _op_normalize(self, n, a, frame, report):
+        """InsTag's tag normalisation of a tags column, over the rows here: frequency cut, rule,
+        semantic and (optionally) association aggregation; the report gives raw → normalised counts."""
+        from tamis.runtime.instag import normalise_tags
+
+        p = a["params"]
+        column = p["column"]
+        embed = None
+        if self._model_of(n):
+            from tamis.ops.embedding import sampler_embedding
+            from tamis.runtime import embeddings
+
+            model = self._stage_model(n, report)
+            pooling = sampler_embedding(model)[1]["pooling"]
+
+            def embed(texts):
+                return embeddings.embed(model, texts, progress=False, pooling=pooling)
+
+        result = normalise_tags(frame[column].to_list(), min_freq=p["min_freq"], lower=p["lower"], stem=p["stem"],
+                                embed=embed, threshold=p["threshold"], assoc_threshold=p.get("association"))
+        report.tag_counts = dict(result.counts)
+        report.notes.append("distinct tags: " + " → ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in result.counts.items()))
+        return frame.with_columns(pl.Series(column, result.rows, dtype=pl.List(pl.String)))
 
     def _op_dedup(self, n, a, frame, report):
         p = a["params"]

@@ -41,9 +41,9 @@ from tamis.runtime.lm_scoring import cache_keyword, supports_plain_cache
 from tamis.runtime.models import LoadedLM
 from tamis.runtime.judge_prompts import (ALPAGASUS, JUDGE_DECODING, JUDGE_PROMPTS, R_NOT_A_NUMBER, R_NOT_FINITE, R_TOO_LONG, JudgePrompt,
                                          parse_first_line_score)
-from tamis.runtime.templates import render_chat
+from tamis.runtime.templates import render_chat, row_text
 
-__all__ = ["ALPAGASUS", "JUDGE_DECODING", "R_NOT_A_NUMBER", "R_NOT_FINITE", "R_TOO_LONG", "JUDGE_PROMPTS", "JudgePrompt", "RatingTable", "first_lines", "parse_first_line_score", "rate"]
+__all__ = ["ALPAGASUS", "JUDGE_DECODING", "R_NOT_A_NUMBER", "R_NOT_FINITE", "R_TOO_LONG", "JUDGE_PROMPTS", "JudgePrompt", "RatingTable", "TagTable", "first_lines", "parse_first_line_score", "rate", "tag", "vicuna_v1_1"]
 
 @dataclass
 class RatingTable:
@@ -87,6 +87,73 @@ def rate(
         reasons.append(reason)
     return RatingTable(values, reasons, [None if s else line for line, s in zip(lines, too_long)], new_tokens,
                        time.perf_counter() - started)
+
+
+# InsTag's tagging request (OFA-Sys/InsTagger's training prompt, as its users port it); the query is the
+# instruction and, when there is one, the input on the next line.
+INSTAG_REQUEST = ("Please identify tags of user intentions in the following user query and provide an explanation "
+                  "for each tag. Please respond in the JSON format {\"tag\": str, \"explanation\": str}.\n"
+                  "User query: ")
+TAG_DECODING = "greedy-whole-reply-v1"
+R_NO_TAGS = "tagger's reply holds no tags"
+
+
+def tag_conversation(row: Mapping[str, Any]) -> list[dict[str, str]]:
+    query = row_text(row, "instruction") + ("\n" + row_text(row, "input") if row_text(row, "input") else "")
+    return [{"role": "user", "content": INSTAG_REQUEST + query}]
+
+
+@dataclass
+class TagTable:
+    """Per-row tags in input order; `value` is null exactly when `reason` is set."""
+
+    value: list[list[str] | None]
+    reason: list[str | None]
+    reply: list[str | None]  # what the tagger wrote (kept: a reader can see why a row has no tags)
+    new_tokens: int | None
+    seconds: float
+
+
+def tag(tagger: "LoadedLM | ChatEndpoint", examples: Any, *, max_tokens: int = 512, batch_tokens: int | None = None,
+        progress: bool = True) -> TagTable:
+    """InsTag: each row's query tagged with open-set intention tags by `tagger` (a local chat model,
+    batched greedy decoding of whole replies, or an endpoint). The reply's JSON list is read by
+    `tamis.runtime.instag.parse_tags` (code fences, prose around it, single quotes); a reply with no
+    tags gets null and a reason, counted in the run report — never a silent empty list."""
+    from tamis.runtime.instag import parse_tags
+
+    if max_tokens < 1:
+        raise ModelError(f"max_tokens must be at least 1, got {max_tokens}")
+    rows = rows_of(examples, "tag", ModelError)
+    started = time.perf_counter()
+    conversations = [tag_conversation(row) for row in rows]
+    if isinstance(tagger, ChatEndpoint):
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(conversations), unit="row", desc="tagging", disable=not progress) as bar:
+            on_retry, advance = _retry_notices(bar)
+            replies = tagger.complete_many(conversations, max_tokens=max_tokens, progress=advance, on_retry=on_retry)
+        new_tokens, too_long = None, [False] * len(replies)
+    else:
+        replies, new_tokens, too_long = first_lines(tagger, conversations, max_tokens=max_tokens,
+                                                    batch_tokens=batch_tokens, progress=progress, first_line=False,
+                                                    desc="tagging")
+    values: list[list[str] | None] = []
+    reasons: list[str | None] = []
+    for reply, skipped in zip(replies, too_long):
+        if skipped:
+            values.append(None)
+            reasons.append(R_TOO_LONG)
+            continue
+        tags, why = parse_tags(reply or "")
+        if not tags:
+            values.append(None)
+            reasons.append(f"{R_NO_TAGS} ({why})" if why else R_NO_TAGS)
+        else:
+            values.append(tags)
+            reasons.append(None)
+    return TagTable(values, reasons, [None if s else r for r, s in zip(replies, too_long)], new_tokens,
+                    time.perf_counter() - started)
 
 
 # --------------------------------------------------------------------------- generation
@@ -135,19 +202,26 @@ def first_lines(
     max_tokens: int = 256,
     batch_tokens: int | None = None,
     progress: bool = True,
+    first_line: bool = True,
+    desc: str = "judging",
 ) -> tuple[list[str], int, list[bool]]:
-    """Greedy replies of the judge, each cut at its first newline.
+    """Greedy replies of the judge, each cut at its first newline (`first_line=False`: whole
+    replies, up to EOS or `max_tokens`, as a tagger's JSON list needs).
 
-    Returns (first lines, new tokens generated, whether each prompt was too long for the
+    Returns (replies, new tokens generated, whether each prompt was too long for the
     judge's context and so not run). Rows are decoded in batches of similar length; a
     batch whose rows are three-quarters done *parks* the rest (they re-enter the queue
     with what they have written so far, see `_Row`), so a few long-winded rows are decoded
-    together instead of one by one.
+    together instead of one by one. A model without a chat template (a Vicuna-style tagger
+    such as OFA-Sys/InsTagger) gets the Vicuna v1.1 conversation format it was trained on.
     """
     tok = lm.tokenizer
-    if not getattr(tok, "chat_template", None):
+    if getattr(tok, "chat_template", None):
+        texts = [render_chat(tok, c, add_generation_prompt=True) for c in conversations]
+    elif not first_line:
+        texts = [vicuna_v1_1(c) for c in conversations]
+    else:
         raise ModelError(f"{lm.name} has no chat template, so it cannot serve as a judge (use an instruction-tuned chat model)")
-    texts = [render_chat(tok, c, add_generation_prompt=True) for c in conversations]
     ids = list(tok(texts, add_special_tokens=False)["input_ids"]) if texts else []
     context = getattr(lm.model.config, "max_position_embeddings", None) or 10**9
     too_long = [len(x) >= context for x in ids]
@@ -160,14 +234,14 @@ def first_lines(
     max_batch = 64 if supports_plain_cache(lm) else 1
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(rows), unit="row", desc="judging", disable=not progress, smoothing=0.1)
+    bar = tqdm(total=len(rows), unit="row", desc=desc, disable=not progress, smoothing=0.1)
     while queue:
         # rows in a batch share the longest row's length (left padding) plus its new tokens
         per_row = rows[queue[0]].length + max(rows[i].left for i in queue[:max_batch])
         size = max(1, min(max_batch, budget // per_row))
         batch, queue = queue[:size], queue[size:]
         try:
-            _decode_batch(lm, [rows[i] for i in batch], may_park=bool(queue))
+            _decode_batch(lm, [rows[i] for i in batch], may_park=bool(queue), first_line=first_line)
         except torch.OutOfMemoryError:
             if lm.device.type != "cuda" or budget <= per_row:
                 raise ModelError(f"out of memory judging a {per_row}-token row on {lm.device}; "
@@ -180,9 +254,27 @@ def first_lines(
         queue = sorted(queue + parked, key=lambda i: -rows[i].length)
     bar.close()
     new_tokens = sum(r.limit - r.left for r in rows.values())
-    lines = [tok.decode(rows[i].written, skip_special_tokens=True).split("\n")[0] if i in rows else ""
-             for i in range(len(ids))]
+    lines = [tok.decode(rows[i].written, skip_special_tokens=True) if i in rows else "" for i in range(len(ids))]
+    if first_line:
+        lines = [line.split("\n")[0] for line in lines]
     return lines, new_tokens, too_long
+
+
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                 "helpful, detailed, and polite answers to the human's questions.")
+
+
+def vicuna_v1_1(conversation: Sequence[Mapping[str, str]]) -> str:
+    """FastChat's vicuna_v1.1 format (system, "USER: …", "ASSISTANT:"), for chat models whose
+    tokenizer carries no template, as OFA-Sys/InsTagger (a Vicuna fine-tune)."""
+    system = next((m["content"] for m in conversation if m["role"] == "system"), VICUNA_SYSTEM)
+    out = system + " "
+    for m in conversation:
+        if m["role"] == "user":
+            out += "USER: " + m["content"] + " "
+        elif m["role"] == "assistant":
+            out += "ASSISTANT: " + m["content"] + "</s>"
+    return out + "ASSISTANT:"
 
 
 @dataclass
@@ -203,8 +295,8 @@ class _Row:
         return len(self.prompt) + len(self.written)
 
 
-def _decode_batch(lm: LoadedLM, rows: list[_Row], may_park: bool) -> None:
-    """Greedy-decode a batch; each row stops at a newline, EOS or its token limit.
+def _decode_batch(lm: LoadedLM, rows: list[_Row], may_park: bool, first_line: bool = True) -> None:
+    """Greedy-decode a batch; each row stops at a newline (`first_line`), EOS or its token limit.
 
     Each row's text is first run alone (no padding, so the causal attention fast path),
     and the caches are left-padded into one batch for decoding. A row that is done leaves
@@ -229,7 +321,7 @@ def _decode_batch(lm: LoadedLM, rows: list[_Row], may_park: bool) -> None:
                 row.left -= 1
                 if t not in eos:
                     row.written.append(t)
-                if t in eos or "\n" in tok.decode([t]) or row.left <= 0:
+                if t in eos or (first_line and "\n" in tok.decode([t])) or row.left <= 0:
                     row.done = True
                 else:
                     keep.append(r)
