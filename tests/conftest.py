@@ -154,3 +154,67 @@ def tiny_judge(tmp_path_factory) -> str:
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return str(out)
+
+
+# What the tiny tagger says about pool_small's rows: JSON lists of {"tag", "explanation"}, some in a
+# code fence or with prose around them, as real taggers write; one with no JSON at all.
+TAGGER_TAGS = [["health", "advice"], ["translation", "French"], ["geography", "fact"], ["math", "arithmetic"],
+               ["writing", "poetry"], ["health", "exercise"], None, ["translation", "Spanish", "language"]]
+
+
+def tagger_reply(row_index: int) -> str:
+    tags = TAGGER_TAGS[row_index % len(TAGGER_TAGS)]
+    if tags is None:
+        return "I cannot tag this query."
+    body = "[" + ", ".join('{"tag": "%s", "explanation": "x"}' % t for t in tags) + "]"
+    return ("```json\n" + body + "\n```") if row_index % 3 == 1 else ("Tags: " + body if row_index % 3 == 2 else body)
+
+
+@pytest.fixture(scope="session")
+def tiny_tagger(tmp_path_factory) -> str:
+    """A tiny GPT-2 trained on the Vicuna v1.1 format with no chat template (as OFA-Sys/InsTagger),
+    replying `tagger_reply(i)` to InsTag's request for pool_small's row i."""
+    import json
+
+    import torch
+    import torch.nn.functional as F
+
+    from tamis.runtime.judge import tag_conversation, vicuna_v1_1
+
+    tok = make_gpt2_tokenizer()
+    rows = [json.loads(line) for line in POOL_SMALL.read_text().splitlines()]
+    seqs, spans = [], []
+    for i, row in enumerate(rows):
+        prompt = tok(vicuna_v1_1(tag_conversation(row)))["input_ids"]
+        reply = tok(tagger_reply(i))["input_ids"] + [tok.eos_token_id]
+        seqs.append(prompt + reply)
+        spans.append((len(prompt), len(prompt) + len(reply)))
+    # one right-padded batch of all rows: a step is one forward (pads come after every reply, so
+    # causal attention never reads them)
+    width = max(map(len, seqs))
+    ids = torch.tensor([q + [tok.eos_token_id] * (width - len(q)) for q in seqs])
+    rows_at = torch.tensor([b for b, (lo, hi) in enumerate(spans) for _ in range(lo, hi)])
+    pos_at = torch.tensor([p for lo, hi in spans for p in range(lo - 1, hi - 1)])
+    targets = ids[rows_at, pos_at + 1]
+    model = make_tiny_gpt2()
+    model.train()
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    streak = 0
+    for _ in range(1500):
+        hidden = model.transformer(input_ids=ids).last_hidden_state[rows_at, pos_at]
+        logits = model.lm_head(hidden)
+        losses = F.cross_entropy(logits, targets, reduction="none")
+        losses.mean().backward()
+        opt.step()
+        opt.zero_grad()
+        # greedy decoding writes the replies once every reply token is the argmax (teacher forcing
+        # gives the same inputs); ten steps in a row, with a margin, so the last update keeps it
+        streak = streak + 1 if bool((logits.argmax(-1) == targets).all()) else 0
+        if streak >= 10 and losses.max().item() < 0.5:
+            break
+    model.eval()
+    out = tmp_path_factory.mktemp("tiny_tagger")
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return str(out)
