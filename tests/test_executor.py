@@ -37,8 +37,9 @@ def test_percent_is_of_the_pool_not_of_the_remaining_rows():
 
 
 def test_unrunnable_recipe_fails_before_any_work():
-    with pytest.raises(PlanError, match="scorer `tags` has no local runtime"):
-        _run('score tags using hf("x"), length | rank by length | top 1', RunConfig(pool="does-not-matter.jsonl"))
+    with pytest.raises(PlanError, match="dataset `evolve.*` has no local runtime"):
+        _run('data e = evolve(pool, pfm)\nscore length on e as n, length | rank by length | top 1',
+             RunConfig(pool="does-not-matter.jsonl"))
 
 
 def test_ifd_run_matches_scoring_each_row_alone(tiny_gpt2_dir, tmp_path):

@@ -875,21 +875,27 @@ class Lowerer:
             if state.columns[col].type != ctype:
                 raise scope.error(f"{what}: column {col!r} is {state.columns[col].type}, needs {ctype}", stage.span)
             cols.append(col)
-        model = None
-        if spec.model:
-            if stage.using is None:
-                raise scope.error(f"{what} needs a model to embed with: add `using …`", stage.span,
-                                  hint='e.g. using encoder("sentence-transformers/all-MiniLM-L6-v2")')
-            model = self.model(scope, stage.using)
-            self.check_model_need(scope, spec.model, model, stage.using.span, what)
-        elif stage.using is not None:
-            raise scope.error(f"{what} uses no model; remove `using`", stage.using.span)
+        model = self.stage_embedder(scope, spec.model, stage, what)
         label = f"diverse {stage.method}({_size_text(v['budget'])})" + (f" using {self.g.nodes[model.node]['label']}" if model else "")
         nid = self.op(scope, stage.span, state, "diverse", label, step, columns_in=cols, rowwise=False,
                       cost="model" if model else "cheap", params={"sampler": spec.name, **self.plain(v)})
         if model:
             self.edge(model.node, nid, "model")
         state.ranked = True
+
+    def stage_embedder(self, scope, need, stage, what: str) -> ModelInfo | None:
+        """The model after a stage's `using` (a sampler's or dedup's embedder): required when the
+        method embeds, refused when it does not."""
+        if not need:
+            if stage.using is not None:
+                raise scope.error(f"{what} uses no model; remove `using`", stage.using.span)
+            return None
+        if stage.using is None:
+            raise scope.error(f"{what} needs a model to embed with: add `using …`", stage.span,
+                              hint='e.g. using encoder("sentence-transformers/all-MiniLM-L6-v2")')
+        model = self.model(scope, stage.using)
+        self.check_model_need(scope, need, model, stage.using.span, what)
+        return model
 
     def stage_dedup(self, scope, stage: ast.Dedup, state: ChainState, step: str) -> None:
         spec = reg.DEDUP_METHODS.get(stage.method)
@@ -902,15 +908,7 @@ class Lowerer:
         if "threshold" in v and not 0 < v["threshold"] <= 1:
             at = next((k.value.span for k in stage.kwargs if k.name == "threshold"), stage.span)
             raise scope.error(f"{what}: threshold must lie in (0, 1], got {v['threshold']:g}", at)
-        model = None
-        if spec.model:
-            if stage.using is None:
-                raise scope.error(f"{what} needs a model to embed with: add `using …`", stage.span,
-                                  hint='e.g. using encoder("sentence-transformers/all-MiniLM-L6-v2")')
-            model = self.model(scope, stage.using)
-            self.check_model_need(scope, spec.model, model, stage.using.span, what)
-        elif stage.using is not None:
-            raise scope.error(f"{what} uses no model; remove `using`", stage.using.span)
+        model = self.stage_embedder(scope, spec.model, stage, what)
         against = self.data(scope, stage.against) if stage.against is not None else None
         other = self.g.nodes[against.node]["label"] if against else None
         label = f"dedup {stage.method}" + (f" using {self.g.nodes[model.node]['label']}" if model else "") \
