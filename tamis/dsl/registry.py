@@ -156,7 +156,9 @@ SCORERS: dict[str, ScorerSpec] = {
         ScorerSpec("embedding", "a text embedding (mean of the last hidden state, or the last real token for LLMs)",
                    {"": "vector"}, "embedder",
                    (Param("pooling", "string", "mean", ("mean", "last")), Param("field", "string", "all", ("instruction", "all")))),
-        ScorerSpec("reward", "score of a reward model", {"": "float"}, "encoder", ()),
+        ScorerSpec("reward", "score of a sequence-classification reward model on (instruction [+ input], response): "
+                   "its single logit, or logit[1] - logit[0] for a two-way head", {"": "float"}, "encoder", (),
+                   source="OpenAssistant reward models as Instruction-Mining uses them"),
         ScorerSpec("unieval", "UniEval dialogue score on one dimension", {"": "float"}, "encoder",
                    (Param("dimension", "string", REQUIRED, ("naturalness", "coherence", "understandability")),)),
         ScorerSpec("predict", "the prediction of a fitted selector from its feature columns", {"": "float"}, "fit", (), cost="cheap"),
@@ -164,8 +166,10 @@ SCORERS: dict[str, ScorerSpec] = {
                    {"": "group"}, "embedder", (Param("k", "count", 10, doc="number of clusters"),
                                                Param("seed", "seed", 0, doc="KMeans' random state")),
                    rowwise=False, source="KMeans as Cherry LLM's and InstructionGPT-4's clustering steps"),
-        ScorerSpec("knn", "mean distance to the k nearest neighbours in embedding space (Instruction-Mining KNN-6)",
-                   {"": "float"}, "embedder", (Param("k", "count", 6),), rowwise=False),
+        ScorerSpec("knn", "mean Euclidean distance to the k nearest other rows over L2-normalised embeddings "
+                   "(Instruction-Mining KNN-6); null for a lone row",
+                   {"": "float"}, "embedder", (Param("k", "count", 6),), rowwise=False,
+                   source="Instruction-Mining (arXiv 2307.06290) KNN-6 indicator"),
     ]
 }
 

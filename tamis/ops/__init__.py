@@ -10,7 +10,7 @@ functions), `models` and `data` (constructors). Plug-ins register through the sa
 `explain` stay fast.
 """
 
-from tamis.ops import cluster, data, dedup, digit, diversity, embedding, functions, judge, less, lm, models, text  # noqa: F401  (registration)
+from tamis.ops import cluster, data, dedup, digit, diversity, embedding, functions, indicators, judge, less, lm, models, text  # noqa: F401  (registration)
 from tamis.ops.kernel import (Built, BuildEnv, ExecOptions, Kernel, Lazy, Resources, kernel_for, kernels,
                               register, unregister)
 
