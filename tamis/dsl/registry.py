@@ -159,7 +159,8 @@ SCORERS: dict[str, ScorerSpec] = {
         ScorerSpec("reward", "score of a sequence-classification reward model on (instruction [+ input], response): "
                    "its single logit, or logit[1] - logit[0] for a two-way head", {"": "float"}, "encoder", (),
                    source="OpenAssistant reward models as Instruction-Mining uses them"),
-        ScorerSpec("unieval", "UniEval dialogue score on one dimension", {"": "float"}, "encoder",
+        ScorerSpec("unieval", "UniEval dialogue score on one dimension: P(Yes)/(P(Yes)+P(No)) of the T5 evaluator "
+                   "over its boolean question (history: instruction [+ input]; response: output)", {"": "float"}, "encoder",
                    (Param("dimension", "string", REQUIRED, ("naturalness", "coherence", "understandability")),)),
         ScorerSpec("predict", "the prediction of a fitted selector from its feature columns", {"": "float"}, "fit", (), cost="cheap"),
         ScorerSpec("cluster", "KMeans cluster id of each row over a model's embeddings: a group column for `per`",

@@ -60,3 +60,35 @@ def reward(rows: pl.DataFrame, model, options: ExecOptions) -> dict:
     device = getattr(model, "device", None) or resolve_device(options.device)
     values, reasons = reward_scores(RewardModel.from_path(str(path), device), rows)
     return {"value": values, "reason": reasons}
+
+
+def _unieval_key(params) -> dict:
+    from tamis.runtime.unieval import UNIEVAL_VERSION
+
+    return {"unieval": UNIEVAL_VERSION}
+
+
+@kernel("scorer", "unieval", cached=True, key_params=("dimension",), key_extra=_unieval_key,
+        schema={"value": pl.Float64}, names={"value": ""},
+        resources=Resources(device="any", memory_per_row=8 << 20))
+def unieval(rows: pl.DataFrame, model, dimension: str, options: ExecOptions) -> dict:
+    """{"value": UniEval's dialogue score of the row's output on `dimension`, in [0, 1]}.
+
+    UniEval (`MingZhong/unieval-dialog`) as its `DialogEvaluator` computes naturalness, coherence and
+    understandability: turn-level, the history being instruction[\\ninput] + "\\n\\n" and the response
+    the output. Math and prompts: `tamis.runtime.unieval`."""
+    from tamis.runtime.models import resolve_device
+    from tamis.runtime.unieval import UniEvalScorer, unieval_rows
+
+    if rows.height == 0:
+        return {"value": pl.Series("value", [], dtype=pl.Float64)}
+    path = getattr(model, "path", None)
+    if path is None:
+        from tamis.errors import ModelError
+
+        raise ModelError("`score unieval` needs a local UniEval folder: use encoder(\"NAME\") "
+                         "(bound with --model NAME=PATH)")
+    device = getattr(model, "device", None) or resolve_device(options.device)
+    outputs, histories = unieval_rows(rows)
+    got = UniEvalScorer.from_path(str(path), device).score(str(dimension), outputs, histories)
+    return {"value": pl.Series("value", got, dtype=pl.Float64)}
