@@ -309,6 +309,16 @@ class Lowerer:
             if d.name in declared:
                 raise RecipeError(f"{d.name!r} is both a parameter and a declaration", d.span,
                                   source=recipe.source, path=recipe.path)
+        # a parameter named like a column the recipe produces would silently replace every use of that column
+        produced = set(self.produced_columns(recipe.pipeline))
+        for d in recipe.decls:
+            if isinstance(d, ast.SelectDecl):
+                produced |= set(self.produced_columns(d.pipeline))
+        for name, decl in declared.items():
+            if name in produced or name in reg.POOL_COLUMNS:
+                raise RecipeError(f"parameter {name!r} has the name of a column of this recipe", decl.span,
+                                  source=recipe.source, path=recipe.path,
+                                  hint=f"rename the parameter, e.g. {name}_value")
         if not values:
             return recipe
         return recipe.model_copy(update={"decls": substitute(recipe.decls, values),
