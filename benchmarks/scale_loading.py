@@ -165,9 +165,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one repeat, whatever --repeats says")
     ap.add_argument("--worker", choices=["tamis", "polars"], help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
+    ap.add_argument("--generate", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args.worker, args.path)
+        return
+    if args.generate:
+        generate(args.generate, Path(args.path + ".jsonl"), Path(args.path + ".parquet"))
         return
 
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -190,7 +194,11 @@ def main() -> None:
         jsonl, parquet = workdir / f"alpaca_{n}.jsonl", workdir / f"alpaca_{n}.parquet"
         if not (jsonl.exists() and parquet.exists()):
             t = time.perf_counter()
-            generate(n, jsonl, parquet)
+            # in a process of its own: a worker forked from a parent that held the generated frame would
+            # inherit its peak RSS (Linux keeps ru_maxrss across fork and exec), and every peak would read
+            # as the generator's
+            subprocess.run([sys.executable, __file__, "--generate", str(n), "--path", str(workdir / f"alpaca_{n}")],
+                           check=True)
             print(f"  (generated {n:,} rows in {time.perf_counter() - t:.1f} s: "
                   f"{jsonl.stat().st_size / 2**20:.0f} MB JSONL, {parquet.stat().st_size / 2**20:.0f} MB Parquet)", flush=True)
         for fmt in formats:
