@@ -278,3 +278,12 @@ def test_warnings_unused_unknown_size_never_passing():
     assert "size of hf(my-model) is unknown" in text
     assert "can never pass" in text
     assert not compile_text("score ifd using pfm | where ifd <= 1 and ifd >= 1").graph.graph.get("warnings")
+
+
+def test_an_alias_prefixes_every_column_a_spliced_scorer_produces(tmp_path):
+    (tmp_path / "inner.tamis").write_text("score ifd using pfm | where ifd_cond < 5 | rank | top 10%\n")
+    (tmp_path / "outer.tamis").write_text("use inner as a | let x = a.ifd_direct | rank by x | top 1\n")
+    g = compile_file(tmp_path / "outer.tamis").graph
+    outs = {c for n in g for c in g.nodes[n].get("columns_out", {})}
+    assert {"a.ifd", "a.ifd_cond", "a.ifd_direct"} <= outs
+    assert any(g.nodes[n].get("params", {}).get("expr") == "a.ifd_cond < 5" for n in g)

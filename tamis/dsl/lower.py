@@ -689,7 +689,7 @@ class Lowerer:
                 if v.get(name) == "auto":
                     v[name] = for_target if target else for_pool
             dataset = self.g.nodes[target.node]["label"] if target else None
-            outs = {col + suffix: Column(t, dataset) for suffix, t in spec.columns.items()}
+            outs = {scope.produced(item.column + suffix): Column(t, dataset) for suffix, t in spec.columns.items()}
             label = f"score {item.scorer}" + (f" using {self.g.nodes[model.node]['label']}" if model else "") \
                 + (f" on {dataset}" if dataset else "") + (f" as {col}" if col != item.scorer else "")
             nid = self.op(scope, item.span, state, "score", label, step, columns_out={k: c.type for k, c in outs.items()},
