@@ -215,3 +215,23 @@ def test_multi_turn_conversations_combine_per_turn_scores(tmp_path):
             lo, hi = sorted((by["first"][cid], by["last"][cid]))
             if n == 2:  # the mean of two turns lies between them
                 assert lo <= by["mean"][cid] <= hi
+
+
+def test_sample_data_constructor_is_a_seeded_subset_of_its_dataset(tmp_path):
+    """`sample(D, n, seed=…)` draws the first n of numpy's RandomState(seed) permutation of D's rows."""
+    import numpy as np
+
+    text = 'data s = sample(pool, 3, seed=7)\nscore length on s as n | score length | rank | top 100%'
+    ex = LocalExecutor(compile_text(text).graph, RunConfig(pool=str(FIX / "pool_small.jsonl"), no_cache=True,
+                                                          progress=False))
+    ex.run()
+    node = next(n for n, a in ex.g.nodes(data=True) if a.get("source") == "sample")
+    pool = pl.read_ndjson(FIX / "pool_small.jsonl")
+    want = np.random.RandomState(7).permutation(pool.height)[:3]
+    assert ex._frames[node]["instruction"].to_list() == [pool["instruction"][int(i)] for i in want]
+    text2 = 'data s = sample(pool, 50%)\nscore length on s as n | score length | rank | top 100%'
+    ex2 = LocalExecutor(compile_text(text2).graph, RunConfig(pool=str(FIX / "pool_small.jsonl"), no_cache=True,
+                                                            progress=False))
+    ex2.run()
+    node2 = next(n for n, a in ex2.g.nodes(data=True) if a.get("source") == "sample")
+    assert ex2._frames[node2].height == 4

@@ -26,6 +26,21 @@ def warmup_sample(params: Mapping, env: BuildEnv) -> pl.DataFrame:
     return env.pool.filter(pl.col("id").is_in(ids))
 
 
+@kernel("data", "sample")
+def sample(params: Mapping, env: BuildEnv) -> pl.DataFrame:
+    """`sample(D, size, seed=…)`: a seeded random subset of a dataset (a count, or a percentage of D's rows),
+    in the order of the permutation (numpy's RandomState(seed), as the warmup's random sample draws)."""
+    import numpy as np
+
+    from tamis.runtime.warmup_sampling import subset_size
+
+    rows = env.inputs[0].get() if env.inputs else env.pool
+    size = params["size"]
+    k = subset_size(rows.height, size["fraction"] if "fraction" in size else min(int(size["count"]), rows.height))
+    order = np.random.RandomState(int(params["seed"])).permutation(rows.height)[:k]
+    return rows[order]
+
+
 @kernel("data", "anchors")
 def anchors(params: Mapping, env: BuildEnv) -> pl.DataFrame:
     """Nuggets' predefined task set: KMeans over the model's embeddings of the rows, the
