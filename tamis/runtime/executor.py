@@ -129,10 +129,11 @@ def check_pool_fields(g: nx.DiGraph, schema, pool: str) -> None:
     if missing:
         from tamis.dsl.lower import did_you_mean
 
-        lines = [f"{f['path'] or '<recipe>'}:{f['line']}:{f['column']}: unknown column {f['name']!r}: no stage "
-                 f"produces it and {pool} has no such field" + (f" ({did_you_mean(f['name'], fields)})"
-                                                               if did_you_mean(f['name'], fields) else "")
-                 for f in missing]
+        lines = []
+        for f in missing:
+            close = did_you_mean(f["name"], fields)
+            lines.append(f"{f['path'] or '<recipe>'}:{f['line']}:{f['column']}: unknown column {f['name']!r}: no stage "
+                         f"produces it and {pool} has no such field" + (f" ({close})" if close else ""))
         raise PlanError("\n".join(lines) + f"\n  the pool's own fields: {', '.join(fields) or 'none'}")
 
 
@@ -394,15 +395,14 @@ class LocalExecutor:
         p = a["params"]
         column = p["column"]
         embed = None
-        if self._model_of(n):
+        if self._model_of(n):  # semantic aggregation: embed(tags) with the stage's encoder
+            from functools import partial
+
             from tamis.ops.embedding import sampler_embedding
             from tamis.runtime import embeddings
 
             model = self._stage_model(n, report)
-            pooling = sampler_embedding(model)[1]["pooling"]
-
-            def embed(texts):
-                return embeddings.embed(model, texts, progress=False, pooling=pooling)
+            embed = partial(embeddings.embed, model, progress=False, pooling=sampler_embedding(model)[1]["pooling"])
 
         result = normalise_tags(frame[column].to_list(), min_freq=p["min_freq"], lower=p["lower"], stem=p["stem"],
                                 embed=embed, threshold=p["threshold"], assoc_threshold=p.get("association"))
@@ -666,7 +666,7 @@ class LocalExecutor:
             return Lazy(node, a["ctor"], a["label"], a["params"], lambda: self._model(node))
         if a["kind"] == "op":  # a selection (`select s = …`) used as a dataset: its rows, internal columns dropped
             return Lazy(node, "selection", a["label"], a["params"],
-                        lambda: self._dataset(node).drop([c for c in INTERNAL_COLUMNS if c in self._dataset(node).columns]))
+                        lambda: self._dataset(node).drop(INTERNAL_COLUMNS, strict=False))
         return Lazy(node, a["source"], a["label"], a["params"], lambda: self._dataset(node))
 
 

@@ -94,23 +94,16 @@ class RewardModel:
         dev = torch.device(device)
         key = (str(Path(path).resolve()), str(dev))
         if key not in _REWARD_MODELS:
-            from transformers import AutoModelForSequenceClassification, AutoTokenizer
+            from transformers import AutoModelForSequenceClassification
 
-            from tamis.runtime.models import check_weights_folder
+            from tamis.runtime.models import load_local_pretrained
 
-            check_weights_folder(Path(path))  # no remote code, safetensors weights
-            try:
-                tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-                model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True,
-                                                                           use_safetensors=True)
-            except (OSError, ValueError, KeyError) as e:
-                raise ModelError(f"{path} is not a sequence-classification reward model "
-                                 f"(AutoModelForSequenceClassification + AutoTokenizer): {e}") from e
+            model, tok = load_local_pretrained(path, dev, AutoModelForSequenceClassification,
+                                               "a sequence-classification reward model")
             labels = int(model.config.num_labels)
             if labels not in (1, 2):
                 raise ModelError(f"{path}: a reward model has one output (or two: score = logit 1 − logit 0), "
                                  f"this one has {labels}")
-            model = model.to(device=dev, dtype=torch.float32).eval()
             _REWARD_MODELS[key] = cls(path, dev, model, tok)
         return _REWARD_MODELS[key]
 

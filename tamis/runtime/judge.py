@@ -128,12 +128,8 @@ def tag(tagger: "LoadedLM | ChatEndpoint", examples: Any, *, max_tokens: int = 5
     started = time.perf_counter()
     conversations = [tag_conversation(row) for row in rows]
     if isinstance(tagger, ChatEndpoint):
-        from tqdm.auto import tqdm
-
-        with tqdm(total=len(conversations), unit="row", desc="tagging", disable=not progress) as bar:
-            on_retry, advance = _retry_notices(bar)
-            replies = tagger.complete_many(conversations, max_tokens=max_tokens, progress=advance, on_retry=on_retry)
-        new_tokens, too_long = None, [False] * len(replies)
+        replies, new_tokens, too_long = _endpoint_first_lines(tagger, conversations, max_tokens, progress,
+                                                              first_line=False, desc="tagging")
     else:
         replies, new_tokens, too_long = first_lines(tagger, conversations, max_tokens=max_tokens,
                                                     batch_tokens=batch_tokens, progress=progress, first_line=False,
@@ -160,14 +156,16 @@ def tag(tagger: "LoadedLM | ChatEndpoint", examples: Any, *, max_tokens: int = 5
 
 
 def _endpoint_first_lines(endpoint: ChatEndpoint, conversations: list[list[dict[str, str]]], max_tokens: int,
-                          progress: bool) -> tuple[list[str], None, list[bool]]:
+                          progress: bool, first_line: bool = True,
+                          desc: str = "judging") -> tuple[list[str], None, list[bool]]:
+    """The endpoint's replies, cut at the first newline (`first_line=False`: whole), with a bar."""
     from tqdm.auto import tqdm
 
-    with tqdm(total=len(conversations), unit="row", desc="judging", disable=not progress) as bar:
+    with tqdm(total=len(conversations), unit="row", desc=desc, disable=not progress) as bar:
         on_retry, advance = _retry_notices(bar)
-        replies = endpoint.complete_many(conversations, max_tokens=max_tokens, stop=["\n"], progress=advance,
-                                         on_retry=on_retry)
-    return [r.split("\n")[0] for r in replies], None, [False] * len(replies)
+        replies = endpoint.complete_many(conversations, max_tokens=max_tokens, stop=["\n"] if first_line else None,
+                                         progress=advance, on_retry=on_retry)
+    return [r.split("\n")[0] if first_line else r for r in replies], None, [False] * len(replies)
 
 
 def _retry_notices(bar: Any) -> tuple[Callable[[str, float, int], None], Callable[[int], None]]:

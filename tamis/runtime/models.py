@@ -322,6 +322,21 @@ def refuse_remote_code(folder: Path, trust_remote_code: bool = False) -> None:
                          "model. Use a model whose architecture transformers supports natively.")
 
 
+def load_local_pretrained(path: str, device: "torch.device", model_class: Any, what: str) -> tuple[Any, Any]:
+    """(model, tokenizer) of a local model folder that passes `check_weights_folder`: `model_class`
+    (a transformers auto or concrete class) and `AutoTokenizer`, local files only, safetensors, fp32,
+    eval mode, on `device`. `what` names the expected kind of model in the error."""
+    from transformers import AutoTokenizer
+
+    check_weights_folder(Path(path))  # no remote code, safetensors weights
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = model_class.from_pretrained(path, local_files_only=True, use_safetensors=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"{path} is not {what} ({model_class.__name__} + AutoTokenizer): {e}") from e
+    return model.to(device=device, dtype=torch.float32).eval(), tok
+
+
 def check_weights_folder(folder: Path, allow_pickle: bool = False) -> list[Path]:
     """The safety rules every local model folder passes before loading: no remote code,
     safetensors weights (pickles can run code). Returns the weight files."""

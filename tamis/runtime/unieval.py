@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from tamis.errors import ModelError
 
 # Part of `score unieval`'s cache key: bump when the prompt, row mapping, truncation or score rule changes.
 UNIEVAL_VERSION = ("1:maszhongming/UniEval utils.add_question(task=dialogue)+metric/scorer.py:"
@@ -86,19 +85,11 @@ class UniEvalScorer:
         dev = torch.device(device)
         key = (str(Path(path).resolve()), str(dev))
         if key not in _UNIEVAL_MODELS:
-            from transformers import AutoTokenizer, T5ForConditionalGeneration
+            from transformers import T5ForConditionalGeneration
 
-            from tamis.runtime.models import check_weights_folder
+            from tamis.runtime.models import load_local_pretrained
 
-            check_weights_folder(Path(path))  # no remote code, safetensors weights
-            try:
-                tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-                model = T5ForConditionalGeneration.from_pretrained(path, local_files_only=True,
-                                                                   use_safetensors=True)
-            except (OSError, ValueError, KeyError) as e:
-                raise ModelError(f"{path} is not a UniEval evaluator (T5ForConditionalGeneration + "
-                                 f"AutoTokenizer): {e}") from e
-            model = model.to(device=dev, dtype=torch.float32).eval()
+            model, tok = load_local_pretrained(path, dev, T5ForConditionalGeneration, "a UniEval evaluator")
             # as the reference: the first token of "Yes" / "No"
             pos_id = int(tok("Yes")["input_ids"][0])
             neg_id = int(tok("No")["input_ids"][0])
