@@ -337,8 +337,9 @@ def run(
         _warn(compiled)
         outputs = {"-o": output, "-o (report)": report_md, "-o (report manifest)": report_json,
                    **({"--scores": scores} if scores is not None else {})}
+        # every file the run reads: the pool, plug-ins, the recipe, what it splices and the datasets it loads
         check_outputs(outputs, [Path(pool), Path(compiled.recipe.path or recipe), *(plugins or []),
-                                *(Path(u["path"]) for u in compiled.graph.graph.get("uses", []))])
+                                *_inputs_of([compiled])])
         write_selection = frame_writer(output, "-o")
         write_scores = frame_writer(scores, "--scores") if scores is not None else None
         result = LocalExecutor(compiled.graph, cfg).run()

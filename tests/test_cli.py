@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -79,3 +80,19 @@ def test_report_page_has_table_graphs_and_efficiency(tmp_path):
     assert res.exit_code == 0, res.output
     page = out.read_text()
     assert page.count("<svg") >= 3 and "Feasibility" in page and "IFD" in page
+
+
+def test_run_refuses_an_output_that_is_a_dataset_the_recipe_loads(tmp_path):
+    from typer.testing import CliRunner
+
+    from tamis.cli import app
+
+    target = tmp_path / "target.jsonl"
+    target.write_text('{"instruction": "q", "input": "", "output": "a"}\n')
+    before = target.read_bytes()
+    recipe = tmp_path / "r.tamis"
+    recipe.write_text(f'data t = load("{target}")\nscore length on t as n | score length | rank | top 1\n')
+    pool = Path(__file__).parent / "fixtures" / "data" / "pool_small.jsonl"
+    res = CliRunner().invoke(app, ["run", str(recipe), "--pool", str(pool), "-o", str(target), "--no-cache",
+                                   "--no-progress"])
+    assert res.exit_code == 1 and target.read_bytes() == before
