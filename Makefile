@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-all demo bench clean
+.PHONY: setup test test-all demo bench clean evaluate-demo
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -41,6 +41,17 @@ demo: setup
 	  --pfm "$$($(PY) -c 'from tamis.runtime.models import smollm2_asset as p; print(p())')" \
 	  -o $(DEMO_OUT)/selected.jsonl --scores $(DEMO_OUT)/scores.parquet
 	@echo "feasibility page: $(DEMO_OUT)/feasibility.html"
+
+# `tamis evaluate` on held-out ShareGPT rows: IFD's selection (SEM) against the whole pool (BM) and a
+# random subset of the same size, fine-tuned with LoRA, 2 seeds (docs/notes/evaluate.md). Reruns reuse the cache.
+EVAL_OUT ?= out/evaluate-demo
+EVAL_ROWS ?= 120
+evaluate-demo: setup
+	$(VENV)/bin/tamis evaluate ifd random \
+	  --pool "$$($(PY) -c 'from tamis.runtime.data import sharegpt_asset_path as p; print(p())')" \
+	  --limit $(EVAL_ROWS) --skip-bad \
+	  --pfm "$$($(PY) -c 'from tamis.runtime.models import smollm2_asset as p; print(p())')" \
+	  --eval holdout:20 --seeds 2 --epochs 2 --batch 4 --lr 2e-4 --max-length 128 -o $(EVAL_OUT)
 
 bench: setup
 	$(PY) benchmarks/ifd_throughput.py --quick

@@ -27,6 +27,10 @@ PluginOpt = Annotated[Optional[list[Path]], typer.Option(
                       "`tamis.plugins` entry points load too")]
 
 
+EngineOpt = Annotated[str, typer.Option(
+    "--engine", help="local (this process), or ray: row-wise scorers as Ray Data pipelines (pip install 'tamis[ray]')")]
+
+
 def _version(value: bool) -> None:
     if value:
         from tamis import __version__
@@ -157,6 +161,7 @@ def explain(
     as_json: Annotated[bool, typer.Option("--json", help="node-link JSON of the optimised graph")] = False,
     dot: Annotated[Optional[Path], typer.Option("--dot", help="write Graphviz DOT text to this file ('-' for stdout)")] = None,
     logical: Annotated[bool, typer.Option("--logical", help="the graph before optimisation passes")] = False,
+    engine: EngineOpt = "local",
     plugins: PluginOpt = None,
 ) -> None:
     """Print the compiled operator graph, before anything runs: operators, their kernels and resources."""
@@ -184,7 +189,7 @@ def explain(
     if as_json:
         typer.echo(json.dumps(graph_json(g), indent=2))
     else:
-        typer.echo(plan_text(g))
+        typer.echo(plan_text(g, engine=_engine(engine)))
 
 
 @app.command()
@@ -309,6 +314,9 @@ def run(
     api_max_failures: Annotated[int, typer.Option(min=1, help="endpoint judges: stop after this many failed requests in a row (rated rows are kept)")] = 3,
     checkpoint_rows: Annotated[int, typer.Option(min=1, help="persist scores to the cache at least every N rows")] = 64,
     checkpoint_seconds: Annotated[float, typer.Option(min=0.1, help="… and about every S seconds of scoring (a kill loses at most that)")] = 30.0,
+    engine: EngineOpt = "local",
+    address: Annotated[Optional[str], typer.Option("--address", help="--engine ray: a Ray cluster's address (default: start a local instance)")] = None,
+    concurrency: Annotated[Optional[int], typer.Option("--concurrency", min=1, help="--engine ray: actors per model stage (default: one per GPU, else one), or tasks in flight")] = None,
     param: ParamOpt = None,
     plugins: PluginOpt = None,
 ) -> None:
@@ -342,7 +350,12 @@ def run(
                                 *_inputs_of([compiled])])
         write_selection = frame_writer(output, "-o")
         write_scores = frame_writer(scores, "--scores") if scores is not None else None
-        result = LocalExecutor(compiled.graph, cfg).run()
+        if _engine(engine) == "ray":
+            from tamis.runtime.ray_engine import RayExecutor, RayOptions
+
+            result = RayExecutor(compiled.graph, cfg, RayOptions(address=address, concurrency=concurrency)).run()
+        else:
+            result = LocalExecutor(compiled.graph, cfg).run()
     except TamisError as err:
         _fail(err)
     for warning in result.pool_report.get("warnings", []):
@@ -372,6 +385,12 @@ def run(
     typer.echo(f"  report:    {report_md} (and {report_json.name}, written last: it lists every output's SHA-256)")
 
 
+def _engine(name: str) -> str:
+    if name not in ("local", "ray"):
+        _fail(TamisError(f"--engine {name!r}: choose local or ray"))
+    return name
+
+
 def _pairs(flag: str, values: Optional[list[str]], example: str) -> dict[str, str]:
     """NAME=VALUE options as a dict; anything else is a usage error that shows the form."""
     out: dict[str, str] = {}
@@ -381,6 +400,97 @@ def _pairs(flag: str, values: Optional[list[str]], example: str) -> dict[str, st
             raise typer.BadParameter(f"{v!r} is not NAME=VALUE, e.g. {example}", param_hint=flag)
         out[name] = value
     return out
+
+
+@app.command()
+def evaluate(
+    recipes: Annotated[list[str], typer.Argument(help="recipe files or built-in names; `random` (the control every "
+                                                      "recipe gets: a random subset of its selection's size) is accepted")],
+    pool: Annotated[str, typer.Option("--pool", help="candidate pool (as for `tamis run`)")],
+    pfm: Annotated[str, typer.Option("--pfm", help="the model to fine-tune: folder, .gguf, or cached hub name")],
+    eval_set: Annotated[str, typer.Option("--eval", help="evaluation set: a file with reference answers, or "
+                                          "holdout:N / holdout:P% (pool rows held out, never selected from)")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="output folder: points.csv, report.md/.html/.json, figures")],
+    judge: Annotated[Optional[str], typer.Option("--judge", help="pairwise judge: a local chat model (folder, .gguf, "
+                                                 "hub name) or api:NAME (an endpoint, see --api-base)")] = None,
+    seeds: Annotated[int, typer.Option(min=1, help="train every model with this many seeds (the spread of PIR)")] = 3,
+    seed: Annotated[int, typer.Option(help="the first seed (seed i is SEED+i); also draws the holdout")] = 42,
+    method: Annotated[str, typer.Option("--method", help="lora or full (fine-tuning), the same for every model")] = "lora",
+    epochs: Annotated[int, typer.Option(min=1, help="epochs, the same for every model")] = 3,
+    lr: Annotated[float, typer.Option(help="learning rate (linear schedule, 3% warmup)")] = 1e-4,
+    batch: Annotated[int, typer.Option(min=1, help="effective batch (rows per optimizer step)")] = 16,
+    max_length: Annotated[int, typer.Option(min=2, help="tokens per training/evaluation sequence")] = 512,
+    lora_r: Annotated[int, typer.Option(min=1)] = 8,
+    lora_alpha: Annotated[int, typer.Option(min=1)] = 16,
+    template: Annotated[str, typer.Option(help="prompt template for training, loss and answers: alpaca, chat, bare, none")] = "alpaca",
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="longest generated answer (judge only)")] = 256,
+    lm_eval: Annotated[Optional[str], typer.Option("--lm-eval", help="lm-evaluation-harness tasks, comma-separated "
+                                                   "(optional dependency: skipped, with a note, when not installed)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the JSON report on stdout")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 …")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, fp32, bf16, fp16")] = "auto",
+    cache_dir: Annotated[Optional[str], typer.Option(help="cache root (default $TAMIS_CACHE_DIR or ~/.cache/tamis)")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="neither read nor write the cache (everything is retrained)")] = False,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="skip bad pool rows instead of failing")] = False,
+    limit: Annotated[Optional[int], typer.Option(help="read only the first N pool rows")] = None,
+    pool_format: Annotated[str, typer.Option("--format", help="the pool's format when its extension does not say")] = "auto",
+    column: Annotated[Optional[list[str]], typer.Option("--column", help="map a field: --column prompt=instruction")] = None,
+    model: Annotated[Optional[list[str]], typer.Option("--model", help="serve hf/api(\"NAME\") from a local path: NAME=PATH")] = None,
+    api_base: Annotated[Optional[str], typer.Option("--api-base", help="OpenAI-compatible endpoint for api models and --judge api:NAME")] = None,
+    batch_tokens: Annotated[Optional[int], typer.Option(help="padded tokens per scoring batch")] = None,
+    progress: Annotated[bool, typer.Option(help="progress bars")] = True,
+    param: ParamOpt = None,
+    plugins: PluginOpt = None,
+) -> None:
+    """Was the selection worth it? Fine-tune the PFM on each recipe's selection (SEM), on the whole pool
+    (BM) and on a random subset of the same size, with identical settings and several seeds; score them
+    (held-out answer loss, pairwise wins by a judge in both orders); write PIR, SDF, the points file of
+    `tamis efficiency` and a report with plots. Trained models are cached: a rerun retrains nothing."""
+    _load_plugins(plugins)
+    from tamis.evaluate.run import EvalConfig, TrainingSettings, evaluate as run_evaluation
+    from tamis.report.evaluate_report import write_reports
+    from tamis.runtime.executor import RunConfig
+
+    if output.exists() and not output.is_dir():
+        _fail(TamisError(f"-o {output}: exists and is not a folder"))
+    names = ["points.csv", "report.md", "report.html", "report.json", "evaluate.png", "efficiency.png",
+             "judgements.jsonl", "train_pool.parquet"]
+    inputs = [Path(pool), Path(pfm), *(plugins or [])] + ([Path(eval_set)] if not eval_set.startswith("holdout:") else [])
+    _check_outputs({f"-o ({n})": output / n for n in names}, [p for p in inputs if p.exists()])
+    cfg = EvalConfig(
+        recipes=list(recipes),
+        run=RunConfig(pool=pool, pfm=pfm, device=device, dtype=dtype, cache_dir=cache_dir, no_cache=no_cache,
+                      skip_bad=skip_bad, limit=limit, pool_format=pool_format,
+                      columns=_pairs("--column", column, "--column prompt=instruction") or None,
+                      batch_tokens=batch_tokens, progress=progress,
+                      model_paths=_pairs("--model", model, "--model gpt2=/models/gpt2"), api_base=api_base),
+        eval=eval_set, judge=judge, seeds=seeds, seed=seed,
+        training=TrainingSettings(method=method, epochs=epochs, lr=lr, batch=batch, max_length=max_length,
+                                  lora_r=lora_r, lora_alpha=lora_alpha, template=template),
+        params=_pairs("--param", param, "--param size=5%"), max_new_tokens=max_new_tokens,
+        lm_eval_tasks=[t.strip() for t in (lm_eval or "").split(",") if t.strip()],
+    )
+    try:
+        result = run_evaluation(cfg, output)
+        files = write_reports(result, output)
+    except TamisError as err:
+        _fail(err)
+    if as_json:
+        typer.echo(files["report.json"].read_text(encoding="utf-8"))
+        return
+    from tamis.report.evaluate_report import PIR_HEADER, pir_rows
+
+    for note in result.notes:
+        typer.echo(f"note: {note}", err=True)
+    trained = sum(m.method != "PFM" for m in result.models)
+    typer.echo(f"evaluated {', '.join(cfg.recipes)} in {result.seconds:.1f} s ({trained} fine-tuned models)")
+    typer.echo(" | ".join(PIR_HEADER))
+    for row in pir_rows(result):
+        typer.echo(" | ".join(row))
+    for name in ("report.md", "points.csv", "evaluate.png", "efficiency.png"):
+        if name in files:
+            typer.echo(f"  {name:<15}{files[name]}")
+    typer.echo(f"  place it among the published methods: tamis efficiency {files['points.csv']}")
 
 
 cache_app = typer.Typer(no_args_is_help=True, help="What tamis stores (scores, warmups, model conversions): list it, clean it.")

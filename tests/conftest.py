@@ -218,3 +218,79 @@ def tiny_tagger(tmp_path_factory) -> str:
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return str(out)
+
+
+# What the tiny evolver says (DEITA's evolve, one round, pool_small's first three rows): per seed, its
+# in-depth evolution of the instruction, its enhanced response, and its rank-and-score replies for the two
+# chains. Seed 1's quality ranking names no score; seed 2's evolution is only the slot's label (an empty
+# rewrite, so nothing to rank for complexity) and its quality ranking gives an out-of-range score.
+EVOLVER_SEEDS = 3
+EVOLVER_REPLIES = [
+    {"instruction": "Give three tips for staying healthy, each backed by a study.",
+     "response": "1. Eat a balanced diet.\n2. Exercise daily.\n3. Sleep eight hours.",
+     "complexity": "[1] Score: 1\n[2] Score: 3", "quality": "[1] Score: 2\n[2] Score: 3"},
+    {"instruction": "Translate the sentence into formal French.",
+     "response": "Le chat dort paisiblement sur le canapé.",
+     "complexity": "[1] Score: 2\n[2] Score: 3", "quality": "The second one is better."},
+    {"instruction": "#Rewritten Prompt#:",
+     "response": "Tokyo, the capital of Japan.",
+     "complexity": None, "quality": "[1] Score: 1\n[2] Score: 9"},
+]
+
+
+def evolver_prompts() -> list[tuple[str, str]]:
+    """(prompt, reply) pairs the tiny evolver is trained on: round 1, then the rankings."""
+    from tamis.runtime.evolve import seed_chains, step_prompts
+    import polars as pl
+
+    seeds = seed_chains(pl.read_ndjson(POOL_SMALL).head(EVOLVER_SEEDS))
+    pairs = [(p, EVOLVER_REPLIES[i][f]) for i, f, p in step_prompts(seeds, "round-1")]
+    for s, replies in zip(seeds, EVOLVER_REPLIES):
+        if not replies["instruction"].startswith("#"):
+            s.instructions.append(replies["instruction"])
+        s.responses.append(replies["response"])
+    pairs += [(p, EVOLVER_REPLIES[i][f]) for i, f, p in step_prompts(seeds, "rank")]
+    return pairs
+
+
+@pytest.fixture(scope="session")
+def tiny_evolver(tmp_path_factory) -> str:
+    """Folder of a tiny chat GPT-2 trained to answer DEITA's evolve and rank prompts for pool_small's first
+    three rows with `EVOLVER_REPLIES` (greedy decoding reproduces them)."""
+    import torch
+    import torch.nn.functional as F
+
+    tok = make_gpt2_tokenizer()
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    seqs, spans = [], []
+    for prompt, reply in evolver_prompts():
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        out = tok(reply, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        seqs.append(ids + out)
+        spans.append((len(ids), len(ids) + len(out)))
+    width = max(map(len, seqs))
+    ids = torch.tensor([q + [tok.eos_token_id] * (width - len(q)) for q in seqs])
+    rows_at = torch.tensor([b for b, (lo, hi) in enumerate(spans) for _ in range(lo, hi)])
+    pos_at = torch.tensor([p for lo, hi in spans for p in range(lo - 1, hi - 1)])
+    targets = ids[rows_at, pos_at + 1]
+    model = make_tiny_gpt2()
+    model.train()
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    streak = 0
+    for _ in range(1500):
+        hidden = model.transformer(input_ids=ids).last_hidden_state[rows_at, pos_at]
+        logits = model.lm_head(hidden)
+        losses = F.cross_entropy(logits, targets, reduction="none")
+        losses.mean().backward()
+        opt.step()
+        opt.zero_grad()
+        streak = streak + 1 if bool((logits.argmax(-1) == targets).all()) else 0
+        if streak >= 10 and losses.max().item() < 0.5:
+            break
+    model.eval()
+    out = tmp_path_factory.mktemp("tiny_evolver")
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return str(out)

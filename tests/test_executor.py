@@ -36,9 +36,14 @@ def test_percent_is_of_the_pool_not_of_the_remaining_rows():
     assert res.selected.height == 4  # 50% of 8 pool rows
 
 
-def test_unrunnable_recipe_fails_before_any_work():
-    with pytest.raises(PlanError, match="dataset `evolve.*` has no local runtime"):
-        _run('data e = evolve(pool, pfm)\nscore length on e as n, length | rank by length | top 1',
+def test_unrunnable_recipe_fails_before_any_work(monkeypatch):
+    """Every built-in has a kernel now: take one away (as a plug-in's missing kernel would be)."""
+    import tamis.ops  # noqa: F401  (registers the built-in kernels)
+    from tamis.ops import kernel as kernel_table
+
+    monkeypatch.delitem(kernel_table._KERNELS, ("data", "sample"))
+    with pytest.raises(PlanError, match="dataset `sample.*` has no local runtime"):
+        _run('data e = sample(pool, 5)\nscore length on e as n, length | rank by length | top 1',
              RunConfig(pool="does-not-matter.jsonl"))
 
 

@@ -18,6 +18,7 @@ import torch
 from tamis.dsl.compile import compile_text
 from tamis.runtime.executor import LocalExecutor, RunConfig
 from tamis.runtime.indicators import RewardModel, knn_mean_distance, reward_pairs, reward_scores
+from tiny_encoders import build_tiny_rm
 
 POOL = Path(__file__).parent / "fixtures" / "data" / "pool_small.jsonl"
 
@@ -87,21 +88,7 @@ def test_knn_kernel_gives_null_for_a_lone_row():
 
 @pytest.fixture(scope="module")
 def tiny_rm(tmp_path_factory) -> Path:
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tiny_rm")
-    chars = string.ascii_lowercase + string.digits + ".,!?;:'-()"
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *[f"##{c}" for c in chars],
-             "the", "a", "of", "is", "and"]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=512, num_labels=1)
-    model = BertForSequenceClassification(config).eval()
-    model.save_pretrained(folder)  # safetensors
-    tok.save_pretrained(folder)
-    return folder
+    return build_tiny_rm(tmp_path_factory.mktemp("tiny_rm"))
 
 
 def _alone(folder: Path, questions: list[str], answers: list[str]) -> list[float]:

@@ -19,6 +19,7 @@ import torch
 from tamis.dsl.compile import compile_text
 from tamis.runtime.executor import LocalExecutor, RunConfig
 from tamis.runtime.unieval import UniEvalScorer, unieval_input, unieval_rows
+from tiny_encoders import build_tiny_t5
 
 POOL = Path(__file__).parent / "fixtures" / "data" / "pool_small.jsonl"
 
@@ -52,30 +53,8 @@ def test_rows_map_to_history_and_response():
 
 @pytest.fixture(scope="module")
 def tiny_t5(tmp_path_factory) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
-
-    folder = tmp_path_factory.mktemp("tiny_unieval")
-    words = set()
-    for d in ("naturalness", "coherence", "understandability"):
-        words |= set(re.findall(r"\w+|[^\w\s]+", unieval_input(d, "", "")))
-    for text in pl.read_ndjson(POOL).select("instruction", "input", "output").to_numpy().ravel():
-        words |= set(re.findall(r"\w+|[^\w\s]+", text or ""))
-    words -= {"<", "</", ">", "s", "/"}
-    vocab = ["<pad>", "</s>", "<unk>", "Yes", "No", *sorted(words - {"Yes", "No"})]
-    vocab += ["<", "/", ">", "s"]
-    ids = {w: i for i, w in enumerate(dict.fromkeys(vocab))}
-    tk = Tokenizer(models.WordLevel(ids, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    torch.manual_seed(0)
-    config = T5Config(vocab_size=len(ids), d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2,
-                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
-    model = T5ForConditionalGeneration(config).eval()
-    model.save_pretrained(folder)  # safetensors
-    tok.save_pretrained(folder)
-    return folder
+    texts = pl.read_ndjson(POOL).select("instruction", "input", "output").to_numpy().ravel()
+    return build_tiny_t5(tmp_path_factory.mktemp("tiny_unieval"), texts)
 
 
 def test_tiny_tokenizer_has_single_yes_no_and_eos(tiny_t5):

@@ -27,7 +27,7 @@ def _inputs(g: nx.DiGraph, n: str, flows: set[str]) -> list[str]:
     return [p for p, _, d in g.in_edges(n, data=True) if d["flow"] in flows]
 
 
-def plan_text(g: nx.DiGraph) -> str:
+def plan_text(g: nx.DiGraph, engine: str = "local") -> str:
     lines = [f"recipe {g.graph.get('recipe') or '<unnamed>'}" + (f" — {g.graph['title']}" if g.graph.get("title") else "")]
     models = [n for n in nx.topological_sort(g) if g.nodes[n]["kind"] == "model"]
     datasets = [n for n in nx.topological_sort(g) if g.nodes[n]["kind"] == "dataset" and n != "data:pool"]
@@ -42,7 +42,10 @@ def plan_text(g: nx.DiGraph) -> str:
             if a.get("param_count"):
                 tags.append(f"{a['param_count'] / 1e9:.3g}B params")
             src = [g.nodes[p]["label"] for p in _inputs(g, m, {"train"})]
-            lines.append(f"  {m:>5}  {a['label']}" + (f"  on {', '.join(src)}" if src else "") + (f"  [{', '.join(tags)}]" if tags else ""))
+            evaluated = [g.nodes[p]["label"] for p in _inputs(g, m, {"eval"})]  # probes' evaluation set
+            lines.append(f"  {m:>5}  {a['label']}" + (f"  on {', '.join(src)}" if src else "")
+                         + (f"  evaluated on {', '.join(evaluated)}" if evaluated else "")
+                         + (f"  [{', '.join(tags)}]" if tags else ""))
     if datasets:
         lines.append("datasets:")
         for d in datasets:
@@ -63,6 +66,10 @@ def plan_text(g: nx.DiGraph) -> str:
     lines.append("pipeline (pool →):")
     lines += _plan_chain(g, _chain(g, g.graph["output"]))
     lines.append("  → selection")
+    if engine == "ray":  # where each operator runs on Ray, and what it gathers to the driver
+        from tamis.runtime.ray_plan import ray_plan_lines
+
+        lines += ray_plan_lines(g)
     return "\n".join(lines)
 
 
@@ -117,7 +124,7 @@ def graph_json(g: nx.DiGraph) -> dict:
 
 def graph_dot(g: nx.DiGraph) -> str:
     shapes = {"model": "box", "dataset": "cylinder", "op": "ellipse", "output": "doublecircle"}
-    colors = {"data": "black", "model": "blue", "train": "darkgreen", "base": "gray40", "labels": "purple",
+    colors = {"data": "black", "model": "blue", "train": "darkgreen", "base": "gray40", "labels": "purple", "eval": "orange",
               "side": "orange", "selection": "red"}
     lines = ["digraph recipe {", "  rankdir=LR;", '  node [fontname="Helvetica", fontsize=10];']
     for n, a in g.nodes(data=True):

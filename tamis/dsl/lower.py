@@ -9,6 +9,7 @@ models and operators (attribute `kind`), and whose edges carry `flow`:
   train      a dataset a model is trained or fitted on
   base       the model a trained/proxy model starts from
   labels     the probe models whose losses label a fitted predictor
+  eval       the evaluation set probe models are labelled on
   side       another dataset an operator reads (a target set, anchors)
   selection  a named sub-selection an intersect/union combines with
 """
@@ -302,8 +303,10 @@ class Lowerer:
             value = given.get(name, decl.value)
             got = _param_kind(value)
             if got != want and got not in _ACCEPTS.get(want, ()):
+                quote = (f"quote it: --param {name}='\"…\"' on the command line, {name}=\"…\" in a recipe"
+                         if want == "string" else None)  # a bare path parses as arithmetic on names
                 raise error(f"{what}: parameter {name!r} takes {_KIND_TEXT[want]} (its default is "
-                                  f"{decl.value.unparse()}), got {value.unparse()}", value.span)
+                                  f"{decl.value.unparse()}), got {value.unparse()}", value.span, hint=quote)
             values[name] = value
         for d in recipe.decls:
             if d.name in declared:
@@ -580,7 +583,22 @@ class Lowerer:
         base: ModelInfo = v["model"]
         self._trainable(scope, e, base, "train")
         data: DataInfo = v["on"]
-        return self._trained(scope, e, "train", base, data.node, v, multiplicity=data.multiplicity)
+        evaluation: DataInfo | None = v.get("evaluate_on")
+        source = self.g.nodes[data.node]
+        if source.get("source") == "subsets":  # probes: each one's label is its loss on an evaluation set
+            if evaluation is None and source["params"].get("holdout") is None:
+                raise scope.error("train(…, on=subsets(…)) trains probe models, and each probe's label is its loss "
+                                  "on an evaluation set: none is given", e.span,
+                                  hint="hold rows out: subsets(D, n=…, size=…, holdout=10%), "
+                                       "or name one: train(pfm, on=…, evaluate_on=load(\"eval.jsonl\"))")
+        elif evaluation is not None:
+            kw = next((k for k in e.kwargs if k.name == "evaluate_on"), None)
+            raise scope.error("train(…, evaluate_on=…) labels probe models: it needs on=subsets(…)",
+                              kw.span if kw else e.span)
+        nid = self._trained(scope, e, "train", base, data.node, v, multiplicity=data.multiplicity).node
+        if evaluation is not None:
+            self.edge(evaluation.node, nid, "eval")
+        return ModelInfo(nid, llm=base.llm, trained=True, depends_on_pfm=base.depends_on_pfm, lora=bool(v.get("lora")))
 
     def _trained(self, scope, e, ctor, base: ModelInfo, data_node: str, v: dict, multiplicity: int) -> ModelInfo:
         battrs = self.g.nodes[base.node]

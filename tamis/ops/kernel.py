@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import polars as pl
 
@@ -145,6 +145,10 @@ class BuildEnv:
     bases: list[Lazy] = field(default_factory=list)  # models it starts from
     inputs: list[Lazy] = field(default_factory=list)  # datasets it is trained on or derived from
     models: list[Lazy] = field(default_factory=list)  # models that derive a dataset
+    labels: list[Lazy] = field(default_factory=list)  # probe models whose losses label a fitted predictor
+    evaluation: list[Lazy] = field(default_factory=list)  # the set probe models are evaluated on
+    # the recipe's columns computed for other rows: (rows, names) -> frame of id and those columns
+    columns: Callable[[pl.DataFrame, Sequence[str]], pl.DataFrame] | None = None
 
 
 @dataclass

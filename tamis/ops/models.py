@@ -111,9 +111,10 @@ def warmup(params: Mapping, env: BuildEnv) -> Built:
 
 
 def _train_runs(params: Mapping, options: ExecOptions) -> str | None:
-    if params.get("task"):
-        return (f"train(..., task={params['task']!r}) (DEITA's in-recipe scorer training) has no local runtime yet; "
-                "bind DEITA's released scorers instead (see the README)")
+    if params.get("task"):  # DEITA's in-recipe scorer training (tamis.ops.deita)
+        from tamis.ops.deita import plan_problem
+
+        return plan_problem(params)
     return None
 
 
@@ -123,6 +124,14 @@ def train(params: Mapping, env: BuildEnv) -> Built:
     (`select s = … | …` then `train(pfm, on=s)`: iterative selection)."""
     from tamis.runtime.warmup import train_on
 
+    if params.get("task"):  # DEITA's scorers: M taught to answer the complexity/quality prompt with a digit
+        from tamis.ops.deita import train_scorer
+
+        return train_scorer(params, env)
+    if env.inputs and env.inputs[0].ctor == "subsets":  # probes: n models, each labelled by its evaluation loss
+        from tamis.ops.probes import train_probes
+
+        return train_probes(params, env)
     base = env.bases[0].get()
     lm, info = train_on(base, env.inputs[0].get(), dict(params), env.artifacts, env.options, label=env.label)
     return _built(env, lm, info)

@@ -23,6 +23,15 @@ def _bar(counts: list[int], width: int = 24) -> list[str]:
     return ["█" * max(0 if c == 0 else 1, round(c / top * width)) for c in counts]
 
 
+def _fit_text(m: dict) -> str:
+    """A fitted selector in one line: the linear rule written out, or the network's shape; R² on the probes."""
+    r2 = f"R² = {m['r2']:.4f}" if m.get("r2") is not None else "R² undefined"
+    if m["kind"] == "linear":
+        terms = " ".join(f"{'−' if b < 0 else '+'} {abs(b):.4g}·{f}" for f, b in m["coefficients"].items())
+        return f"{m['target']} = {m['intercept']:.4g} {terms}; {r2}"
+    return f"{m['layers']} attention layer(s), {m['heads']} head(s), {m['epochs']} epochs; {r2}"
+
+
 def markdown(report: dict) -> str:
     lines = [f"# tamis run: {report['recipe']}", "",
              f"- pool: `{report['pool']}` ({report['pool_load'].get('rows_loaded')} rows loaded, "
@@ -36,10 +45,17 @@ def markdown(report: dict) -> str:
             if "fingerprint" in m:
                 why = f" ({m['dtype_reason']})" if m.get("dtype_reason") else ""
                 lines.append(f"| {node} | {m['label']} | {m['device']} | {m['dtype']}{why} |")
+            elif "losses" in m:  # probes: n models, each labelled by its evaluation loss
+                per = f", {m['seconds_per_probe']} s per probe trained now" if m.get("seconds_per_probe") else ""
+                lines.append(f"| {node} | probes: {m['probes']} ({m['cached']} from cache), {m['rows_per_probe']} rows "
+                             f"each, loss on {m['evaluation']} ({m['eval_rows']} rows){per} | | |")
+            elif m.get("kind") in ("linear", "selfattn"):
+                lines.append(f"| {node} | fit({m['kind']}) on {m['probes']} probes: {_fit_text(m)} | | |")
             else:
                 lines.append(f"| {node} | training: {m.get('rows')} rows, {m.get('method')}, "
                              f"{'from cache' if m.get('cached') else 'trained now'} | | |")
         lines.append("")
+        lines += [f"- `{node}`: {m['note']}" for node, m in report["models"].items() if m.get("note")]
     lines += ["## Stages", "", "| stage | rows in | rows out | seconds (model setup) | computed now | from cache | "
               "no score (reason: rows) |",
               "|---|---|---|---|---|---|---|"]

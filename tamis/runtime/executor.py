@@ -446,51 +446,22 @@ class LocalExecutor:
         k = kernel_for("scorer", name)
         schema = k.result_schema(model, params)
         main = next(col for col, suffix in k.names.items() if suffix == "")
-        options = replace(self.cfg.options(), progress=False)
-
-        def compute(chunk: pl.DataFrame) -> dict:
-            return call_scorer(k, chunk, model, params, options)
-
+        compute = ScoreCall(k, model, params, replace(self.cfg.options(), progress=False))
         if k.cached:
             cols = self._cached_rows(k.cache_key(params, getattr(model, "fingerprint", None)), frame, report,
                                      schema, compute, {main: main})
             return cols[main]
         report.scored_rows += frame.height
-        return pl.Series(main, compute(frame)[main], dtype=schema[main])
+        return pl.Series(main, self._compute_all(frame, compute)[main], dtype=schema[main])
 
     def _op_score(self, n, a, frame, report):
         p = a["params"]
-        spec = reg.SCORERS[p["scorer"]]
-        k = kernel_for("scorer", p["scorer"])
         main = next(iter(a["columns_out"]))
-        params = {q.name: p[q.name] for q in spec.params if q.name in p}
         side = self._side_datasets(n)  # data parameters (anchors=…) and the `on` target, by role
-        params.update({role: rows for role, rows in side.items() if role != "target"})
         pool_rows = frame
         if "target" in side:  # the stage scores another dataset; the pool's rows pass through
             frame = side["target"]
-        model = self._stage_model(n, report) if self._model_of(n) else None
-        # a cached kernel's rows are counted on the stage's one bar (`_cached_rows`), not on a bar per chunk
-        options = replace(self.cfg.options(), progress=False) if k.cached else self.cfg.options()
-        names = {col: main + suffix for col, suffix in k.names.items()}
-        inputs = k.scored_inputs  # e.g. a `cluster` scorer's embeddings, through the score cache
-        for column, needs in inputs.items():
-            frame = frame.with_columns(self._scored_input(needs(model), model, frame, report).alias(column))
-
-        def compute(chunk: pl.DataFrame) -> dict:
-            return call_scorer(k, chunk, model, params, options)
-
-        schema = k.result_schema(model, params)  # a vector's width is its model's
-        if k.cached:
-            cols = self._cached_rows(k.cache_key(params, getattr(model, "fingerprint", None)), frame, report,
-                                     schema, compute, names)
-        else:
-            got = compute(frame)
-            cols = pl.DataFrame({"id": frame["id"], **{name: pl.Series(got[col], dtype=schema[col])
-                                                       for col, name in names.items()}})
-            report.scored_rows = frame.height
-            if "reason" in got:
-                report.skipped = dict(sorted(Counter(r for r in got["reason"] if r).items()))
+        cols = self._score_frame(n, a, frame, side, report)
         if "target" in side:
             for col in cols.columns[1:]:
                 self._foreign[col] = cols[col]
@@ -501,10 +472,67 @@ class LocalExecutor:
             report.histogram = _histogram(cols[main]) if cols[main].dtype.is_numeric() else None
             report.target, report.target_rows = p["target"], frame.height
             return pool_rows
-        out = frame.drop(list(inputs)).join(cols, on="id", how="left", maintain_order="left")
+        out = frame.join(cols, on="id", how="left", maintain_order="left")
         self._record_scores(cols)
         report.histogram = _histogram(out[main]) if out[main].dtype.is_numeric() else None
         return out
+
+    def _score_frame(self, n: str, a: dict, frame: pl.DataFrame, side: dict[str, pl.DataFrame],
+                     report: StageReport) -> pl.DataFrame:
+        """Score stage `n`'s columns for `frame`'s rows (through the score cache when its kernel is
+        cached): a frame of id and the stage's columns, row for row."""
+        p = a["params"]
+        spec = reg.SCORERS[p["scorer"]]
+        k = kernel_for("scorer", p["scorer"])
+        main = next(iter(a["columns_out"]))
+        params = {q.name: p[q.name] for q in spec.params if q.name in p}
+        params.update({role: rows for role, rows in side.items() if role != "target"})
+        model = self._stage_model(n, report) if self._model_of(n) else None
+        # a cached kernel's rows are counted on the stage's one bar (`_cached_rows`), not on a bar per chunk
+        options = replace(self.cfg.options(), progress=False) if k.cached else self.cfg.options()
+        names = {col: main + suffix for col, suffix in k.names.items()}
+        inputs = k.scored_inputs  # e.g. a `cluster` scorer's embeddings, through the score cache
+        for column, needs in inputs.items():
+            frame = frame.with_columns(self._scored_input(needs(model), model, frame, report).alias(column))
+        compute = ScoreCall(k, model, params, options)
+        schema = k.result_schema(model, params)  # a vector's width is its model's
+        if k.cached:
+            cols = self._cached_rows(k.cache_key(params, getattr(model, "fingerprint", None)), frame, report,
+                                     schema, compute, names)
+        else:
+            got = self._compute_all(frame, compute)
+            cols = pl.DataFrame({"id": frame["id"], **{name: pl.Series(got[col], dtype=schema[col])
+                                                       for col, name in names.items()}})
+            report.scored_rows = frame.height
+            if "reason" in got:
+                report.skipped = dict(sorted(Counter(r for r in got["reason"] if r).items()))
+        return cols
+
+    def _recipe_columns(self, rows: pl.DataFrame, names: list[str], purpose: str) -> pl.DataFrame:
+        """Columns of this recipe computed for other rows than the pool's (a fitted selector's features on
+        the probes' dataset): a field the rows have, or the column a `score` stage produces, scored by that
+        stage's kernel and model through the score cache (rows the pool shares are not scored twice)."""
+        out = rows.select("id")
+        producers: dict[str, list[str]] = {}
+        for name in names:
+            if name in rows.columns:
+                out = out.with_columns(rows[name])
+                continue
+            node = next((m for m in self._order if self.g.nodes[m]["op"] == "score"
+                         and not self.g.nodes[m]["params"].get("target") and name in self.g.nodes[m]["columns_out"]), None)
+            if node is None:
+                raise TamisError(f"{purpose}: feature {name!r} is neither a field of the rows nor a column that a "
+                                 "`score` stage of the recipe produces")
+            producers.setdefault(node, []).append(name)
+        for node, cols in producers.items():
+            a = self.g.nodes[node]
+            report = StageReport(node, f"{a['label']} ({purpose})", rows.height, rows.height, 0.0)
+            t0 = time.perf_counter()
+            got = self._score_frame(node, a, rows, self._side_datasets(node), report)
+            report.seconds = time.perf_counter() - t0
+            self.stages.append(report)
+            out = out.with_columns(got.select(cols))
+        return out.select("id", *names)
 
     def _side_datasets(self, n: str) -> dict[str, pl.DataFrame]:
         """The other datasets a stage reads, by role ("target" for `on X`, else the parameter name)."""
@@ -533,7 +561,6 @@ class LocalExecutor:
         scores = self.cache.scores
         key = fingerprint(semantic)
         scores.describe(key, semantic)
-        dtypes = {"id": pl.String, **schema}
         row_keys = self._row_keys(frame)
         distinct = row_keys.n_unique() == frame.height
         # one row per frame row, null where not cached
@@ -550,9 +577,33 @@ class LocalExecutor:
         else:  # counted once each; each missing content computed once, in first-seen order, from its last row
             report.cached_rows = row_keys.filter(found).n_unique()
             todo = missing.group_by("id", maintain_order=True).agg(pl.col(row).last())[row]
+        done = self._compute_missing(key, frame, row_keys, todo, schema, report, compute)
+        if done:  # the missing rows get the computed values; the rest keep the cached ones, in row order
+            results = pl.concat(done, how="vertical")
+            if results.height == missing.height:  # no content repeated: results are the missing rows, in order
+                computed = results.insert_column(0, missing[row])
+            else:
+                computed = missing.join(results, on="id", how="left", maintain_order="left")
+            values = (computed if not report.cached_rows else
+                      pl.concat([values.with_row_index(row).filter(found), computed], how="vertical").sort(row)
+                      ).drop(row)
+        if "reason" in schema:
+            reasons = values.get_column("reason").drop_nulls()
+            if reasons.dtype == pl.String:
+                reasons = reasons.filter(reasons != "")
+            counts = reasons.value_counts(name="n").sort("reason")
+            report.skipped = dict(zip(counts["reason"].to_list(), counts["n"].to_list()))
+        return values.select([pl.col(col).alias(name) for col, name in names.items()]).insert_column(0, frame["id"])
+
+    def _compute_missing(self, key: str, frame: pl.DataFrame, row_keys: pl.Series, todo: pl.Series, schema: dict,
+                         report: StageReport, compute) -> list[pl.DataFrame]:
+        """Compute `frame`'s rows at positions `todo` (their cache keys in `row_keys`), persisting each chunk
+        under cache `key` as it is done; the results (an ``id`` column of row keys, then `schema`'s
+        columns) in `todo`'s order. An engine that computes elsewhere overrides this."""
+        dtypes = {"id": pl.String, **schema}
         done = []
         bar = self._stage_bar(report, total=report.cached_rows + len(todo))
-        with bar, scores.writer(key, sync_seconds=self.cfg.checkpoint_seconds) as out:
+        with bar, self.cache.scores.writer(key, sync_seconds=self.cfg.checkpoint_seconds) as out:
             start, size = 0, min(self.cfg.chunk_rows, 8)  # a small first chunk measures the rate
             while start < len(todo):
                 idx = todo.slice(start, size)
@@ -574,22 +625,11 @@ class LocalExecutor:
                 start += len(idx)
                 size = _next_chunk(len(idx), time.perf_counter() - t0, self.cfg.chunk_rows,
                                    self.cfg.checkpoint_seconds)
-        if done:  # the missing rows get the computed values; the rest keep the cached ones, in row order
-            results = pl.concat(done, how="vertical")
-            if results.height == missing.height:  # no content repeated: results are the missing rows, in order
-                computed = results.insert_column(0, missing[row])
-            else:
-                computed = missing.join(results, on="id", how="left", maintain_order="left")
-            values = (computed if not report.cached_rows else
-                      pl.concat([values.with_row_index(row).filter(found), computed], how="vertical").sort(row)
-                      ).drop(row)
-        if "reason" in schema:
-            reasons = values.get_column("reason").drop_nulls()
-            if reasons.dtype == pl.String:
-                reasons = reasons.filter(reasons != "")
-            counts = reasons.value_counts(name="n").sort("reason")
-            report.skipped = dict(zip(counts["reason"].to_list(), counts["n"].to_list()))
-        return values.select([pl.col(col).alias(name) for col, name in names.items()]).insert_column(0, frame["id"])
+        return done
+
+    def _compute_all(self, frame: pl.DataFrame, compute) -> dict:
+        """An uncached scorer's result columns for every row of `frame` (an engine may override)."""
+        return compute(frame)
 
     def _row_keys(self, frame: pl.DataFrame) -> pl.Series:
         """The score-cache row keys of `frame` (`row_content_keys`: a hash of each row's content), hashed
@@ -654,7 +694,10 @@ class LocalExecutor:
                        artifacts=self.cache.artifacts,
                        bases=[self._lazy(p) for p in self._preds(node, "base")],
                        inputs=[self._lazy(p) for p in self._preds(node, "train", "data")],
-                       models=[self._lazy(p) for p in self._preds(node, "model")])
+                       models=[self._lazy(p) for p in self._preds(node, "model")],
+                       labels=[self._lazy(p) for p in self._preds(node, "labels")],
+                       evaluation=[self._lazy(p) for p in self._preds(node, "eval")],
+                       columns=lambda rows, names: self._recipe_columns(rows, list(names), f"features of {a['label']}"))
         return k.fn(a["params"], env)
 
     def _preds(self, node: str, *flows: str) -> list[str]:
@@ -672,6 +715,20 @@ class LocalExecutor:
 
 # --------------------------------------------------------------------------- calling kernels
 # Plain functions of (kernel, rows, model, parameters): what any engine calls on its workers.
+
+
+@dataclass(frozen=True)
+class ScoreCall:
+    """A scorer bound to its model, parameters and options: `call(rows)` scores rows (`call_scorer`).
+    A value, not a closure, so an engine can see what it runs and ship it to its workers."""
+
+    kernel: Kernel
+    model: Any
+    params: dict
+    options: ExecOptions
+
+    def __call__(self, rows: pl.DataFrame) -> dict:
+        return call_scorer(self.kernel, rows, self.model, self.params, self.options)
 
 
 def call_scorer(k: Kernel, rows: pl.DataFrame, model, params: dict, options: ExecOptions) -> dict:

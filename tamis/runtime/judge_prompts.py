@@ -70,3 +70,63 @@ ALPAGASUS = JudgePrompt(
              "potential bias. \n\n"),
 )
 JUDGE_PROMPTS: dict[str, JudgePrompt] = {ALPAGASUS.name: ALPAGASUS}
+
+
+# --------------------------------------------------------------------------- pairwise comparison
+# The wins-rate papers (Cherry LLM, AlpaGasus, Superfiltering, …) judge two models' answers to one
+# question with the Vicuna/Koala pairwise prompt (FastChat's first review prompt), asked in both
+# orders; tianyi-lab/Cherry_LLM evaluation/generation/eval.py (`gen_prompt`, `parse_score`).
+
+R_NOT_A_PAIR = "judge's first line is not two numbers"
+
+
+def parse_score_pair(review: str) -> tuple[tuple[float, float] | None, str | None]:
+    """((score of assistant 1, score of assistant 2), None) or (None, why): the first line with
+    commas read as spaces, split on single spaces into exactly two numbers, as `parse_score` does
+    (the reference then uses [-1, -1], a tie; the caller counts the verdict as a tie too)."""
+    parts = review.split("\n")[0].replace(",", " ").split(" ")
+    if len(parts) != 2:
+        return None, R_NOT_A_PAIR
+    try:
+        pair = (float(parts[0]), float(parts[1]))
+    except ValueError:
+        return None, R_NOT_A_PAIR
+    if not all(math.isfinite(v) for v in pair):
+        return None, R_NOT_FINITE
+    return pair, None
+
+
+@dataclass(frozen=True)
+class PairwisePrompt:
+    """A judge's two messages comparing two answers to one question, and how its reply is read."""
+
+    name: str
+    system: str
+    template: str  # str.format_map over question, answer_1, answer_2, criteria
+    criteria: str
+    parse: Callable[[str], tuple[tuple[float, float] | None, str | None]] = field(default=parse_score_pair,
+                                                                                  compare=False)
+    version: str = "1"  # part of every cached verdict's key
+
+    def messages(self, question: str, answer_1: str, answer_2: str) -> list[dict[str, str]]:
+        user = self.template.format_map({"question": question, "answer_1": answer_1, "answer_2": answer_2,
+                                         "criteria": self.criteria})
+        return [{"role": "system", "content": self.system}, {"role": "user", "content": user}]
+
+
+VICUNA_PAIRWISE = PairwisePrompt(
+    name="vicuna_pairwise",
+    system="You are a helpful and precise assistant for checking the quality of the answer.",
+    template=("[Question]\n{question}\n\n[The Start of Assistant 1's Answer]\n{answer_1}\n\n"
+              "[The End of Assistant 1's Answer]\n\n[The Start of Assistant 2's Answer]\n{answer_2}\n\n"
+              "[The End of Assistant 2's Answer]\n\n[System]\n{criteria}\n\n"),
+    criteria=("We would like to request your feedback on the performance of two AI assistants in response to the "
+              "user question displayed above.\nPlease rate the helpfulness, relevance, accuracy, level of details "
+              "of their responses. Each assistant receives an overall score on a scale of 1 to 10, where a higher "
+              "score indicates better overall performance.\nPlease first output a single line containing only two "
+              "values indicating the scores for Assistant 1 and 2, respectively. The two scores are separated by a "
+              "space. In the subsequent line, please provide a comprehensive explanation of your evaluation, "
+              "avoiding any potential bias and ensuring that the order in which the responses were presented does "
+              "not affect your judgment."),
+)
+PAIRWISE_PROMPTS: dict[str, PairwisePrompt] = {VICUNA_PAIRWISE.name: VICUNA_PAIRWISE}

@@ -536,6 +536,29 @@ def train_warmup(
     return result
 
 
+def train_encoded(
+    lm: LoadedLM,
+    encoded: list[TrainingExample],
+    config: TrainConfig,
+    out_dir: str | os.PathLike[str],
+    *,
+    n_rows: int,
+    skipped: Mapping[str, int] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """`train_warmup` on sequences the caller encoded itself (e.g. a DEITA scorer's prompt and its label
+    token, which must sit exactly where the scorer reads it); `n_rows`/`skipped`: the rows they came from."""
+    out = Path(out_dir)
+    if not encoded:
+        raise TrainingError(f"none of the {n_rows} rows has a token to train on (skipped: {dict(skipped or {})})")
+    _verify_architecture(lm)
+    with _atomic_dir(out) as tmp, torch.random.fork_rng(devices=_rng_devices(lm.device)):
+        torch.manual_seed(config.seed)
+        result = _train(lm, encoded, n_rows, dict(skipped or {}), config, tmp, out, progress)
+        (tmp / RESULT_FILE).write_text(json.dumps(result.to_json(), indent=2))
+    return result
+
+
 def _rng_devices(device: torch.device) -> list[int]:
     if device.type == "cuda":
         return [device.index if device.index is not None else torch.cuda.current_device()]

@@ -48,11 +48,16 @@ def warm_up(base, pool: pl.DataFrame, params: dict, artifacts, cfg, *, label: st
 def train_on(base, rows: pl.DataFrame, params: dict, artifacts, cfg, *, label: str) -> tuple[Any, dict]:
     """`train(M, on=D)`: fine-tune `base` on the rows of a dataset (a loaded file, or a selection of
     the pool); cached as an artifact keyed by the rows' content, so a re-run trains nothing."""
+    config = train_config(params)
+    key = train_key(base, rows, config)
+    return trained_model(base, key, config, lambda: rows, artifacts, cfg, {"label": label, "rows_given": rows.height})
+
+
+def train_key(base, rows: pl.DataFrame, config) -> str:
+    """The artifact key of `base` fine-tuned on `rows` under `config` (what `train_on` caches under)."""
     from tamis.runtime.cache import data_fingerprint, fingerprint
 
-    config = train_config(params)
-    key = fingerprint({"op": "train", "base": base.fingerprint, "data": data_fingerprint(rows), "config": config.to_json()})
-    return trained_model(base, key, config, lambda: rows, artifacts, cfg, {"label": label, "rows_given": rows.height})
+    return fingerprint({"op": "train", "base": base.fingerprint, "data": data_fingerprint(rows), "config": config.to_json()})
 
 
 def train_config(params: dict):
@@ -73,15 +78,25 @@ def train_config(params: dict):
 def trained_model(base, key: str, config, rows: Callable[[], pl.DataFrame], artifacts, cfg,
                   summary: dict) -> tuple[Any, dict]:
     """Train `base` on `rows()` under artifact `key` (unless it is cached), then load the result."""
-    from tamis.runtime.models import load_causal_lm
     from tamis.runtime.training import train_warmup
+
+    def train(out: Path):
+        sample = rows()
+        return train_warmup(base, sample, config, out, progress=cfg.progress), sample["id"].to_list()
+
+    return trained_with(base, key, config, train, artifacts, cfg, summary)
+
+
+def trained_with(base, key: str, config, train: Callable[[Path], tuple[Any, list]], artifacts, cfg,
+                 summary: dict) -> tuple[Any, dict]:
+    """`trained_model` for any training function: `train(out_dir)` -> (TrainResult, the trained rows' ids),
+    called only when artifact `key` is not cached; then the result is loaded."""
+    from tamis.runtime.models import load_causal_lm
 
     summary = {**summary, "method": config.method, "cached": artifacts.exists(key)}
     if not artifacts.exists(key):
-        sample = rows()
-        ids = sample["id"].to_list()
         with artifacts.building(key) as out_dir:
-            result = train_warmup(base, sample, config, Path(out_dir) / "model", progress=cfg.progress)
+            result, ids = train(Path(out_dir) / "model")
             (Path(out_dir) / "summary.json").write_text(json.dumps(
                 {"rows": result.n_rows, "trained_rows": result.n_trained_rows, "steps": result.steps,
                  "sample_ids": ids, "epoch_losses": [e.loss for e in result.epochs],

