@@ -43,6 +43,7 @@ RECIPES = {
 
 
 def worker(engine: str, part: str, pool: str, rows: int, concurrency: int | None) -> None:
+    """engine: local; ray (streamed where the recipe allows); ray-driver (the driver's path, for comparison)."""
     """One run of one part under one engine, in this process: print its numbers as JSON."""
     sys.path.insert(0, str(ROOT))
     from tamis.dsl.compile import compile_text
@@ -57,7 +58,7 @@ def worker(engine: str, part: str, pool: str, rows: int, concurrency: int | None
     cfg = RunConfig(pool=pool, limit=rows, pfm=pfm, device="cpu", dtype="fp32", cache_dir=cache, progress=False)
     graph = compile_text(RECIPES[part]).graph
     ray_start = 0.0
-    if engine == "ray":
+    if engine.startswith("ray"):
         import ray
 
         from tamis.runtime.ray_engine import RayExecutor, RayOptions, ensure_ray
@@ -65,22 +66,32 @@ def worker(engine: str, part: str, pool: str, rows: int, concurrency: int | None
         t = time.perf_counter()
         ensure_ray(RayOptions())  # a local instance with every CPU; timed apart from the run
         ray_start = time.perf_counter() - t
-        ex = RayExecutor(graph, cfg, RayOptions(concurrency=concurrency))
+        ex = RayExecutor(graph, cfg, RayOptions(concurrency=concurrency, stream=engine == "ray"))
     else:
         ex = LocalExecutor(graph, cfg)
+    from tamis.runtime.outputs import write_jsonl
+
     t = time.perf_counter()
     result = ex.run()
     wall = time.perf_counter() - t
+    out_file = Path(cache) / "selection.jsonl"
+    t = time.perf_counter()
+    write_jsonl(result.selected, out_file)  # as the CLI writes it (through Ray Data when streamed)
+    write_s = time.perf_counter() - t
     scoring = [s for s in result.stages if s.label.startswith("score")]
     score_s = sum(s.seconds - s.model_seconds for s in scoring)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with open(out_file, encoding="utf-8") as fh:  # after the peak was read
+        ids = [json.loads(line)["id"] for _, line in zip(range(50), fh)]
     out = {"engine": engine, "part": part, "rows": result.scores.height, "selected": result.selected.height,
-           "wall_s": round(wall, 3), "score_s": round(score_s, 3), "model_s": round(sum(s.model_seconds for s in scoring), 3),
+           "wall_s": round(wall, 3), "write_s": round(write_s, 3), "score_s": round(score_s, 3),
+           "model_s": round(sum(s.model_seconds for s in scoring), 3),
            "rows_per_s": round(result.scores.height * len(scoring) / score_s, 1) if score_s else None,
            "ray_start_s": round(ray_start, 2), "driver_peak_rss_mb": round(peak, 1),
-           "selected_ids": result.selected["id"].to_list()[:50],
-           "ray_stages": getattr(ex, "ray_stages", None)}
-    if engine == "ray":
+           "selected_ids": ids, "streamed": engine == "ray" and getattr(ex, "fallback", 1) is None,
+           "engines": sorted({getattr(s, "engine", "local") for s in result.stages}),
+           "ray_stages": getattr(ex, "ray_stages", None), "load_avg": os.getloadavg()}
+    if engine.startswith("ray"):
         ray.shutdown()
     print(json.dumps(out))
 
@@ -115,7 +126,9 @@ def main() -> None:
     ap.add_argument("--ifd-rows", type=int, default=200)
     ap.add_argument("--memory-rows", type=int, default=1_000_000)
     ap.add_argument("--concurrency", type=int, default=None, help="the Ray engine's --concurrency for the IFD actors")
-    ap.add_argument("--worker", choices=["local", "ray"], help=argparse.SUPPRESS)
+    ap.add_argument("--engines", default="local,ray,ray-driver",
+                    help="local; ray (streamed where the recipe allows); ray-driver (the driver's path)")
+    ap.add_argument("--worker", choices=["local", "ray", "ray-driver"], help=argparse.SUPPRESS)
     ap.add_argument("--part", help=argparse.SUPPRESS)
     ap.add_argument("--pool", help=argparse.SUPPRESS)
     ap.add_argument("--rows", type=int, help=argparse.SUPPRESS)
@@ -132,15 +145,17 @@ def main() -> None:
     print(f"Ray {ray.__version__}; each number from a fresh subprocess; a fresh score cache per run", flush=True)
     rows = {"cheap": args.cheap_rows, "ifd": args.ifd_rows, "memory": args.memory_rows}
     results = []
-    print(f"{'part':>7} {'rows':>9} {'engine':>6} | {'score s':>8} {'rows/s':>9} {'run s':>7} {'ray start s':>11} | "
+    print(f"{'part':>7} {'rows':>9} {'engine':>10} | {'score s':>8} {'rows/s':>9} {'run s':>7} {'write s':>7} {'ray start s':>11} | "
           f"{'driver peak MB':>14} | same selection")
     for part in args.only.split(","):
         pool = _pool(workdir, 1_000_000 if rows[part] > 100_000 else 100_000)
-        pair = [_run(e, part, pool, rows[part], args.concurrency if part == "ifd" else None) for e in ("local", "ray")]
-        same = pair[0]["selected_ids"] == pair[1]["selected_ids"]
-        for r in pair:
-            print(f"{part:>7} {r['rows']:>9,} {r['engine']:>6} | {r['score_s']:>8.2f} {_rate(r['rows_per_s']):>9} "
-                  f"{r['wall_s']:>7.2f} {r['ray_start_s']:>11.2f} | {r['driver_peak_rss_mb']:>14,.0f} | {same}", flush=True)
+        engines = args.engines.split(",")
+        runs = [_run(e, part, pool, rows[part], args.concurrency if part == "ifd" else None) for e in engines]
+        for r in runs:
+            same = r["selected_ids"] == runs[0]["selected_ids"]
+            print(f"{part:>7} {r['rows']:>9,} {r['engine']:>10} | {r['score_s']:>8.2f} {_rate(r['rows_per_s']):>9} "
+                  f"{r['wall_s']:>7.2f} {r['write_s']:>7.2f} {r['ray_start_s']:>11.2f} | "
+                  f"{r['driver_peak_rss_mb']:>14,.0f} | {same} | load {r['load_avg'][0]:.1f}", flush=True)
             results.append({**r, "same_selection": same})
     print(json.dumps({"machine": info, "results": results}))
 

@@ -28,6 +28,9 @@ def main() -> None:
     ap.add_argument("--eval-rows", type=int, default=40)
     ap.add_argument("--probes", type=int, default=6)
     ap.add_argument("--probe-rows", type=int, default=40)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--lr", default="0.0005", help="a probe's LoRA learning rate (tiny probes need more than 2e-5)")
+    ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--only", choices=["instruction_mining", "instructiongpt4"], default=None)
     args = ap.parse_args()
 
@@ -56,6 +59,7 @@ def main() -> None:
     tamis = str(Path(sys.executable).with_name("tamis"))
     common = ["--pool", str(pool), "--pfm", smol, "--cache-dir", str(out / "cache"),
               "--param", f"n_probes={args.probes}", "--param", f"probe_rows={args.probe_rows}",
+              "--param", f"max_length={args.max_length}", "--param", f"lr={args.lr}", "--param", f"batch={args.batch}",
               "--model", f"OpenAssistant/reward-model-deberta-v3-large={rm}"]
     runs = {
         "instruction_mining": ["--param", f"train_file=\"{pool}\"", "--param", f"eval_file=\"{evaluation}\"",

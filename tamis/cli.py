@@ -317,6 +317,7 @@ def run(
     engine: EngineOpt = "local",
     address: Annotated[Optional[str], typer.Option("--address", help="--engine ray: a Ray cluster's address (default: start a local instance)")] = None,
     concurrency: Annotated[Optional[int], typer.Option("--concurrency", min=1, help="--engine ray: actors per model stage (default: one per GPU, else one), or tasks in flight")] = None,
+    train_cpus: Annotated[Optional[int], typer.Option("--train-cpus", min=1, help="--engine ray: CPUs per training task (probes; default 1, or a GPU's share of the CPUs)")] = None,
     param: ParamOpt = None,
     plugins: PluginOpt = None,
 ) -> None:
@@ -353,7 +354,8 @@ def run(
         if _engine(engine) == "ray":
             from tamis.runtime.ray_engine import RayExecutor, RayOptions
 
-            result = RayExecutor(compiled.graph, cfg, RayOptions(address=address, concurrency=concurrency)).run()
+            result = RayExecutor(compiled.graph, cfg, RayOptions(address=address, concurrency=concurrency,
+                                                                 train_cpus=train_cpus)).run()
         else:
             result = LocalExecutor(compiled.graph, cfg).run()
     except TamisError as err:

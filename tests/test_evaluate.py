@@ -160,6 +160,7 @@ def _config(tmp_path: Path, pfm: str, seeds: int, epochs: int = 2, **kw):
                       training=TrainingSettings(epochs=epochs, batch=2, lr=1e-3, max_length=64), **kw)
 
 
+@pytest.mark.slow  # three evaluate() runs: ≈25–90 s on the shared 2-core VM
 def test_resume_after_a_kill_retrains_nothing_finished(tmp_path, tiny_gpt2_dir, monkeypatch):
     from tamis.evaluate.run import evaluate
     from tamis.runtime import training

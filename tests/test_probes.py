@@ -16,6 +16,7 @@ from tamis.errors import RecipeError, TamisError
 from tamis.runtime.executor import LocalExecutor, RunConfig
 from tamis.runtime.fit import fit_linear, fit_selfattn, subset_means
 from tamis.runtime.probes import SUBSET, draw_subsets
+from pools import chatter_pool
 
 ROWS = 40
 
@@ -149,14 +150,7 @@ def test_selfattn_heads_must_divide_the_features():
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
-    from tamis.runtime.data import chatterbot_pairs
-    from tamis.runtime.outputs import write_jsonl
-
-    path = tmp_path_factory.mktemp("pool") / "chatter.jsonl"
-    frame = chatterbot_pairs().frame
-    write_jsonl(frame.unique(subset=["instruction", "input", "output"], keep="first", maintain_order=True).head(ROWS),
-                path)
-    return path
+    return chatter_pool(tmp_path_factory.mktemp("pool") / "chatter.jsonl", ROWS)
 
 
 def _recipe(pool, kind: str = "linear", extra: str = "") -> str:

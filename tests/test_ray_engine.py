@@ -57,7 +57,7 @@ def _shards(cache: Path) -> list[Path]:
 
 def test_cheap_recipe_same_selection_and_scores(tmp_path):
     text = "score length | score mtld with threshold=0.72 | let s = length * mtld | rank by s desc | top 50%"
-    local, on_ray, ex = _both(text, tmp_path)
+    local, on_ray, ex = _both(text, tmp_path, RayOptions(stream=False))  # the driver's path (streamed: below)
     assert on_ray.selected.equals(local.selected)
     assert on_ray.scores.equals(local.scores)
     assert [p["kernel"] for p in ex.ray_stages] == ["length", "mtld"]  # both ran on Ray, as tasks
@@ -225,3 +225,157 @@ def test_explain_engine_ray_says_where_each_operator_runs_and_what_it_gathers():
     assert "o3  Ray actor pool" in extra and "built once per actor" in extra and "gathers ids + 4 column(s)" in extra
     assert "workers write the score cache" in extra
     assert "o5  driver: sorts" in extra
+
+
+# --------------------------------------------------------------------------- training fan-out
+
+
+@pytest.fixture(scope="module")
+def probe_pool(tmp_path_factory):
+    from tamis.runtime.data import chatterbot_pairs
+    from tamis.runtime.outputs import write_jsonl
+
+    path = tmp_path_factory.mktemp("probe_pool") / "chatter.jsonl"
+    frame = chatterbot_pairs().frame
+    write_jsonl(frame.unique(subset=["instruction", "input", "output"], keep="first", maintain_order=True).head(40),
+                path)
+    return path
+
+
+def _probe_info(ex):
+    return next(v for k, v in ex.model_info.items() if k.endswith(":training") and "losses" in v)
+
+
+@pytest.mark.slow  # 5 probes trained by each engine, plus Ray tasks loading the model: ~60-120 s on 2 cores
+def test_probes_train_as_ray_tasks_with_the_same_losses_fit_and_selection(probe_pool, tiny_gpt2_dir, tmp_path):
+    from test_probes import _recipe
+
+    text = _recipe(probe_pool)
+    cfg = dict(pool=str(probe_pool), pfm=tiny_gpt2_dir, dtype="fp32", progress=False)
+    local_ex = LocalExecutor(compile_text(text).graph, RunConfig(cache_dir=str(tmp_path / "local"), **cfg))
+    local = local_ex.run()
+    ex = RayExecutor(compile_text(text).graph, RunConfig(cache_dir=str(tmp_path / "ray"), **cfg))
+    on_ray = ex.run()
+    fanout = [s for s in ex.ray_stages if s["kernel"] == "probes"]
+    assert len(fanout) == 1 and fanout[0]["workers"] == "5 task(s)" and fanout[0]["cpus_per_task"] == 1
+    a, b = _probe_info(local_ex), _probe_info(ex)
+    # float32 training with one torch thread per task against the driver's two: equal to ~1e-7
+    assert b["cached"] == 0 and b["losses"] == pytest.approx(a["losses"], rel=1e-6)
+    rule = {k: v for k, v in ex.model_info.items() if k.endswith(":training") and v.get("kind") == "linear"}
+    local_rule = {k: v for k, v in local_ex.model_info.items() if k.endswith(":training") and v.get("kind") == "linear"}
+    (r,), (lr,) = rule.values(), local_rule.values()
+    # least squares over 5 nearly equal losses magnifies those last digits
+    assert r["coefficients"] == pytest.approx(lr["coefficients"], rel=2e-3)
+    assert on_ray.selected["id"].to_list() == local.selected["id"].to_list()
+    # every probe was written by a task; a probe lost (a kill before it finished) is the only one trained again
+    evals = sorted((tmp_path / "ray" / "artifacts").glob("*/probe.json"))
+    assert len(evals) == 5
+    import shutil
+
+    shutil.rmtree(evals[2].parent)
+    ex2 = RayExecutor(compile_text(text).graph, RunConfig(cache_dir=str(tmp_path / "ray"), **cfg))
+    again = ex2.run()
+    assert (_probe_info(ex2)["cached"], _probe_info(ex2)["probes"]) == (4, 5)
+    assert _probe_info(ex2)["losses"] == b["losses"]
+    assert again.selected["id"].to_list() == on_ray.selected["id"].to_list()
+
+
+# --------------------------------------------------------------------------- the streamed path (driver holds no pool)
+
+
+@pytest.fixture(scope="module")
+def cheap_pool(tmp_path_factory):
+    """300 Alpaca rows, many of equal length (ties for `rank`), a kept `category` field, some own ids,
+    as JSONL and as Parquet."""
+    folder = tmp_path_factory.mktemp("cheap")
+    n = 300
+    rows = [{**({"id": f"own-{i}"} if i % 7 == 0 else {}), "instruction": f"task {i} " + "word " * (i % 5),
+             "input": "" if i % 3 else f"ctx {i}", "output": "answer " * (i % 11) + str(i % 13),
+             "category": ["a", "b", "c"][i % 3]} for i in range(n)]
+    jsonl = folder / "pool.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    parquet = folder / "pool.parquet"
+    from tamis.runtime.data import load_pool
+
+    load_pool(str(jsonl)).frame.write_parquet(parquet)
+    return {"jsonl": jsonl, "parquet": parquet}
+
+
+STREAMED = [
+    "score length | score mtld with threshold=0.72 | let s = length * mtld | rank by s desc | top 10%",
+    'score length | where category != "b" | rank by length asc | top 40',  # many ties, broken by position
+    "score length | let z = zscore(length) + pct(length) + minmax(length) | where z > 0.5 | rank by z | top 25",
+    "score length | rank | top 20 | where length > 30",
+]
+
+
+@pytest.mark.parametrize("fmt,text", [("jsonl", t) for t in STREAMED] + [("parquet", STREAMED[0]), ("parquet", STREAMED[2])])
+def test_cheap_recipes_stream_through_ray_data_with_the_same_selection(cheap_pool, fmt, text, tmp_path):
+    cfg = dict(pool=str(cheap_pool[fmt]), progress=False, no_cache=True)
+    local = LocalExecutor(compile_text(text).graph, RunConfig(**cfg)).run()
+    ex = RayExecutor(compile_text(text).graph, RunConfig(**cfg))
+    on_ray = ex.run()
+    assert ex.fallback is None and all(s.engine == "ray" for s in on_ray.stages)
+    assert not isinstance(on_ray.selected, pl.DataFrame)  # never gathered to the driver
+    assert on_ray.selected.height == local.selected.height
+    got, want = on_ray.selected.to_polars(), local.selected
+    assert got["id"].to_list() == want["id"].to_list()
+    assert got.columns == want.columns
+    scores = on_ray.scores.to_polars()
+    assert scores["id"].equals(local.scores["id"]) and scores.columns == local.scores.columns
+    for col in scores.columns[1:]:  # zscore's moments are merged per block: equal to rounding
+        a, b = local.scores[col], scores[col]
+        assert a.is_null().equals(b.is_null())
+        assert b.drop_nulls().to_list() == pytest.approx(a.drop_nulls().to_list(), rel=1e-12, abs=1e-12)
+    assert [(s.label, s.rows_in, s.rows_out) for s in on_ray.stages] == \
+        [(s.label, s.rows_in, s.rows_out) for s in local.stages]
+    top = next(s for s in ex.ray_stages if s["kernel"] == "top-k merge")
+    assert top["where"].startswith("driver (positions and keys only)")
+    if fmt == "parquet":  # written by the workers, in order, into one file
+        on_ray.selected.write_parquet(tmp_path / "sel.parquet")
+        assert pl.read_parquet(tmp_path / "sel.parquet").equals(want)
+
+
+@pytest.mark.slow  # four runs through the CLI, two writes through Ray Data each: ~30 s on 2 loaded cores
+def test_the_cli_writes_the_same_files_through_ray_data(cheap_pool, tmp_path):
+    recipe = tmp_path / "r.tamis"
+    recipe.write_text(STREAMED[1] + "\n", encoding="utf-8")
+    for suffix in (".jsonl",):  # Parquet: written by the same code, tested above
+        out = {}
+        for engine in ("local", "ray"):
+            path = tmp_path / f"{engine}{suffix}"
+            res = runner.invoke(app, ["run", str(recipe), "--pool", str(cheap_pool["jsonl"]), "-o", str(path),
+                                      "--scores", str(tmp_path / f"{engine}.scores{suffix}"), "--no-progress",
+                                      "--no-cache", "--engine", engine])
+            assert res.exit_code == 0, res.output
+            out[engine] = path
+        if suffix == ".jsonl":
+            assert out["ray"].read_bytes() == out["local"].read_bytes()
+            assert (tmp_path / "ray.scores.jsonl").read_bytes() == (tmp_path / "local.scores.jsonl").read_bytes()
+        else:
+            assert pl.read_parquet(out["ray"]).equals(pl.read_parquet(out["local"]))
+        assert not list(tmp_path.glob(".*"))  # no temporary file or part folder left
+    report = json.loads((tmp_path / "ray.report.json").read_text())
+    assert {s["engine"] for s in report["stages"]} == {"ray"}
+
+
+def test_what_the_streamed_path_cannot_do_falls_back_to_the_driver(cheap_pool, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    lines = cheap_pool["jsonl"].read_text().splitlines()
+    lines[5] = json.dumps({"instruction": "x", "output": "  "})  # blank output: a bad row, named by the loader
+    lines[9] = lines[10]  # a repeated id: the loader renames it in file order
+    bad.write_text("\n".join(lines) + "\n")
+    text = STREAMED[0]
+    cfg = dict(pool=str(bad), progress=False, no_cache=True, skip_bad=True)
+    local = LocalExecutor(compile_text(text).graph, RunConfig(**cfg)).run()
+    ex = RayExecutor(compile_text(text).graph, RunConfig(**cfg))
+    on_ray = ex.run()
+    assert "bad record" in ex.fallback or "repeated ids" in ex.fallback
+    assert on_ray.selected.equals(local.selected) and on_ray.pool_report["skipped"] == 1
+    assert [s.engine for s in on_ray.stages] == ["ray", "ray", "driver", "driver"]  # scorers on Ray, the rest here
+    with pytest.raises(Exception, match="row 6: field 'output': empty output"):  # the loader names the row
+        RayExecutor(compile_text(text).graph, RunConfig(pool=str(bad), progress=False, no_cache=True)).run()
+    ex = RayExecutor(compile_text("score length | rank | top 3 per category").graph,
+                     RunConfig(pool=str(cheap_pool["jsonl"]), progress=False, no_cache=True))
+    ex.run()
+    assert "per group" in ex.fallback

@@ -39,25 +39,8 @@ def prompt_ids(lm: Any, rows: Sequence[Mapping[str, Any]], template: str, max_le
 def greedy_answers(lm: Any, prompts: Sequence[list[int] | None], *, max_new_tokens: int = 256,
                    batch_tokens: int | None = None, progress: bool = True, desc: str = "answering") -> list[str | None]:
     """The decoded answer to each prompt (None where the prompt is None)."""
-    from tqdm.auto import tqdm
+    from tamis.runtime.judge import decode_ids
 
-    from tamis.runtime.judge import _decode_batch, _Row
-    from tamis.runtime.lm_scoring import supports_plain_cache
-
-    context = getattr(lm.model.config, "max_position_embeddings", None) or 10**9
-    rows = {i: _Row(list(p), max(1, min(max_new_tokens, context - len(p)))) for i, p in enumerate(prompts)
-            if p is not None}
-    budget = batch_tokens or (131072 if lm.device.type == "cuda" else 8192)
-    max_batch = 64 if supports_plain_cache(lm) else 1
-    queue = sorted(rows, key=lambda i: -rows[i].length)
-    with tqdm(total=len(rows), unit="row", desc=desc, disable=not progress) as bar:
-        while queue:
-            per_row = rows[queue[0]].length + max(rows[i].left for i in queue[:max_batch])
-            size = max(1, min(max_batch, budget // per_row))
-            batch, queue = queue[:size], queue[size:]
-            _decode_batch(lm, [rows[i] for i in batch], may_park=bool(queue), first_line=False)
-            parked = [i for i in batch if not rows[i].done]
-            bar.update(len(batch) - len(parked))
-            queue = sorted(queue + parked, key=lambda i: -rows[i].length)
-    return [lm.tokenizer.decode(rows[i].written, skip_special_tokens=True).strip() if i in rows else None
-            for i in range(len(prompts))]
+    replies, _ = decode_ids(lm, prompts, max_tokens=max_new_tokens, batch_tokens=batch_tokens, progress=progress,
+                            desc=desc)
+    return [r.strip() if r is not None else None for r in replies]

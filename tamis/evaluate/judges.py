@@ -62,9 +62,9 @@ class EndpointJudge:
         return self.endpoint.fingerprint
 
     def first_lines(self, conversations, progress: bool) -> list[str | None]:
-        from tamis.runtime.judge import _endpoint_first_lines  # retries shown on the bar, as for ratings
+        from tamis.runtime.judge import endpoint_first_lines  # retries shown on the bar, as for ratings
 
-        lines, _, _ = _endpoint_first_lines(self.endpoint, list(conversations), self.max_tokens, progress)
+        lines, _, _ = endpoint_first_lines(self.endpoint, list(conversations), self.max_tokens, progress)
         return list(lines)
 
 

@@ -149,6 +149,8 @@ class BuildEnv:
     evaluation: list[Lazy] = field(default_factory=list)  # the set probe models are evaluated on
     # the recipe's columns computed for other rows: (rows, names) -> frame of id and those columns
     columns: Callable[[pl.DataFrame, Sequence[str]], pl.DataFrame] | None = None
+    # the engine's way of running independent probe trainings (tamis.runtime.probes.ProbeMap); None: in turn, here
+    map_probes: Callable[..., Any] | None = None
 
 
 @dataclass

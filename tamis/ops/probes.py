@@ -31,12 +31,17 @@ def train_probes(params: Mapping, env: BuildEnv) -> Built:
     from tamis.ops.models import describe_model
     from tamis.runtime.probes import evaluation_rows, run_probes
 
+    from tamis.dsl.registry import MODEL_CTORS
+
+    params = dict(params)
+    if not params.get("lora"):  # probes are LoRA fine-tunes unless the recipe says otherwise (lora=…)
+        params["lora"] = {p.name: p.default for p in MODEL_CTORS["lora"].params}
     sets = env.inputs[0].get()
     given = env.evaluation[0] if env.evaluation else None
     evaluation, where = evaluation_rows(sets, given.get() if given else None)
     base = env.bases[0].get()
-    probes = run_probes(base, sets, evaluation, dict(params), env.artifacts, env.options, label=env.label,
-                        evaluation_label=given.label if given else where)
+    probes = run_probes(base, sets, evaluation, params, env.artifacts, env.options, label=env.label,
+                        evaluation_label=given.label if given else where, map_probes=env.map_probes)
     info = {**describe_model(env.label, base), "fingerprint": probes.fingerprint, "probes": len(probes.probes)}
     return Built(probes, info, probes.info)
 

@@ -1807,31 +1807,14 @@ def _fast_load(path: Path, container: str, opts: _Options, report: LoadReport, *
     if table is None:
         return None
     raw = table.frame
-    sources = _sources(opts, raw.columns)
-    used = {s for s in sources.values() if s is not None}
-    extras = [name for name in raw.columns if name not in used and _kept_name(name, opts)]
+    sources, used, extras = frame_fields(raw, opts)
     if not table.json:
         opts = replace(opts, extras={name: raw.schema[name] for name in extras})
     elif not _extras_are_text(path, raw, extras):
         return None
-    for name in _CONVERSATION:
-        if sources[name] is not None and raw[sources[name]].null_count() < raw.height:
-            return None  # conversations: the per-record path
-    for name in ("instruction", "output"):
-        if sources[name] is None or not _is_text(raw.schema[sources[name]]):
-            return None  # every record is bad: the per-record path says so for each
-    if sources["input"] is not None and not _is_text(raw.schema[sources["input"]]):
+    if not frame_is_plain(raw, sources, opts, table.json):
         return None
-    if sources["id"] is not None and not (_is_text(raw.schema[sources["id"]]) or _is_int(raw.schema[sources["id"]])):
-        return None
-    if table.json and _mapped_and_own_name(raw, opts):
-        return None
-    canon = _canonical_columns(raw, sources)
-    names, _ = _checked(sources, raw)
-    flagged = _flags(canon, names, table.json)
-    nul = _nul_flags(raw, extras) if table.json else None
-    if nul is not None:
-        flagged = flagged | nul
+    canon, names, flagged, nul = frame_flags(raw, sources, extras, table.json)
     keep, problems, fixes = _check_flagged(path, container, opts, report, table, canon, flagged, names, sources, nul)
     if keep is None or (problems and limit is not None):
         return None  # a limit counts good rows: reading on past bad ones is the per-record path's job
@@ -1846,6 +1829,46 @@ def _fast_load(path: Path, container: str, opts: _Options, report: LoadReport, *
     ids, renamed = _assign_ids(canon)
     report.duplicate_ids_renamed = renamed
     return canon.with_columns(ids.alias("id")).select(["id", *_TEXT]).hstack(kept), problems
+
+
+# The per-frame part of the vectorised path, on any frame of raw records (a whole table here, one
+# batch of it under the Ray engine, which reads pools in parallel: tamis.runtime.ray_pool).
+
+
+def frame_fields(raw: pl.DataFrame, opts: _Options) -> tuple[dict[str, str | None], set[str], list[str]]:
+    """(the column each canonical field comes from, the columns so used, the kept extra fields)."""
+    sources = _sources(opts, raw.columns)
+    used = {s for s in sources.values() if s is not None}
+    return sources, used, [name for name in raw.columns if name not in used and _kept_name(name, opts)]
+
+
+def frame_is_plain(raw: pl.DataFrame, sources: dict[str, str | None], opts: _Options, json_values: bool) -> bool:
+    """Whether the vectorised checks can vouch for this frame; False: the per-record path's job
+    (conversations, text fields of other types, a mapped field some records carry under its own name)."""
+    for name in _CONVERSATION:
+        if sources[name] is not None and raw[sources[name]].null_count() < raw.height:
+            return False  # conversations: the per-record path
+    for name in ("instruction", "output"):
+        if sources[name] is None or not _is_text(raw.schema[sources[name]]):
+            return False  # every record is bad: the per-record path says so for each
+    if sources["input"] is not None and not _is_text(raw.schema[sources["input"]]):
+        return False
+    if sources["id"] is not None and not (_is_text(raw.schema[sources["id"]]) or _is_int(raw.schema[sources["id"]])):
+        return False
+    return not (json_values and _mapped_and_own_name(raw, opts))
+
+
+def frame_flags(raw: pl.DataFrame, sources: dict[str, str | None], extras: list[str],
+                json_values: bool) -> tuple[pl.DataFrame, list[str], pl.Series, pl.Series | None]:
+    """(the canonical columns, the columns checked, the rows the per-record checks must look at,
+    the rows flagged for a NUL in a kept JSON value or None)."""
+    canon = _canonical_columns(raw, sources)
+    names, _ = _checked(sources, raw)
+    flagged = _flags(canon, names, json_values)
+    nul = _nul_flags(raw, extras) if json_values else None
+    if nul is not None:
+        flagged = flagged | nul
+    return canon, names, flagged, nul
 
 
 # How Polars' JSON readers write a non-string read into a text column (5, 1.5e3, true,

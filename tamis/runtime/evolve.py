@@ -77,13 +77,13 @@ def generate(model: Any, prompts: Sequence[str], *, max_tokens: int, batch_token
     """Greedy whole replies of `model` (a local chat model or a ChatEndpoint) to single-turn prompts, in
     order; None where the prompt does not fit the model's context."""
     from tamis.runtime.api_client import ChatEndpoint
-    from tamis.runtime.judge import _endpoint_first_lines, first_lines
+    from tamis.runtime.judge import endpoint_first_lines, first_lines
 
     if not prompts:
         return []
     conversations = [[{"role": "user", "content": p}] for p in prompts]
     if isinstance(model, ChatEndpoint):
-        replies, _, too_long = _endpoint_first_lines(model, conversations, max_tokens, progress, first_line=False,
+        replies, _, too_long = endpoint_first_lines(model, conversations, max_tokens, progress, first_line=False,
                                                      desc=desc)
     else:
         replies, _, too_long = first_lines(model, conversations, max_tokens=max_tokens, batch_tokens=batch_tokens,

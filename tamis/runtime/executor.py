@@ -697,8 +697,14 @@ class LocalExecutor:
                        models=[self._lazy(p) for p in self._preds(node, "model")],
                        labels=[self._lazy(p) for p in self._preds(node, "labels")],
                        evaluation=[self._lazy(p) for p in self._preds(node, "eval")],
-                       columns=lambda rows, names: self._recipe_columns(rows, list(names), f"features of {a['label']}"))
+                       columns=lambda rows, names: self._recipe_columns(rows, list(names), f"features of {a['label']}"),
+                       map_probes=self._probe_map(node))
         return k.fn(a["params"], env)
+
+    def _probe_map(self, node: str):
+        """How model node `node` runs independent probe trainings (a `tamis.runtime.probes.ProbeMap`);
+        None: one after another in this process. An engine that trains elsewhere overrides this."""
+        return None
 
     def _preds(self, node: str, *flows: str) -> list[str]:
         return [p for p, _, d in self.g.in_edges(node, data=True) if d["flow"] in flows]

@@ -75,7 +75,7 @@ def rate(
     started = time.perf_counter()
     conversations = [JUDGE_PROMPTS[prompt].messages(row) for row in rows]
     if isinstance(judge, ChatEndpoint):
-        lines, new_tokens, too_long = _endpoint_first_lines(judge, conversations, max_tokens, progress)
+        lines, new_tokens, too_long = endpoint_first_lines(judge, conversations, max_tokens, progress)
     else:
         lines, new_tokens, too_long = first_lines(judge, conversations, max_tokens=max_tokens,
                                                   batch_tokens=batch_tokens, progress=progress)
@@ -128,7 +128,7 @@ def tag(tagger: "LoadedLM | ChatEndpoint", examples: Any, *, max_tokens: int = 5
     started = time.perf_counter()
     conversations = [tag_conversation(row) for row in rows]
     if isinstance(tagger, ChatEndpoint):
-        replies, new_tokens, too_long = _endpoint_first_lines(tagger, conversations, max_tokens, progress,
+        replies, new_tokens, too_long = endpoint_first_lines(tagger, conversations, max_tokens, progress,
                                                               first_line=False, desc="tagging")
     else:
         replies, new_tokens, too_long = first_lines(tagger, conversations, max_tokens=max_tokens,
@@ -155,7 +155,7 @@ def tag(tagger: "LoadedLM | ChatEndpoint", examples: Any, *, max_tokens: int = 5
 # --------------------------------------------------------------------------- generation
 
 
-def _endpoint_first_lines(endpoint: ChatEndpoint, conversations: list[list[dict[str, str]]], max_tokens: int,
+def endpoint_first_lines(endpoint: ChatEndpoint, conversations: list[list[dict[str, str]]], max_tokens: int,
                           progress: bool, first_line: bool = True,
                           desc: str = "judging") -> tuple[list[str], None, list[bool]]:
     """The endpoint's replies, cut at the first newline (`first_line=False`: whole), with a bar."""
@@ -223,15 +223,36 @@ def first_lines(
     ids = list(tok(texts, add_special_tokens=False)["input_ids"]) if texts else []
     context = getattr(lm.model.config, "max_position_embeddings", None) or 10**9
     too_long = [len(x) >= context for x in ids]
-    rows = {i: _Row(list(ids[i]), min(max_tokens, context - len(ids[i]))) for i in range(len(ids)) if not too_long[i]}
+    replies, new_tokens = decode_ids(lm, [None if t else x for x, t in zip(ids, too_long)], max_tokens=max_tokens,
+                                     batch_tokens=batch_tokens, progress=progress, first_line=first_line, desc=desc)
+    return [r if r is not None else "" for r in replies], new_tokens, too_long
+
+
+def decode_ids(
+    lm: LoadedLM,
+    prompts: Sequence[list[int] | None],
+    *,
+    max_tokens: int = 256,
+    batch_tokens: int | None = None,
+    progress: bool = True,
+    first_line: bool = False,
+    desc: str = "decoding",
+) -> tuple[list[str | None], int]:
+    """Greedy replies to prompts given as token ids (None: skipped, reply None), each up to EOS or
+    `max_tokens` (or the model's context), cut at the first newline with `first_line`; and the new
+    tokens generated. Rows decode in batches of similar length; a batch whose rows are three-quarters
+    done *parks* the rest (they re-enter the queue with what they have written, see `_Row`), so a few
+    long-winded rows are decoded together instead of one by one."""
+    from tqdm.auto import tqdm
+
+    context = getattr(lm.model.config, "max_position_embeddings", None) or 10**9
+    rows = {i: _Row(list(p), max(1, min(max_tokens, context - len(p)))) for i, p in enumerate(prompts) if p is not None}
     # KV cache ≈ budget × layers × 2 × kv width; decoding is bound by memory traffic, so a
     # moderate batch is as fast per row as a wide one on CPU
     budget = batch_tokens or (131072 if lm.device.type == "cuda" else 8192)
     queue = sorted(rows, key=lambda i: -rows[i].length)
     # per-row caches are left-padded into a batch; a sliding-window cache cannot be
     max_batch = 64 if supports_plain_cache(lm) else 1
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=len(rows), unit="row", desc=desc, disable=not progress, smoothing=0.1)
     while queue:
         # rows in a batch share the longest row's length (left padding) plus its new tokens
@@ -242,8 +263,8 @@ def first_lines(
             _decode_batch(lm, [rows[i] for i in batch], may_park=bool(queue), first_line=first_line)
         except torch.OutOfMemoryError:
             if lm.device.type != "cuda" or budget <= per_row:
-                raise ModelError(f"out of memory judging a {per_row}-token row on {lm.device}; "
-                                 "pass a smaller --batch-tokens or use a smaller judge") from None
+                raise ModelError(f"out of memory decoding a {per_row}-token row on {lm.device}; "
+                                 "pass a smaller --batch-tokens or use a smaller model") from None
             torch.cuda.empty_cache()
             budget //= 2
             # rows finished before the error stay finished; the rest resume from what they wrote
@@ -252,10 +273,11 @@ def first_lines(
         queue = sorted(queue + parked, key=lambda i: -rows[i].length)
     bar.close()
     new_tokens = sum(r.limit - r.left for r in rows.values())
-    lines = [tok.decode(rows[i].written, skip_special_tokens=True) if i in rows else "" for i in range(len(ids))]
+    replies: list[str | None] = [lm.tokenizer.decode(rows[i].written, skip_special_tokens=True) if i in rows else None
+                                 for i in range(len(prompts))]
     if first_line:
-        lines = [line.split("\n")[0] for line in lines]
-    return lines, new_tokens, too_long
+        replies = [r.split("\n")[0] if r is not None else None for r in replies]
+    return replies, new_tokens
 
 
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "

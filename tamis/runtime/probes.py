@@ -4,8 +4,9 @@ of a dataset, each labelled by its answer loss on an evaluation set.
 * `draw_subsets` — the rows set aside for evaluation (`holdout`) first, then n subsets of the rest,
   each drawn without replacement (subsets may share rows, as independent draws do); one seeded numpy
   RandomState, so the same seed gives the same subsets on any machine.
-* `run_probes` — trains the probes one after another (LoRA by default, through the same training
-  code and artifact cache as `train(M, on=D)`) and evaluates each. A probe's model and its loss are
+* `run_probes` — trains the probes (LoRA by default, through the same training code and artifact
+  cache as `train(M, on=D)`) and evaluates each: one probe is `probe_one`, a plain function; the
+  engine runs the missing ones (`ProbeMap`: one after another locally, as Ray tasks under Ray). A probe's model and its loss are
   artifacts: a killed run keeps its finished probes, and a re-run trains and evaluates nothing it has.
   The label is the mean over evaluation rows of each row's mean answer-token loss, in the training
   template (a row with no scorable answer is left out and counted).
@@ -17,7 +18,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import polars as pl
@@ -118,41 +119,91 @@ def evaluation_rows(sets: pl.DataFrame, given: pl.DataFrame | None) -> tuple[pl.
     return held, "held-out rows"
 
 
+@dataclass(frozen=True)
+class ProbeJob:
+    """One probe to train and evaluate: plain values, so an engine can ship it to a worker."""
+
+    subset: int
+    rows: pl.DataFrame  # the rows it is trained on
+    key: str  # the artifact key of its evaluation (probe.json)
+    label: str
+
+
+@dataclass(frozen=True)
+class ProbeTask:
+    """What every probe of a set shares, all but the base model (an engine binds that where it runs)."""
+
+    evaluation: pl.DataFrame
+    params: dict
+    options: Any
+
+
+# An engine's way of running probes: (jobs, task) -> (job, probe.json's dict) for each job, in any order.
+# The local engine runs them one after another in this process (`run_locally`); the Ray engine as tasks.
+ProbeMap = Callable[[list[ProbeJob], ProbeTask], Iterator[tuple[ProbeJob, dict]]]
+
+
+def probe_one(base: Any, job: ProbeJob, task: ProbeTask, artifacts: Any) -> dict:
+    """Train and evaluate one probe unless its artifact exists, writing it atomically (so a kill keeps
+    every finished probe, and builders of different probes never meet); what its probe.json holds."""
+    from tamis.runtime.warmup import train_config, train_on
+
+    if not artifacts.exists(job.key):
+        config = train_config(task.params)
+        t0 = time.perf_counter()
+        lm, summary = train_on(base, job.rows, task.params, artifacts, task.options, label=job.label)
+        loss, scored = evaluation_loss(lm, task.evaluation, config.template, config.max_length, task.options)
+        del lm
+        with artifacts.building(job.key) as out:
+            (out / "probe.json").write_text(json.dumps({
+                "loss": loss, "eval_rows": scored, "ids": job.rows["id"].to_list(),
+                "train_seconds": summary.get("seconds"), "seconds": time.perf_counter() - t0}))
+    return json.loads((artifacts.path_for(job.key) / "probe.json").read_text())
+
+
+def run_locally(base: Any, artifacts: Any) -> ProbeMap:
+    """The local engine's ProbeMap: each probe in turn, in this process."""
+    def run(jobs: list[ProbeJob], task: ProbeTask) -> Iterator[tuple[ProbeJob, dict]]:
+        for job in jobs:
+            yield job, probe_one(base, job, task, artifacts)
+    return run
+
+
 def run_probes(base: Any, sets: pl.DataFrame, evaluation: pl.DataFrame, params: dict, artifacts: Any, options: Any,
-               *, label: str, evaluation_label: str) -> ProbeSet:
-    """Train one probe per subset of `sets` and label each with its loss on `evaluation`."""
+               *, label: str, evaluation_label: str, map_probes: ProbeMap | None = None) -> ProbeSet:
+    """Train one probe per subset of `sets` and label each with its loss on `evaluation`; the probes the
+    artifact cache lacks go through `map_probes` (default: one after another, here)."""
     from tqdm.auto import tqdm
 
     from tamis.runtime.cache import data_fingerprint, fingerprint
-    from tamis.runtime.warmup import train_config, train_key, train_on
+    from tamis.runtime.warmup import train_config, train_key
 
     config = train_config(params)
     eval_fp = data_fingerprint(evaluation)
     ids = sorted(sets.filter(pl.col(SUBSET) >= 0)[SUBSET].unique().to_list())
-    probes: list[Probe] = []
-    keys: list[str] = []
-    bar = tqdm(total=len(ids), unit="probe", desc=f"{label}: probes", disable=not options.progress)
+    jobs: list[ProbeJob] = []
+    for i in ids:
+        rows = sets.filter(pl.col(SUBSET) == i).drop(SUBSET)
+        key = fingerprint({"op": "probe-eval", "model": train_key(base, rows, config), "eval": eval_fp,
+                           "template": config.template, "max_length": config.max_length, "version": _EVAL_VERSION})
+        jobs.append(ProbeJob(i, rows, key, f"{label} #{i + 1}"))
+    got: dict[int, tuple[dict, bool]] = {}
+    todo = []
+    for job in jobs:
+        if artifacts.exists(job.key):
+            got[job.subset] = (json.loads((artifacts.path_for(job.key) / "probe.json").read_text()), True)
+        else:
+            todo.append(job)
+    bar = tqdm(total=len(ids), initial=len(got), unit="probe", desc=f"{label}: probes", disable=not options.progress)
     with bar:
-        for i in ids:
-            rows = sets.filter(pl.col(SUBSET) == i).drop(SUBSET)
-            model_key = train_key(base, rows, config)
-            key = fingerprint({"op": "probe-eval", "model": model_key, "eval": eval_fp, "template": config.template,
-                               "max_length": config.max_length, "version": _EVAL_VERSION})
-            keys.append(key)
-            cached = artifacts.exists(key)
-            if not cached:
-                t0 = time.perf_counter()
-                lm, summary = train_on(base, rows, params, artifacts, options, label=f"{label} #{i + 1}")
-                loss, scored = evaluation_loss(lm, evaluation, config.template, config.max_length, options)
-                del lm
-                with artifacts.building(key) as out:
-                    (out / "probe.json").write_text(json.dumps({
-                        "loss": loss, "eval_rows": scored, "ids": rows["id"].to_list(),
-                        "train_seconds": summary.get("seconds"), "seconds": time.perf_counter() - t0}))
-            got = json.loads((artifacts.path_for(key) / "probe.json").read_text())
-            probes.append(Probe(i, got["ids"], got["loss"], got["eval_rows"], got.get("train_seconds"), cached))
-            bar.set_postfix(loss=f"{got['loss']:.4f}")
-            bar.update(1)
+        if todo:
+            for job, result in (map_probes or run_locally(base, artifacts))(todo, ProbeTask(evaluation, params, options)):
+                got[job.subset] = (result, False)
+                bar.set_postfix(loss=f"{result['loss']:.4f}")
+                bar.update(1)
+    probes = [Probe(i, got[i][0]["ids"], got[i][0]["loss"], got[i][0]["eval_rows"], got[i][0].get("train_seconds"),
+                    got[i][1]) for i in ids]
+    keys = [job.key for job in jobs]
     done = [p for p in probes if not p.cached]
     info = {"probes": len(probes), "cached": len(probes) - len(done), "evaluation": evaluation_label,
             "eval_rows": evaluation.height, "losses": [round(p.loss, 6) for p in probes],

@@ -52,6 +52,8 @@ class RayOptions:
     address: str | None = None  # None: start a local instance; else a cluster's address ("auto", "ray://…")
     concurrency: int | None = None  # actors per model stage (default: one per GPU, else one), or tasks in flight
     num_cpus: int | None = None  # a local instance's CPUs (default: all)
+    stream: bool = True  # cheap recipes: the pool read, ranked and written by Ray Data (tamis.runtime.ray_stream)
+    train_cpus: int | None = None  # CPUs per training task (probes); default: 1, or a GPU's share where there are GPUs
 
 
 def ensure_ray(opts: RayOptions) -> bool:
@@ -75,6 +77,11 @@ def ensure_ray(opts: RayOptions) -> bool:
     return True
 
 
+@dataclass
+class RayStageReport(StageReport):
+    engine: str = "driver"  # where the stage ran: "ray" (Ray Data / tasks / actors) or "driver"
+
+
 class RayExecutor(LocalExecutor):
     """Runs a compiled recipe with its row-wise scorers on Ray (see the module note)."""
 
@@ -82,16 +89,44 @@ class RayExecutor(LocalExecutor):
         super().__init__(g, cfg)
         self.ray = ray_options or RayOptions()
         self.ray_stages: list[dict[str, Any]] = []  # how Ray ran each scoring pipeline (kernel, rows, workers)
+        self.fallback: str | None = None  # why the streamed path could not run this recipe
+        self._node: str | None = None
 
     def run(self) -> RunResult:
         started = ensure_ray(self.ray)
+        streamed = False
         try:
-            return super().run()
+            result = self._with_engine(self._run())
+            streamed = not isinstance(result.selected, pl.DataFrame)
+            return result
         finally:
-            if started:
-                import ray
+            if started and not streamed:  # a streamed result is still on the workers until it is written:
+                import ray  # Ray stops at the process's exit (its own atexit hook)
 
                 ray.shutdown()
+
+    def _run(self) -> RunResult:
+        """The streamed path where the recipe allows it (the driver never holds the pool), else the
+        driver's path with row-wise scoring on Ray; `self.fallback` says why the latter."""
+        from tamis.runtime.ray_pool import NeedsDriver
+        from tamis.runtime.ray_stream import StreamRun, stream_plan
+
+        if self.ray.stream:
+            try:
+                return StreamRun(self, stream_plan(self.g)).run()
+            except NeedsDriver as why:
+                self.fallback = str(why)
+                self.stages, self.ray_stages, self._order = [], [], []
+        return super().run()
+
+    def _with_engine(self, result: RunResult) -> RunResult:
+        """Each stage report says where the stage ran (`engine`): ray, or the driver."""
+        ray_nodes = {s.get("node"): s for s in self.ray_stages if s.get("node")}
+        streamed = self.fallback is None and self.ray.stream
+        result.stages = [RayStageReport(**vars(s), engine="ray" if streamed or s.node in ray_nodes else "driver")
+                         for s in result.stages]
+        self.stages = result.stages
+        return result
 
     # ---- the two hooks of the local executor ------------------------------------------
     def _compute_missing(self, key: str, frame: pl.DataFrame, row_keys: pl.Series, todo: pl.Series, schema: dict,
@@ -116,6 +151,18 @@ class RayExecutor(LocalExecutor):
         schema = compute.kernel.result_schema(compute.model, compute.params)
         got = self._pipeline(frame.with_row_index(KEY), compute, schema, None, cache=None).sort(KEY)
         return {c: got[c] for c in schema}
+
+    def _run_op(self, n: str) -> None:
+        self._node = n  # the stage being run, for what `_compute_all` sends to Ray
+        try:
+            super()._run_op(n)
+        finally:
+            self._node = None
+
+    def _probe_map(self, node: str):
+        from tamis.runtime.ray_train import probe_map
+
+        return probe_map(self, node)
 
     @staticmethod
     def _distributable(compute) -> bool:
@@ -161,7 +208,9 @@ class RayExecutor(LocalExecutor):
                                 batch_format="pyarrow", batch_size=batch, compute=ray.data.ActorPoolStrategy(size=size),
                                 num_cpus=k.resources.cpus, num_gpus=gpus, **({"memory": memory} if memory else {}))
             plan.update(workers=f"{size} actor(s)", gpus_per_actor=gpus, model=recipe.describe())
-        self.ray_stages.append({"stage": report.label if report else None, **plan})
+        node = report.node if report else self._node
+        self.ray_stages.append({"stage": self.g.nodes[node]["label"] if node else None, "node": node,
+                                "where": "ray", **plan})
         if report is not None:
             bar = self._stage_bar(report, total=report.cached_rows + rows.height)
         else:

@@ -13,14 +13,64 @@ VALUE_BYTES = 8  # a numeric result value
 
 def ray_plan_lines(g: nx.DiGraph) -> list[str]:
     """One line per operator the run executes, in order: where it runs and what reaches the driver."""
+    from tamis.runtime.ray_pool import NeedsDriver
+    from tamis.runtime.ray_stream import stream_plan
+
     needed = nx.ancestors(g, g.graph["output"])
     ops = [n for n in nx.topological_sort(g) if n in needed and g.nodes[n]["kind"] == "op"]
-    lines = ["engine ray:",
-             "  pool   loaded on the driver; the rows a Ray stage scores go to the object store as Arrow blocks "
-             "(only those the score cache lacks)"]
-    for n in ops:
-        lines.append(f"  {n:>5}  {_where(g, n)}")
+    try:
+        stream_plan(g)
+    except NeedsDriver as why:
+        lines = ["engine ray (the driver's path: " + str(why) + "):",
+                 "  pool   loaded on the driver; the rows a Ray stage scores go to the object store as Arrow blocks "
+                 "(only those the score cache lacks)"]
+        lines += [f"  {n:>5}  {_where(g, n)}" for n in ops]
+        lines += _probes(g, needed)
+        return lines
+    lines = ["engine ray (streamed: the driver never holds the pool):",
+             "  pool   read by Ray Data (JSONL: read_text + the loader's Polars reader; Parquet: read_parquet), "
+             "checked per batch; a pool only the driver's loader takes (bad rows, conversations, repeated ids, "
+             "JSON arrays, CSV, compressed) falls back to the driver's path; gathers 8 B/row (id hashes)"]
+    lines += [f"  {n:>5}  {_streamed(g, n)}" for n in ops]
+    lines.append("  write  the selection and the scores written by Ray workers in order (parts joined into the "
+                 "output's temporary file, renamed into place)")
     return lines
+
+
+def _streamed(g: nx.DiGraph, n: str) -> str:
+    a = g.nodes[n]
+    op = a["op"]
+    if op == "score":
+        k = node_kernel(a)
+        return f"Ray tasks (map_batches, {k.resources.cpus:g} CPU each); nothing gathered"
+    aggs = sorted({c for c in calls_of(a.get("expr")) if c in ("pct", "zscore", "minmax")})
+    stats = ""
+    if aggs:
+        stats = "; " + ", ".join({"pct": "pct gathers its argument's values (8 B/row) and sends them back sorted",
+                                  "zscore": "zscore from per-block moments (a few numbers a block)",
+                                  "minmax": "minmax from per-block min/max"}[c] for c in aggs)
+    if op in ("top", "topk"):
+        return ("Ray tasks: each block's best rows, then a merge on the driver of positions and keys only "
+                f"(≤ 16 B/row of the blocks' candidates){stats}")
+    return f"Ray tasks (map_batches; Polars per batch); nothing gathered{stats}"
+
+
+def calls_of(e) -> list[str]:
+    from tamis.runtime.exprs import calls_in
+
+    return calls_in(e)
+
+
+def _probes(g: nx.DiGraph, needed: set) -> list[str]:
+    """Probe trainings (`train(M, on=subsets(…))`): one Ray task each."""
+    out = []
+    for n in sorted(needed):
+        a = g.nodes[n]
+        if a["kind"] == "model" and a.get("ctor") == "train" and any(
+                g.nodes[p].get("source") == "subsets" for p, _, d in g.in_edges(n, data=True) if d["flow"] in ("train", "data")):
+            out.append(f"  {a['label']:>5}  probes: one Ray task each (1 CPU, or 1 GPU where the cluster has GPUs; "
+                       "--train-cpus), each training, evaluating and storing its probe; the driver gathers the losses")
+    return out
 
 
 def _where(g: nx.DiGraph, n: str) -> str:

@@ -1,0 +1,488 @@
+"""Cheap recipes on Ray with a driver that never holds the pool.
+
+A recipe whose operators are all of the kinds below runs as a chain of Ray Data stages over the pool
+read by `tamis.runtime.ray_pool` (each row with its pool position, POS); the driver holds only
+statistics, ranking keys and positions:
+
+* `score` with a row-wise, uncached kernel without a model (length, MTLD, a plug-in's text statistic):
+  `map_batches` calling `call_scorer`, as the local engine does;
+* `let`, `where`, `rank by`: the recipe's Polars expression per batch; the aggregates `pct`, `zscore`,
+  `minmax` from distributed statistics (per-block count/mean/M2 merged, as Chan et al.; per-block
+  min/max; `pct` from the sorted values of its argument, 8 bytes a row gathered and sent back once);
+* `top N` after a `rank` (or on the pool's order): a distributed top-k, each block's best N rows by
+  (key, position), then a merge of positions and keys only on the driver, ties broken by position as
+  the local engine's stable sort breaks them;
+* the selection and the scores are written by the workers (`RayFrame`), in order, and joined into the
+  output file by the CLI's atomic writer.
+
+Rows are never dropped from the dataset: `where` and `top` clear a row's ALIVE flag, so the scores of
+every pool row stay in one dataset (null past the stage that dropped the row, as the local engine's).
+Anything else (a model, the score cache, samplers, dedup, per-group operators, a `rank` with no `top`
+after it) raises NeedsDriver at plan time, and the engine runs the driver's path instead.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import polars as pl
+
+from tamis.dsl import ast
+from tamis.ops.kernel import kernel_for
+from tamis.runtime.executor import RANK_KEY, STAGES, RunResult, ScoreCall, StageReport, _size_rows
+from tamis.runtime.ray_pool import POS, NeedsDriver, pool_spec, read_pool
+
+ALIVE = "⟨alive⟩"  # still in the recipe's frame (not dropped by a `where` or `top`)
+ORDER = "⟨order⟩"  # the selection's order (a `top`'s rank), else POS
+INTERNAL = (POS, ALIVE, ORDER, RANK_KEY)
+AGGREGATES = ("pct", "zscore", "minmax")
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def stream_plan(g: nx.DiGraph) -> list[str]:
+    """The operators of a recipe the streamed path runs, in order; NeedsDriver (why) if it cannot."""
+    needed = nx.ancestors(g, g.graph["output"])
+    ops = [n for n in nx.topological_sort(g) if n in needed and g.nodes[n]["kind"] == "op"]
+    prev = "data:pool"
+    ranked = topped = False
+    for n in ops:
+        a = g.nodes[n]
+        flows = {d["flow"]: p for p, _, d in g.in_edges(n, data=True)}
+        if "model" in flows:
+            raise NeedsDriver(f"`{a['label']}` uses a model (only cheap row-wise scorers stream)")
+        if flows.get("data") != prev or set(flows) - {"data"}:
+            raise NeedsDriver(f"`{a['label']}` reads another dataset or selection")
+        op, p = a["op"], a["params"]
+        if op == "score":
+            k = kernel_for("scorer", p["scorer"])
+            if k is None or k.mode != "rowwise" or k.cached or k.scored_inputs or p.get("target"):
+                raise NeedsDriver(f"`{a['label']}` is not a cheap row-wise scorer (model, cache or all rows)")
+        elif op in ("let", "where", "rank", "topk"):
+            _aggregates(a.get("expr"), a["label"])
+            if p.get("per") is not None:
+                raise NeedsDriver(f"`{a['label']}` works per group")
+            if op == "rank":
+                if ranked or topped:
+                    raise NeedsDriver(f"`{a['label']}`: a second ranking")
+                ranked = True
+            if op == "topk":
+                topped = True
+        elif op == "top":
+            if "per" in p or topped:
+                raise NeedsDriver(f"`{a['label']}` works per group, or after another top")
+            topped = True
+        else:
+            raise NeedsDriver(f"`{a['label']}` ({op}) runs on the driver")
+        prev = n
+    out = next(p for p, _, d in g.in_edges(g.graph["output"], data=True) if d["flow"] == "data")
+    if out != prev:
+        raise NeedsDriver("the output is not the last operator")
+    if ranked and not topped:
+        raise NeedsDriver("a `rank` with no `top` after it (a full sort)")
+    assert all(g.nodes[n]["op"] in STAGES for n in ops)
+    return ops
+
+
+def _aggregates(e: ast.Expr | None, label: str) -> list[ast.Call]:
+    """The aggregate calls of an expression (none nested in another, none per group)."""
+    out: list[ast.Call] = []
+
+    def walk(x: Any, inside: bool) -> None:
+        if isinstance(x, ast.Call):
+            k = kernel_for("function", x.func)
+            agg = k is not None and k.mode == "global"
+            if agg and (x.func not in AGGREGATES or x.per or inside):
+                raise NeedsDriver(f"`{label}`: {x.unparse()} (a per-group or nested aggregate)")
+            if agg:
+                out.append(x)
+            for arg in x.args:
+                walk(arg, inside or agg)
+        for child in ("left", "right", "operand"):
+            if isinstance(getattr(x, child, None), ast.Expr):
+                walk(getattr(x, child), inside)
+
+    walk(e, False)
+    return out
+
+
+def _substitute(e: ast.Expr, names: dict[int, str]) -> ast.Expr:
+    """The expression with each aggregate call (by id) replaced by a column name."""
+    if id(e) in names:
+        return ast.Name(id=names[id(e)])
+    update = {}
+    if isinstance(e, ast.Call):
+        update["args"] = tuple(_substitute(a, names) for a in e.args)
+    for child in ("left", "right", "operand"):
+        if isinstance(getattr(e, child, None), ast.Expr):
+            update[child] = _substitute(getattr(e, child), names)
+    return e.model_copy(update=update) if update else e
+
+
+# --------------------------------------------------------------------------- running
+
+
+class StreamRun:
+    """One streamed run of `ops` (see the module note) for a RayExecutor `ex`."""
+
+    def __init__(self, ex, ops: list[str]) -> None:
+        self.ex, self.ops = ex, ops
+        self.recorded: list[str] = []  # columns of the scores output, in order
+        self.desc = False
+
+    def run(self) -> RunResult:
+        import ray
+
+        from tamis.runtime.data import LoadReport
+        from tamis.runtime.executor import check_pool_fields, check_runnable
+        from tamis.runtime.ray_engine import _ship_plugin_code
+
+        ex = self.ex
+        check_runnable(ex.g, ex.cfg)
+        started = time.perf_counter()
+        spec = pool_spec(ex.cfg.pool, ex.cfg.pool_format, ex.cfg.columns)
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # blocks in file order: positions, and parts in order
+        t0 = time.perf_counter()
+        ds, n = read_pool(spec, ex.cfg.limit)
+        if n == 0:
+            raise NeedsDriver("no rows (the driver's loader says why)")
+        check_pool_fields(ex.g, _schema(ds), ex.cfg.pool)
+        ex.pool_size = n
+        ex._order = self.ops
+        _ship_plugin_code()
+        ex.ray_stages.append({"stage": "pool", "kernel": "read", "rows": n, "workers": "tasks", "where": "ray",
+                              "seconds": round(time.perf_counter() - t0, 3)})
+        ds = ds.map_batches(_alive, batch_format="pyarrow").materialize()
+        alive = n
+        for node in self.ops:
+            a = ex.g.nodes[node]
+            t0 = time.perf_counter()
+            report = StageReport(node, a["label"], alive, 0, 0.0)
+            ds = getattr(self, f"_op_{a['op']}")(a, ds, report).materialize()
+            alive = _count_alive(ds)
+            report.rows_out, report.seconds = alive, time.perf_counter() - t0
+            if a["op"] == "score":
+                report.scored_rows = report.rows_in
+            ex.stages.append(report)
+            ex.ray_stages.append({"stage": a["label"], "kernel": a["params"].get("scorer", a["op"]), "rows": report.rows_in,
+                                  "workers": "tasks", "where": "ray"})
+        cols = [c for c in ds.schema().names if c not in INTERNAL]
+        selected = RayFrame(ds, ORDER if ORDER in ds.schema().names else POS, cols, alive, only_alive=True)
+        scores = RayFrame(ds, POS, ["id", *self.recorded], n, only_alive=False)
+        load = LoadReport(path=ex.cfg.pool, format=spec.container)
+        load.rows_loaded = load.records_read = n
+        load.fields = {k: str(v) for k, v in _schema(ds).items() if k not in ("id", "instruction", "input", "output")
+                       and k not in INTERNAL and k not in self.recorded}
+        return RunResult(selected, scores, ex.stages, load.to_dict(), ex.model_info, time.perf_counter() - started)
+
+    # ---- row-wise stages -------------------------------------------------------------
+    def _op_score(self, a, ds, report):
+        from dataclasses import replace
+
+        from tamis.dsl import registry as reg
+
+        p = a["params"]
+        k = kernel_for("scorer", p["scorer"])
+        spec = reg.SCORERS[p["scorer"]]
+        params = {q.name: p[q.name] for q in spec.params if q.name in p}
+        main = next(iter(a["columns_out"]))
+        names = {col: main + suffix for col, suffix in k.names.items()}
+        call = ScoreCall(k, None, params, replace(self.ex.cfg.options(), progress=False))
+        schema = k.result_schema(None, params)
+        self.recorded += [n for n in names.values() if n not in self.recorded]
+        return ds.map_batches(_score_batch, fn_kwargs={"call": call, "schema": schema, "names": names},
+                              batch_format="pyarrow", num_cpus=k.resources.cpus)
+
+    def _op_let(self, a, ds, report):
+        name = a["params"]["name"]
+        if name not in self.recorded:
+            self.recorded.append(name)
+        return ds.map_batches(_expr_batch, fn_kwargs={"expr": self._bound(a, ds), "how": ("let", name)},
+                              batch_format="pyarrow")
+
+    def _op_where(self, a, ds, report):
+        return ds.map_batches(_expr_batch, fn_kwargs={"expr": self._bound(a, ds), "how": ("where", None)},
+                              batch_format="pyarrow")
+
+    def _op_rank(self, a, ds, report):
+        self.desc = a["params"]["order"] == "desc"
+        return ds.map_batches(_expr_batch, fn_kwargs={"expr": self._bound(a, ds), "how": ("rank", None)},
+                              batch_format="pyarrow")
+
+    def _op_topk(self, a, ds, report):
+        return self._op_top(a, self._op_rank(a, ds, report).materialize(), report)
+
+    def _op_top(self, a, ds, report):
+        """The distributed top-k: each block's best `want` (position, key), merged on the driver."""
+        import ray
+
+        want = _size_rows(a["params"]["size"], self.ex.pool_size)
+        ranked = RANK_KEY in ds.schema().names
+        parts = [pl.from_arrow(b) for b in ds.map_batches(_block_top, fn_kwargs={"want": want, "desc": self.desc,
+                                                                                  "ranked": ranked},
+                                                          batch_format="pyarrow", batch_size=None).iter_batches(
+                                                              batch_size=None, batch_format="pyarrow")]
+        empty = pl.DataFrame(schema={POS: pl.Int64, **({RANK_KEY: pl.Float64} if ranked else {})})
+        got = pl.concat([empty, *parts], how="vertical_relaxed")
+        if ranked:
+            got = got.sort([RANK_KEY, POS], descending=[self.desc, False], nulls_last=True)
+        else:
+            got = got.sort(POS)
+        picked = got.head(want).select(POS, pl.int_range(pl.len(), dtype=pl.Int64).alias(ORDER))
+        if picked.height < want and ranked:
+            unkeyed = report.rows_in - _count_keyed(ds)
+            if unkeyed:
+                report.notes.append(f"budget {want} rows, {picked.height} picked: {unkeyed} row(s) with a null ranking "
+                                    "key (a skipped score, or an expression over one) are never picked")
+        self.ex.ray_stages.append({"stage": a["label"], "kernel": "top-k merge", "rows": got.height,
+                                   "workers": "driver", "where": "driver (positions and keys only)"})
+        return ds.map_batches(_pick, fn_kwargs={"picked": ray.put(picked)}, batch_format="pyarrow")
+
+    # ---- aggregates ------------------------------------------------------------------
+    def _bound(self, a, ds) -> tuple[ast.Expr, list[tuple[str, str, ast.Expr, Any]]]:
+        """The stage's expression with its aggregates replaced by columns, and how each column is made
+        (name, kind, argument, statistics): statistics over the rows still in the frame."""
+        calls = _aggregates(a["expr"], a["label"])
+        names = {id(c): f"⟨agg {i}⟩" for i, c in enumerate(calls)}
+        made = []
+        for c in calls:
+            made.append((names[id(c)], c.func, c.args[0], self._stats(c.func, c.args[0], ds)))
+        return _substitute(a["expr"], names), made
+
+    def _stats(self, kind: str, arg: ast.Expr, ds) -> Any:
+        import numpy as np
+        import ray
+
+        if kind == "pct":  # the sorted values (8 bytes a row): each row's average rank is two binary searches
+            values = [b["v"].to_numpy(zero_copy_only=False) for b in ds.map_batches(
+                _values, fn_kwargs={"arg": arg}, batch_format="pyarrow").iter_batches(batch_size=None,
+                                                                                       batch_format="pyarrow")]
+            flat = np.sort(np.concatenate(values)) if values else np.empty(0)
+            return ray.put(flat)
+        rows = ds.map_batches(_moments, fn_kwargs={"arg": arg}, batch_format="pyarrow", batch_size=None).take_all()
+        if kind == "minmax":
+            lows = [r["min"] for r in rows if r["n"]]
+            return (min(lows), max(r["max"] for r in rows if r["n"])) if lows else (None, None)
+        n, mean, m2 = 0, 0.0, 0.0
+        for r in rows:  # Chan et al.'s parallel merge of per-block moments
+            if r["n"]:
+                total = n + r["n"]
+                delta = r["mean"] - mean
+                mean += delta * r["n"] / total
+                m2 += r["m2"] + delta * delta * n * r["n"] / total
+                n = total
+        return (mean, math.sqrt(m2 / (n - 1))) if n > 1 else (mean if n else None, None)
+
+
+def _schema(ds) -> dict:
+    return dict(pl.from_arrow(ds.schema().base_schema.empty_table()).schema)
+
+
+def _count_alive(ds) -> int:
+    return int(sum(r["n"] for r in ds.map_batches(_alive_count, batch_format="pyarrow", batch_size=None).take_all()))
+
+
+def _count_keyed(ds) -> int:
+    return int(sum(r["n"] for r in ds.map_batches(_keyed_count, batch_format="pyarrow", batch_size=None).take_all()))
+
+
+# --------------------------------------------------------------------------- on the workers
+
+
+def _alive(batch):
+    return pl.from_arrow(batch).with_columns(pl.lit(True).alias(ALIVE)).to_arrow()
+
+
+def _alive_count(batch):
+    return {"n": [int(pl.from_arrow(batch)[ALIVE].sum())]}
+
+
+def _keyed_count(batch):
+    f = pl.from_arrow(batch)
+    return {"n": [int((f[ALIVE] & f[RANK_KEY].is_not_null()).sum())]}
+
+
+def _score_batch(batch, call: ScoreCall, schema: dict, names: dict):
+    frame = pl.from_arrow(batch)
+    rows = frame.filter(pl.col(ALIVE))
+    got = call(rows) if rows.height else {c: [] for c in schema}
+    cols = pl.DataFrame([rows[POS], *[pl.Series(names[c], got[c], dtype=t) for c, t in schema.items()]])
+    return frame.join(cols, on=POS, how="left", maintain_order="left").to_arrow()
+
+
+def _columns(frame: pl.DataFrame, made) -> pl.DataFrame:
+    """The aggregate columns of a bound expression, over `frame`'s alive rows."""
+    import numpy as np
+    import ray
+
+    from tamis.runtime.exprs import to_polars
+
+    for name, kind, arg, stats in made:
+        x = to_polars(arg).cast(pl.Float64)
+        if kind == "pct":
+            values = ray.get(stats)
+            v = frame.select(x.alias("v"))["v"]
+            keep = v.is_not_null()
+            arr = v.fill_null(0.0).to_numpy()
+            less = np.searchsorted(values, arr, "left")
+            leq = np.searchsorted(values, arr, "right")
+            rank = less + (leq - less + 1) / 2
+            out = pl.Series(name, (rank - 1) / max(len(values) - 1, 1), dtype=pl.Float64)
+            frame = frame.with_columns(pl.when(keep).then(out).otherwise(None).alias(name))
+        elif kind == "zscore":
+            mean, std = stats
+            frame = frame.with_columns(((x - pl.lit(mean, pl.Float64)) / pl.lit(std, pl.Float64)).alias(name))
+        else:
+            low, high = stats
+            frame = frame.with_columns(((x - pl.lit(low, pl.Float64)) / (pl.lit(high, pl.Float64) - pl.lit(low, pl.Float64)))
+                                       .alias(name))
+    return frame
+
+
+def _expr_batch(batch, expr, how: tuple[str, str | None]):
+    from tamis.runtime.exprs import to_polars
+
+    bound, made = expr
+    frame = pl.from_arrow(batch)
+    extra = [m[0] for m in made]
+    frame = _columns(frame, made)
+    value = to_polars(bound)
+    kind, name = how
+    if kind == "let":
+        frame = frame.with_columns(pl.when(pl.col(ALIVE)).then(value).otherwise(None).alias(name))
+    elif kind == "where":
+        frame = frame.with_columns((pl.col(ALIVE) & value.fill_null(False)).alias(ALIVE))
+    else:  # rank: the key beside the rows (NaN as null), as the local engine's `_sorted`
+        frame = frame.with_columns(pl.when(pl.col(ALIVE)).then(value.cast(pl.Float64).fill_nan(None))
+                                   .otherwise(None).alias(RANK_KEY))
+    return frame.drop(extra).to_arrow()
+
+
+def _values(batch, arg):
+    from tamis.runtime.exprs import to_polars
+
+    frame = pl.from_arrow(batch).filter(pl.col(ALIVE))
+    return frame.select(to_polars(arg).cast(pl.Float64).alias("v")).drop_nulls().to_arrow()
+
+
+def _moments(batch, arg):
+    from tamis.runtime.exprs import to_polars
+
+    frame = pl.from_arrow(batch).filter(pl.col(ALIVE))
+    v = frame.select(to_polars(arg).cast(pl.Float64).alias("v"))["v"].drop_nulls().to_numpy()
+    if not len(v):
+        return {"n": [0], "mean": [0.0], "m2": [0.0], "min": [0.0], "max": [0.0]}
+    mean = float(v.mean())
+    return {"n": [len(v)], "mean": [mean], "m2": [float(((v - mean) ** 2).sum())], "min": [float(v.min())],
+            "max": [float(v.max())]}
+
+
+def _block_top(batch, want: int, desc: bool, ranked: bool):
+    frame = pl.from_arrow(batch).filter(pl.col(ALIVE))
+    if not ranked:
+        return frame.select(POS).sort(POS).head(want).to_arrow()
+    keyed = frame.filter(pl.col(RANK_KEY).is_not_null()).select(POS, RANK_KEY)
+    return keyed.sort([RANK_KEY, POS], descending=[desc, False]).head(want).to_arrow()
+
+
+def _pick(batch, picked):
+    import ray
+
+    frame = pl.from_arrow(batch)
+    frame = frame.drop(ORDER, strict=False).join(ray.get(picked), on=POS, how="left", maintain_order="left")
+    return frame.with_columns((pl.col(ALIVE) & pl.col(ORDER).is_not_null()).alias(ALIVE)).to_arrow()
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class RayFrame:
+    """A selection or scores left on the workers: what the CLI's writers need (`write_ndjson`,
+    `write_parquet`, `height`), each worker writing its part in order, the parts joined into the
+    writer's temporary file (renamed into place by it, atomically)."""
+
+    def __init__(self, ds, order: str, columns: list[str], height: int, *, only_alive: bool) -> None:
+        self.ds, self.order, self.columns, self.height, self.only_alive = ds, order, columns, height, only_alive
+
+    def write_ndjson(self, tmp) -> None:
+        self._write(Path(tmp), "jsonl")
+
+    def write_parquet(self, tmp) -> None:
+        self._write(Path(tmp), "parquet")
+
+    def to_polars(self) -> pl.DataFrame:
+        """Gathered on the driver (tests, a `.json` output)."""
+        parts = [pl.from_arrow(b) for b in self._rows().iter_batches(batch_size=None, batch_format="pyarrow")]
+        frame = pl.concat(parts, how="vertical_relaxed") if parts else pl.DataFrame(schema=self._schema())
+        return frame.sort(self.order).select(self.columns)
+
+    def to_dicts(self) -> list[dict]:
+        return self.to_polars().to_dicts()
+
+    def _schema(self) -> dict:
+        s = _schema(self.ds)
+        return {c: s[c] for c in [*self.columns, self.order]}
+
+    def _rows(self):
+        keep = self.only_alive
+        return self.ds.map_batches(_rows_of, fn_kwargs={"alive": keep, "cols": [*self.columns, self.order]},
+                                   batch_format="pyarrow")
+
+    def _write(self, tmp: Path, fmt: str) -> None:
+        parts = tmp.with_name(tmp.name + ".parts")
+        parts.mkdir()
+        try:
+            if self.height:
+                self._rows().sort(self.order).map_batches(
+                    _write_part, fn_kwargs={"folder": str(parts), "fmt": fmt, "order": self.order,
+                                            "cols": self.columns}, batch_format="pyarrow", batch_size=None).take_all()
+            files = sorted(parts.iterdir())
+            if fmt == "jsonl":
+                with open(tmp, "wb") as out:
+                    for f in files:
+                        with open(f, "rb") as fh:
+                            shutil.copyfileobj(fh, out, 1 << 20)
+            else:
+                _join_parquet(files, tmp, pl.DataFrame(schema={c: self._schema()[c] for c in self.columns}))
+        finally:
+            shutil.rmtree(parts, ignore_errors=True)
+
+
+def _rows_of(batch, alive: bool, cols: list[str]):
+    frame = pl.from_arrow(batch)
+    return (frame.filter(pl.col(ALIVE)) if alive else frame).select(cols).to_arrow()
+
+
+def _write_part(batch, folder: str, fmt: str, order: str, cols: list[str]):
+    """One sorted block of the output, named by its first row's order (the parts sort as the rows do)."""
+    frame = pl.from_arrow(batch)
+    if frame.height == 0:
+        return {"rows": [0]}
+    first = int(frame[order][0])
+    path = Path(folder) / f"part-{first:020d}.{fmt}"
+    body = frame.select(cols)
+    if fmt == "jsonl":
+        body.write_ndjson(path)
+    else:
+        body.write_parquet(path)
+    return {"rows": [frame.height]}
+
+
+def _join_parquet(files: list[Path], tmp: Path, empty: pl.DataFrame) -> None:
+    """The parts' row groups, in order, in one Parquet file (a part at a time in memory)."""
+    import pyarrow.parquet as pq
+
+    if not files:
+        empty.write_parquet(tmp)
+        return
+    schema = empty.to_arrow().schema
+    with pq.ParquetWriter(tmp, schema) as writer:
+        for f in files:
+            writer.write_table(pq.read_table(f).cast(schema))
