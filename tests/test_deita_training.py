@@ -299,6 +299,7 @@ score complexity using complexity_scorer
 """
 
 
+@pytest.mark.slow  # trains two scorers and scores the pool through the executor
 def test_deita_recipe_evolves_trains_and_scores_the_pool(tiny_evolver, tiny_gpt2_dir, tmp_path):
     from tamis.dsl.compile import compile_text
     from tamis.runtime.executor import LocalExecutor, RunConfig

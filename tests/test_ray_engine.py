@@ -297,8 +297,18 @@ def cheap_pool(tmp_path_factory):
     parquet = folder / "pool.parquet"
     from tamis.runtime.data import load_pool
 
-    load_pool(str(jsonl)).frame.write_parquet(parquet)
+    load_pool(str(jsonl)).frame.write_parquet(parquet, row_group_size=40)
     return {"jsonl": jsonl, "parquet": parquet}
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Many chunks of the pool file (Ray reads them in any order): positions must come from the file."""
+    from functools import partial
+
+    import tamis.runtime.ray_pool as ray_pool
+
+    monkeypatch.setattr(ray_pool, "_chunks", partial(ray_pool._chunks, rows_per_chunk=60, bytes_per_chunk=3000))
 
 
 STREAMED = [
@@ -310,7 +320,10 @@ STREAMED = [
 
 
 @pytest.mark.parametrize("fmt,text", [("jsonl", t) for t in STREAMED] + [("parquet", STREAMED[0]), ("parquet", STREAMED[2])])
-def test_cheap_recipes_stream_through_ray_data_with_the_same_selection(cheap_pool, fmt, text, tmp_path):
+def test_cheap_recipes_stream_through_ray_data_with_the_same_selection(cheap_pool, fmt, text, tmp_path, small_chunks):
+    from tamis.runtime.ray_pool import _chunks, pool_spec
+
+    assert len(_chunks(pool_spec(str(cheap_pool[fmt]), "auto", None))) >= 4
     cfg = dict(pool=str(cheap_pool[fmt]), progress=False, no_cache=True)
     local = LocalExecutor(compile_text(text).graph, RunConfig(**cfg)).run()
     ex = RayExecutor(compile_text(text).graph, RunConfig(**cfg))
@@ -379,3 +392,14 @@ def test_what_the_streamed_path_cannot_do_falls_back_to_the_driver(cheap_pool, t
                      RunConfig(pool=str(cheap_pool["jsonl"]), progress=False, no_cache=True))
     ex.run()
     assert "per group" in ex.fallback
+
+
+def test_explain_engine_ray_says_which_path_and_what_the_driver_holds(tmp_path):
+    cheap = tmp_path / "cheap.tamis"
+    cheap.write_text("score length | let z = pct(length) | rank by z | top 10%\n", encoding="utf-8")
+    out = runner.invoke(app, ["explain", str(cheap), "--engine", "ray"]).output
+    assert "engine ray (streamed: the driver never holds the pool)" in out
+    assert "read by Ray Data" in out and "positions and keys only" in out and "pct gathers" in out
+    out = runner.invoke(app, ["explain", "instruction_mining", "--engine", "ray"]).output
+    assert "the driver's path: `score reward using encoder(" in out and "uses a model" in out
+    assert "probes: one Ray task each" in out

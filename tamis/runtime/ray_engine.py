@@ -20,6 +20,13 @@ samplers, dedup) on its frame; the rows to score go to Ray as Arrow blocks and t
 Results come back to the driver as ids and result columns only, in any order, and are put back
 in row order by id. What runs where is printed by `tamis explain --engine ray`
 (`tamis.runtime.ray_plan`).
+
+Two more paths: a cheap recipe (row-wise scorers without a model or cache, `let`/`where`/`rank`/`top`,
+`pct`/`zscore`/`minmax`) runs streamed, its pool read and its selection written by Ray Data, the
+driver holding only statistics, ranking keys and positions (`tamis.runtime.ray_stream`,
+`tamis.runtime.ray_pool`); whatever that path cannot run falls back to the path above, `fallback`
+saying why. Probe trainings run as Ray tasks (`tamis.runtime.ray_train`). Each stage report says
+where the stage ran (`RayStageReport.engine`).
 """
 
 from __future__ import annotations
@@ -112,8 +119,12 @@ class RayExecutor(LocalExecutor):
         from tamis.runtime.ray_stream import StreamRun, stream_plan
 
         if self.ray.stream:
+            import ray
+
             try:
                 return StreamRun(self, stream_plan(self.g)).run()
+            except ray.exceptions.RayError as err:
+                raise RayEngineError(f"a Ray worker failed: {_cause(err)}") from None
             except NeedsDriver as why:
                 self.fallback = str(why)
                 self.stages, self.ray_stages, self._order = [], [], []

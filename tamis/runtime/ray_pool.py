@@ -1,13 +1,18 @@
-"""A pool read through Ray Data, never by the driver: JSONL (`ray.data.read_text`, each batch of lines
-parsed by the same Polars reader, with the same schema, as the local engine's fast path) and Parquet
-(`ray.data.read_parquet`). Each batch is checked and normalised by the local loader's own per-frame
-functions (`tamis.runtime.data.frame_fields`, `frame_is_plain`, `frame_flags`, the per-record check of
-a flagged row); a batch those cannot vouch for (a bad row, a conversation, a field of several types, a
-value the schema refuses) makes the whole run fall back to the driver's loader, which names every
-problem with its line. Ids are the loader's: the row's own, else its content id; repeated ids (which
-the loader renames in file order) also mean the driver's loader. Then each row gets its position in
-the pool (`POS`), from the blocks' sizes in order: ties in a ranking are broken by it, exactly as the
-local engine's stable sort breaks them.
+"""A pool read through Ray Data, never by the driver (JSONL and Parquet).
+
+The driver plans chunks of the file from its footer (Parquet: row ranges aligned to row groups) or a
+few small reads (JSONL: byte ranges cut at line starts); Ray Data's workers read them
+(`ray.data.from_items` + `map_batches`) with the local loader's own readers (Polars' `scan_parquet`;
+`read_ndjson` with the schema the loader derives from the first 100 records), then check and
+normalise each chunk with the loader's own per-frame functions (`tamis.runtime.data.frame_fields`,
+`frame_is_plain`, `frame_flags`, and the per-record check of a flagged row). A chunk those cannot
+vouch for (a bad row, a conversation, a field of several types, a value the schema refuses) makes the
+run fall back to the driver's loader, which names every problem with its line. Ids are the loader's:
+the row's own, else its content id; repeated ids (which the loader renames in file order) also mean
+the driver's loader. Each row then gets its position in the pool (POS) from its chunk's offset and
+its place in the chunk: ties in a ranking are broken by it, exactly as the local engine's stable sort
+breaks them. (Ray's own `read_parquet`/`read_text` give no row numbers, and their blocks may arrive
+in any order.)
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from typing import Any
 import polars as pl
 
 POS = "⟨pos⟩"  # the row's position in the pool (0-based, file order)
-_HASH = "⟨id hash⟩"  # a 64-bit hash of the id, to find repeated ids without gathering the ids
+_HASH = "⟨id hash⟩"
+_CHUNK, _ROW = "⟨chunk⟩", "⟨row in chunk⟩"  # where a row was read: which chunk of the file, its place there  # a 64-bit hash of the id, to find repeated ids without gathering the ids
 DRIVER = "⟨needs the driver⟩"  # marks the error a batch raises when the driver's loader must take over
 
 
@@ -67,33 +73,60 @@ def pool_spec(pool: str, pool_format: str, columns: dict | None) -> PoolSpec:
 
 
 def read_pool(spec: PoolSpec, limit: int | None):
-    """The pool as a materialised Ray dataset in file order: the canonical columns, the kept fields,
-    and POS. Returns (dataset, rows)."""
+    """The pool as a materialised Ray dataset: the canonical columns, the kept fields, and POS.
+    Returns (dataset, rows).
+
+    The driver plans chunks of the file (Parquet: row-group-aligned row ranges from the footer; JSONL:
+    byte ranges cut at line starts, a few small reads) and Ray Data reads them on its workers
+    (`from_items` + `map_batches`): each chunk's rows carry their chunk and their place in it, so the
+    positions come from the file, whatever order Ray's blocks arrive in."""
     import numpy as np
     import ray
     import ray.data
 
-    if spec.container == "jsonl":
-        ds = ray.data.read_text(spec.path, drop_empty_lines=True)
-    else:
-        ds = ray.data.read_parquet(spec.path)
-    ds = ds.map_batches(_normalise_batch, fn_kwargs={"spec": spec}, batch_format="pyarrow", batch_size=None)
+    chunks = _chunks(spec)
+    ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
+    ds = ds.map_batches(_read_chunk, fn_kwargs={"spec": spec}, batch_format="pyarrow", batch_size=1)
     done = _checked_run(ds.materialize)
-    number = ray.remote(_number_block).options(num_returns=2)
-    refs, hashes, offset = [], [], 0
-    for bundle in done.iter_internal_ref_bundles():
-        for entry in bundle.blocks:  # (ref, metadata): a BlockEntry in Ray 2.60, a pair before
-            block, meta = (entry.ref, entry.metadata) if hasattr(entry, "ref") else entry
-            if limit is not None and offset >= limit:
-                break
-            out, h = number.remote(block, offset, limit)
-            refs.append(out)
-            hashes.append(h)
-            offset += meta.num_rows
-    seen = np.concatenate(_checked_run(lambda: ray.get(hashes))) if hashes else np.empty(0, dtype=np.uint64)
+    counts = pl.DataFrame(done.map_batches(_chunk_rows, batch_format="pyarrow", batch_size=None).take_all(),
+                          schema={_CHUNK: pl.Int64, "n": pl.Int64})
+    per = counts.group_by(_CHUNK).agg(pl.col("n").max()).sort(_CHUNK)
+    offsets = dict(zip(per[_CHUNK].to_list(), (per["n"].cum_sum() - per["n"]).to_list()))
+    numbered = done.map_batches(_number, fn_kwargs={"offsets": offsets, "limit": limit}, batch_format="pyarrow")
+    numbered = _checked_run(numbered.materialize)
+    parts = [b[_HASH].to_numpy() for b in numbered.select_columns([_HASH]).iter_batches(batch_size=None,
+                                                                                        batch_format="pyarrow")]
+    seen = np.concatenate(parts) if parts else np.empty(0, dtype=np.uint64)
     if len(np.unique(seen)) != len(seen):
         raise NeedsDriver("repeated ids (the loader renames them x#2, x#3 … in file order)")
-    return ray.data.from_arrow_refs(refs), len(seen)
+    return numbered.drop_columns([_HASH]).materialize(), len(seen)
+
+
+def _chunks(spec: PoolSpec, rows_per_chunk: int = 100_000, bytes_per_chunk: int = 32 << 20) -> list[dict]:
+    """The file's chunks, in file order (each read by one Ray task)."""
+    import os
+
+    if spec.container == "parquet":
+        import pyarrow.parquet as pq
+
+        out, start, size = [], 0, 0
+        meta = pq.ParquetFile(spec.path).metadata
+        for i in range(meta.num_row_groups):
+            size += meta.row_group(i).num_rows
+            if size >= rows_per_chunk or i == meta.num_row_groups - 1:
+                out.append({"chunk": len(out), "start": start, "rows": size})
+                start, size = start + size, 0
+        return out or [{"chunk": 0, "start": 0, "rows": 0}]
+    total = os.path.getsize(spec.path)
+    cuts = [0]
+    with open(spec.path, "rb") as fh:
+        for at in range(bytes_per_chunk, total, bytes_per_chunk):
+            fh.seek(at)
+            fh.readline()  # to the next line start
+            if fh.tell() > cuts[-1] and fh.tell() < total:
+                cuts.append(fh.tell())
+    cuts.append(total)
+    return [{"chunk": i, "start": a, "rows": b - a} for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]
 
 
 def _checked_run(fn):
@@ -120,19 +153,33 @@ def _checked_run(fn):
 # --------------------------------------------------------------------------- on the workers
 
 
-def _normalise_batch(batch, spec: PoolSpec):
-    """One batch of raw records (JSONL lines, or Parquet rows) → canonical rows, as the local loader."""
+def _read_chunk(batch, spec: PoolSpec):
+    """Read one chunk of the file (JSONL: its lines; Parquet: its rows, by Polars' reader as the local
+    loader reads them) and normalise it; each row with its chunk and its place in the chunk."""
+    chunk, start, size = (batch.column(c)[0].as_py() for c in ("chunk", "start", "rows"))
+    if spec.container == "parquet":
+        raw = pl.scan_parquet(spec.path).slice(start, size).collect()
+        out = _normalise(raw, spec, None)
+    else:
+        with open(spec.path, "rb") as fh:
+            fh.seek(start)
+            text = fh.read(size).decode("utf-8")  # invalid UTF-8: the driver's loader names the line
+        out = _normalise(None, spec, [line for line in text.split("\n") if line.strip()])
+    return out.with_columns(pl.lit(chunk, pl.Int64).alias(_CHUNK),
+                            pl.int_range(out.height, dtype=pl.Int64).alias(_ROW)).to_arrow()
+
+
+def _normalise(raw: pl.DataFrame | None, spec: PoolSpec, lines: list[str] | None) -> pl.DataFrame:
+    """Raw records (JSONL lines, or a Parquet frame) → canonical rows, as the local loader."""
     from tamis.runtime import data as d
 
-    lines: list[str] | None = None
-    if spec.container == "jsonl":
-        lines = [line for line in batch.column("text").to_pylist() if line.strip()]
+    if lines is not None and not lines:
+        raw = pl.DataFrame(schema=spec.schema)
+    elif lines is not None:
         try:
             raw = pl.read_ndjson(io.BytesIO("\n".join(lines).encode("utf-8")), schema=spec.schema)
         except d._POLARS_ERRORS as err:
             _needs(f"a record Polars' reader refuses with the first records' types ({str(err).splitlines()[0]})")
-    else:
-        raw = pl.from_arrow(batch)
     json_values = lines is not None
     opts = spec.opts
     sources, _, extras = d.frame_fields(raw, opts)
@@ -158,7 +205,7 @@ def _normalise_batch(batch, spec: PoolSpec):
     if missing.any():
         ids = ids.clone().scatter(missing.arg_true(), d.content_ids(canon.filter(missing)))
     out = canon.with_columns(ids.alias("id")).select(["id", *d._TEXT]).hstack([raw[name] for name in extras])
-    return out.with_columns(pl.col("id").hash(seed=0).alias(_HASH)).to_arrow()
+    return out.with_columns(pl.col("id").hash(seed=0).alias(_HASH))
 
 
 def _check_text_extras(raw: pl.DataFrame, extras: list[str], lines: list[str]) -> None:
@@ -177,10 +224,15 @@ def _needs(why: str):
     raise RuntimeError(f"{DRIVER}: {why}")
 
 
-def _number_block(block, offset: int, limit: int | None):
-    """The block with each row's pool position; and its ids' hashes (8 bytes a row, for the driver)."""
-    frame = pl.from_arrow(block)
-    frame = frame.with_columns(pl.int_range(offset, offset + frame.height, dtype=pl.Int64).alias(POS))
-    if limit is not None:
-        frame = frame.head(max(0, limit - offset))
-    return frame.drop(_HASH).to_arrow(), frame[_HASH].to_numpy()
+def _chunk_rows(batch):
+    """Rows of each chunk seen in this block (a chunk's rows may span blocks: the largest place + 1)."""
+    f = pl.from_arrow(batch)
+    return f.group_by(_CHUNK).agg((pl.col(_ROW).max() + 1).alias("n")).to_arrow()
+
+
+def _number(batch, offsets: dict, limit: int | None):
+    """Each row's pool position: its chunk's offset plus its place in the chunk."""
+    f = pl.from_arrow(batch)
+    start = f[_CHUNK].replace_strict(offsets, return_dtype=pl.Int64)
+    f = f.with_columns((start + f[_ROW]).alias(POS)).drop(_CHUNK, _ROW)
+    return (f.filter(pl.col(POS) < limit) if limit is not None else f).to_arrow()

@@ -137,20 +137,28 @@ class StreamRun:
         self.desc = False
 
     def run(self) -> RunResult:
-        import ray
+        from tqdm.auto import tqdm
 
-        from tamis.runtime.data import LoadReport
-        from tamis.runtime.executor import check_pool_fields, check_runnable
-        from tamis.runtime.ray_engine import _ship_plugin_code
+        from tamis.runtime.executor import check_runnable
 
         ex = self.ex
         check_runnable(ex.g, ex.cfg)
         started = time.perf_counter()
         spec = pool_spec(ex.cfg.pool, ex.cfg.pool_format, ex.cfg.columns)
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True  # blocks in file order: positions, and parts in order
+        # no `preserve_order`: positions come from the file, the output's parts are named by their order
+        bar = tqdm(total=len(self.ops) + 1, unit="stage", desc="ray: read the pool", disable=not ex.cfg.progress)
         t0 = time.perf_counter()
+        with bar:
+            return self._stages(bar, spec, started, t0)
+
+    def _stages(self, bar, spec, started: float, t0: float) -> RunResult:
+        from tamis.runtime.data import LoadReport
+        from tamis.runtime.executor import check_pool_fields
+        from tamis.runtime.ray_engine import _ship_plugin_code
+
+        ex = self.ex
         ds, n = read_pool(spec, ex.cfg.limit)
+        bar.update(1)
         if n == 0:
             raise NeedsDriver("no rows (the driver's loader says why)")
         check_pool_fields(ex.g, _schema(ds), ex.cfg.pool)
@@ -163,6 +171,7 @@ class StreamRun:
         alive = n
         for node in self.ops:
             a = ex.g.nodes[node]
+            bar.set_description(f"ray: {a['label'][:40]}")
             t0 = time.perf_counter()
             report = StageReport(node, a["label"], alive, 0, 0.0)
             ds = getattr(self, f"_op_{a['op']}")(a, ds, report).materialize()
@@ -171,6 +180,7 @@ class StreamRun:
             if a["op"] == "score":
                 report.scored_rows = report.rows_in
             ex.stages.append(report)
+            bar.update(1)
             ex.ray_stages.append({"stage": a["label"], "kernel": a["params"].get("scorer", a["op"]), "rows": report.rows_in,
                                   "workers": "tasks", "where": "ray"})
         cols = [c for c in ds.schema().names if c not in INTERNAL]
