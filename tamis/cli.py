@@ -441,6 +441,10 @@ def evaluate(
     api_base: Annotated[Optional[str], typer.Option("--api-base", help="OpenAI-compatible endpoint for api models and --judge api:NAME")] = None,
     batch_tokens: Annotated[Optional[int], typer.Option(help="padded tokens per scoring batch")] = None,
     progress: Annotated[bool, typer.Option(help="progress bars")] = True,
+    engine: EngineOpt = "local",
+    address: Annotated[Optional[str], typer.Option("--address", help="--engine ray: a Ray cluster's address (default: start a local instance)")] = None,
+    concurrency: Annotated[Optional[int], typer.Option("--concurrency", min=1, help="--engine ray: actors per model stage of the selections (default: one per GPU, else one)")] = None,
+    train_cpus: Annotated[Optional[int], typer.Option("--train-cpus", min=1, help="--engine ray: CPUs per fine-tune task (default 1, or a GPU's share of the CPUs)")] = None,
     param: ParamOpt = None,
     plugins: PluginOpt = None,
 ) -> None:
@@ -448,6 +452,7 @@ def evaluate(
     (BM) and on a random subset of the same size, with identical settings and several seeds; score them
     (held-out answer loss, pairwise wins by a judge in both orders); write PIR, SDF, the points file of
     `tamis efficiency` and a report with plots. Trained models are cached: a rerun retrains nothing."""
+    use_ray = _engine(engine) == "ray"
     _load_plugins(plugins)
     from tamis.evaluate.run import EvalConfig, TrainingSettings, evaluate as run_evaluation
     from tamis.report.evaluate_report import write_reports
@@ -472,6 +477,10 @@ def evaluate(
         params=_pairs("--param", param, "--param size=5%"), max_new_tokens=max_new_tokens,
         lm_eval_tasks=[t.strip() for t in (lm_eval or "").split(",") if t.strip()],
     )
+    if use_ray:  # the selections on the Ray engine, the missing fine-tunes as parallel Ray tasks
+        from tamis.runtime.ray_engine import RayOptions
+
+        cfg.ray = RayOptions(address=address, concurrency=concurrency, train_cpus=train_cpus)
     try:
         result = run_evaluation(cfg, output)
         files = write_reports(result, output)

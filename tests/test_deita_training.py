@@ -5,7 +5,6 @@ journal after a kill), scorer training examples, and evolve -> train -> score, i
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import polars as pl
 import pytest

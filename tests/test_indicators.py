@@ -7,7 +7,6 @@ built here and saved as a safetensors folder: no downloads.
 
 from __future__ import annotations
 
-import string
 from pathlib import Path
 
 import numpy as np

@@ -29,7 +29,9 @@ def test_ops_lists_every_registry_entry_and_says_which_run():
     assert {("scorer", n) for n in reg.SCORERS} <= names and {("sampler", n) for n in reg.SAMPLERS} <= names
     assert {("function", n) for n in reg.FUNCTIONS} <= names and {("data", n) for n in reg.DATA_CTORS} <= names
     runnable = {e["name"] for e in items if e["runnable"]}
-    assert {"ifd", "rating", "kcenter", "pct", "warmup", "grads", "icl_loss", "tags", "cluster"} <= runnable and "evolve" not in runnable
+    assert {"ifd", "rating", "kcenter", "pct", "warmup", "grads", "icl_loss", "tags", "cluster", "evolve", "subsets",
+            "fit", "predict"} <= runnable
+    assert [e["name"] for e in items if not e["runnable"]] == []  # every built-in has its kernel now
     detail = runner.invoke(app, ["ops", "rating"]).output
     assert "prompt: string one of alpagasus" in detail and "gpt4life/alpagasus" in detail
     typo = runner.invoke(app, ["ops", "raiting"])

@@ -8,7 +8,6 @@ The evaluator is a tiny random T5 (d_model 32, 2 layers) with a word-level token
 from __future__ import annotations
 
 import functools
-import re
 from pathlib import Path
 
 import numpy as np

@@ -14,11 +14,17 @@
 3. Scores: held-out answer loss of every model (and of the untrained PFM); with a judge, pairwise
    verdicts of SEM against BM and against the control, and of the control against BM, per seed.
 4. `metrics` turns them into points rows (one per seed and group), PIR and its spread over seeds.
+
+With `EvalConfig.ray` (`--engine ray`) the selections run under the Ray engine and the fine-tunes the
+artifact cache lacks run as parallel Ray tasks (`tamis.runtime.ray_train.train_models`), each task
+also scoring the model it trained (`score_model`, into the same cached artifacts); the driver then
+loads each model and reads its scores from the cache, as a rerun would.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import json
 import sys
@@ -29,7 +35,7 @@ from typing import Any, Callable
 
 import polars as pl
 
-from tamis.errors import DataError, TamisError
+from tamis.errors import TamisError
 from tamis.evaluate import metrics as M
 from tamis.evaluate.pairwise import WinTieLoss, combine, pair_conversations, read_verdicts, tally
 
@@ -78,6 +84,7 @@ class EvalConfig:
     max_new_tokens: int = 256
     min_valid_verdicts: float = 0.5  # a wins-rate from fewer parsed verdicts is reported, not placed
     lm_eval_tasks: list[str] = field(default_factory=list)
+    ray: Any = None  # tamis.runtime.ray_engine.RayOptions: --engine ray; None: everything in this process
 
 
 @dataclass
@@ -185,12 +192,64 @@ def cached_json(artifacts: Any, what: dict, compute: Callable[[], Any]) -> tuple
     return value, False
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """What scoring a trained model needs, as plain values (a Ray task scores the model it trained)."""
+
+    eval_rows: pl.DataFrame
+    eval_fp: str
+    template: str
+    max_length: int
+    batch_tokens: int | None
+    prompts: list | None  # the judge's prompts (token ids), or None without a judge
+    max_new_tokens: int
+
+
+def score_model(lm: Any, artifacts: Any, *, scoring: Scoring, label: str, progress: bool
+                ) -> tuple[dict, list[str | None] | None]:
+    """`lm`'s held-out loss and (with a judge) its greedy answers, each a cached artifact keyed by the
+    model's fingerprint and the evaluation's content (so the driver and a Ray task share them)."""
+    from tamis.evaluate.heldout import heldout_loss
+
+    s = scoring
+    loss, _ = cached_json(artifacts, {"op": "evaluate-heldout-loss", "model": lm.fingerprint, "data": s.eval_fp,
+                                      "template": s.template, "max_length": s.max_length},
+                          lambda: heldout_loss(lm, s.eval_rows, template=s.template, max_length=s.max_length,
+                                               batch_tokens=s.batch_tokens, progress=progress).to_json())
+    answers = None
+    if s.prompts is not None:
+        from tamis.evaluate.generate import greedy_answers
+
+        answers, _ = cached_json(artifacts, {"op": "evaluate-answers", "model": lm.fingerprint, "data": s.eval_fp,
+                                             "template": s.template, "max_length": s.max_length,
+                                             "max_new_tokens": s.max_new_tokens, "decoding": ANSWERS_VERSION},
+                                 lambda: greedy_answers(lm, s.prompts, max_new_tokens=s.max_new_tokens,
+                                                        batch_tokens=s.batch_tokens, progress=progress,
+                                                        desc=f"answers of {label}"))
+    return loss, answers
+
+
 def _log(message: str) -> None:
     print(f"evaluate: {message}", file=sys.stderr, flush=True)
 
 
 def evaluate(cfg: EvalConfig, out_dir: Path, log: Callable[[str], None] = _log) -> EvalResult:
     """Run the whole evaluation; write only ``out_dir/train_pool.parquet`` (the reports are the caller's)."""
+    if cfg.ray is None:
+        return _evaluate(cfg, out_dir, log)
+    from tamis.runtime.ray_engine import ensure_ray
+
+    started = ensure_ray(cfg.ray)  # one Ray instance for every selection and fine-tune
+    try:
+        return _evaluate(cfg, out_dir, log)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def _evaluate(cfg: EvalConfig, out_dir: Path, log: Callable[[str], None]) -> EvalResult:
     from tamis.dsl.compile import compile_file, pool_column_types
     from tamis.runtime.cache import data_fingerprint, open_cache
     from tamis.runtime.data import load_pool
@@ -238,13 +297,20 @@ def evaluate(cfg: EvalConfig, out_dir: Path, log: Callable[[str], None] = _log) 
         name = c.name if c.name not in selections and c.name != RANDOM else f"{c.name}#{len(selections) + 1}"
         log(f"selecting with {recipe}")
         t0 = time.perf_counter()
-        result = LocalExecutor(c.graph, sel_cfg).run()
-        if result.selected.height == 0:
+        if cfg.ray is not None:
+            from tamis.runtime.ray_engine import RayExecutor
+
+            result = RayExecutor(c.graph, sel_cfg, cfg.ray).run()
+        else:
+            result = LocalExecutor(c.graph, sel_cfg).run()
+        # a streamed selection is still on Ray's workers: the fine-tunes need its rows here
+        selected = result.selected if isinstance(result.selected, pl.DataFrame) else result.selected.to_polars()
+        if selected.height == 0:
             raise EvaluateError(f"recipe {recipe} selected no rows of the {train_pool.height}: nothing to fine-tune on")
-        selections[name] = result.selected
-        sel_info[name] = {"recipe": str(c.recipe.path or recipe), "size": result.selected.height,
-                          "sdf": M.method_sdf(result.selected.height, train_pool.height),
-                          "seconds": time.perf_counter() - t0, "ids": result.selected["id"].to_list()}
+        selections[name] = selected
+        sel_info[name] = {"recipe": str(c.recipe.path or recipe), "size": selected.height,
+                          "sdf": M.method_sdf(selected.height, train_pool.height),
+                          "seconds": time.perf_counter() - t0, "ids": selected["id"].to_list()}
         del result
         gc.collect()
     sizes = sorted({s["size"] for s in sel_info.values()})
@@ -265,25 +331,14 @@ def evaluate(cfg: EvalConfig, out_dir: Path, log: Callable[[str], None] = _log) 
         if not any(p is not None for p in prompts):
             raise EvaluateError(f"every evaluation prompt reaches max_length {settings.max_length}: nothing to answer")
 
+    scoring = Scoring(eval_rows, eval_fp, settings.template, settings.max_length, run.batch_tokens, prompts,
+                      cfg.max_new_tokens)
+
     def score(lm: Any, entry: ModelRun) -> None:
-        from tamis.evaluate.heldout import heldout_loss
-
-        entry.loss, _ = cached_json(cache.artifacts, {"op": "evaluate-heldout-loss", "model": lm.fingerprint,
-                                                      "data": eval_fp, "template": settings.template,
-                                                      "max_length": settings.max_length},
-                                    lambda: heldout_loss(lm, eval_rows, template=settings.template,
-                                                         max_length=settings.max_length, batch_tokens=run.batch_tokens,
-                                                         progress=run.progress).to_json())
-        if prompts is not None:
-            from tamis.evaluate.generate import greedy_answers
-
-            got, _ = cached_json(cache.artifacts, {"op": "evaluate-answers", "model": lm.fingerprint, "data": eval_fp,
-                                                   "template": settings.template, "max_length": settings.max_length,
-                                                   "max_new_tokens": cfg.max_new_tokens, "decoding": ANSWERS_VERSION},
-                                 lambda: greedy_answers(lm, prompts, max_new_tokens=cfg.max_new_tokens,
-                                                        batch_tokens=run.batch_tokens, progress=run.progress,
-                                                        desc=f"answers of {entry.label}"))
-            entry.answers = got
+        loss, answers = score_model(lm, cache.artifacts, scoring=scoring, label=entry.label, progress=run.progress)
+        entry.loss = loss
+        if answers is not None:
+            entry.answers = answers
         if cfg.lm_eval_tasks:
             entry.bench = _lm_eval(lm, cfg.lm_eval_tasks, cache.artifacts, notes)
 
@@ -304,16 +359,22 @@ def evaluate(cfg: EvalConfig, out_dir: Path, log: Callable[[str], None] = _log) 
             jobs.append((name, seed, train_pool.filter(pl.col("id").is_in(drawn))))
     from tamis.runtime.warmup import train_key, trained_model
 
+    on_ray: set[str] = set()  # the keys of the models Ray tasks trained in this run
+    if cfg.ray is not None:
+        on_ray = _train_on_ray(cfg, base, jobs, scoring, cache.artifacts, log)
     for i, (name, seed, rows) in enumerate(jobs, 1):
         config = settings.config(seed)
         key = train_key(base, rows, config)
         label = f"{name} seed {seed}"
         done = cache.artifacts.exists(key)
-        log(f"[{i}/{len(jobs)}] {label}: " + ("trained model from the cache" if done else
+        log(f"[{i}/{len(jobs)}] {label}: " + ("trained on a Ray worker" if key in on_ray else
+                                              "trained model from the cache" if done else
                                               f"fine-tuning on {rows.height} rows"))
         lm, summary = trained_model(base, key, config, lambda rows=rows: rows, cache.artifacts, run,
                                     {"label": label, "rows_given": rows.height})
         summary.pop("sample_ids", None)
+        if key in on_ray:
+            summary.update(cached=False, engine="ray")  # trained in this run, by a Ray task
         if summary.get("steps", 0) <= 1:  # the warmup schedule gives the first step lr 0
             notes.append(f"{label} took {summary.get('steps', 0)} optimizer step(s) of {rows.height} rows: with the "
                          "linear warmup its first step has learning rate 0, so it barely trained; use a smaller "
@@ -338,12 +399,51 @@ def evaluate(cfg: EvalConfig, out_dir: Path, log: Callable[[str], None] = _log) 
     config = {"recipes": cfg.recipes, "pool": run.pool, "pfm": run.pfm, "eval": cfg.eval, "judge": cfg.judge,
               "seeds": seeds, "training": dataclasses.asdict(settings), "max_new_tokens": cfg.max_new_tokens,
               "params": cfg.params, "limit": run.limit, "device": run.device, "dtype": run.dtype,
-              "lm_eval_tasks": cfg.lm_eval_tasks}
+              "lm_eval_tasks": cfg.lm_eval_tasks,
+              **({"engine": "ray", "train_cpus": cfg.ray.train_cpus} if cfg.ray is not None else {})}
     pool_info = {"loaded": pool.height, "eval_rows": eval_rows.height, "eval": eval_desc,
                  "selection_pool": train_pool.height, "dropped_as_eval_copies": dropped,
                  "load_report": loaded.report.to_dict()}
     return EvalResult(config, pool_info, sel_info, models, comparisons, points, notes,
                       time.perf_counter() - started, judge_name)
+
+
+def _train_on_ray(cfg: EvalConfig, base: Any, jobs: list[tuple[str, int, pl.DataFrame]], scoring: Scoring,
+                  artifacts: Any, log: Callable[[str], None]) -> set[str]:
+    """The fine-tunes the artifact cache lacks, as parallel Ray tasks, each also scoring its model;
+    the keys of those trained (a killed run keeps the finished ones: the rerun trains only the rest)."""
+    from tqdm.auto import tqdm
+
+    from tamis.runtime.ray_train import TrainJob, train_models
+    from tamis.runtime.warmup import train_key
+
+    todo: dict[str, TrainJob] = {}
+    for name, seed, rows in jobs:
+        config = cfg.training.config(seed)
+        key = train_key(base, rows, config)
+        if key in todo or artifacts.exists(key):
+            continue
+        label = f"{name} seed {seed}"
+        todo[key] = TrainJob(key, rows, config, label,
+                             functools.partial(score_model, scoring=scoring, label=label, progress=False))
+    if not todo:
+        return set()
+    log(f"fine-tuning {len(todo)} of {len(jobs)} model(s) as parallel Ray tasks (the rest are in the cache)")
+    t0 = time.perf_counter()
+    done: set[str] = set()
+    with tqdm(total=len(todo), unit="model", desc="fine-tunes on Ray", disable=not cfg.run.progress) as bar:
+        for job, summary in train_models(list(todo.values()), base, cfg.run.options(),
+                                         str(artifacts.root), cfg.ray.train_cpus):
+            if not artifacts.exists(job.key):  # the driver would otherwise train it again, here
+                from tamis.runtime.ray_engine import RayEngineError
+
+                raise RayEngineError(f"{job.label}: a Ray worker trained it into {artifacts.root}, which this "
+                                     "machine does not see; give a --cache-dir every node shares")
+            done.add(job.key)
+            bar.update(1)
+            log(f"{job.label}: fine-tuned on {job.rows.height} rows on a Ray worker "
+                f"({summary.get('seconds', 0):.1f} s training, {time.perf_counter() - t0:.1f} s since the first task)")
+    return done
 
 
 def _judge_all(cfg: EvalConfig, models: list[ModelRun], eval_rows: pl.DataFrame, selections: dict,

@@ -33,6 +33,8 @@ def evolve(params: Mapping, env: BuildEnv) -> pl.DataFrame:
     result = evolve_dataset(rows, model, rounds=int(params["rounds"]), max_tokens=int(params.get("max_tokens", 512)),
                             artifacts=env.artifacts, batch_tokens=env.options.batch_tokens,
                             progress=env.options.progress)
+    env.report.update({"dataset": "evolve", "summary": describe_counts(result.counts),
+                       "generated_now": result.generated_now, "seconds": round(result.seconds, 1)})
     if env.options.progress or result.generated_now:
         print(f"{env.label}: {describe_counts(result.counts)} ({result.generated_now} generated now, "
               f"{result.seconds:.1f} s)", file=sys.stderr)

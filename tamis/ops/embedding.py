@@ -18,7 +18,7 @@ Two kernel fields serve this (read by the executor, which names no scorer): this
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import polars as pl
 

@@ -147,6 +147,8 @@ class BuildEnv:
     models: list[Lazy] = field(default_factory=list)  # models that derive a dataset
     labels: list[Lazy] = field(default_factory=list)  # probe models whose losses label a fitted predictor
     evaluation: list[Lazy] = field(default_factory=list)  # the set probe models are evaluated on
+    # what the run report says of a built dataset (a data kernel fills it: evolve's counts)
+    report: dict[str, Any] = field(default_factory=dict)
     # the recipe's columns computed for other rows: (rows, names) -> frame of id and those columns
     columns: Callable[[pl.DataFrame, Sequence[str]], pl.DataFrame] | None = None
     # the engine's way of running independent probe trainings (tamis.runtime.probes.ProbeMap); None: in turn, here

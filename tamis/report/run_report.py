@@ -45,6 +45,9 @@ def markdown(report: dict) -> str:
             if "fingerprint" in m:
                 why = f" ({m['dtype_reason']})" if m.get("dtype_reason") else ""
                 lines.append(f"| {node} | {m['label']} | {m['device']} | {m['dtype']}{why} |")
+            elif m.get("dataset"):  # a built dataset's own account (evolve: generations, failures, labels)
+                lines.append(f"| {node} | {m['label']}: {m['summary']} ({m['generated_now']} generated now, "
+                             f"{m['seconds']} s) | | |")
             elif "losses" in m:  # probes: n models, each labelled by its evaluation loss
                 per = f", {m['seconds_per_probe']} s per probe trained now" if m.get("seconds_per_probe") else ""
                 lines.append(f"| {node} | probes: {m['probes']} ({m['cached']} from cache), {m['rows_per_probe']} rows "
@@ -56,16 +59,17 @@ def markdown(report: dict) -> str:
                              f"{'from cache' if m.get('cached') else 'trained now'} | | |")
         lines.append("")
         lines += [f"- `{node}`: {m['note']}" for node, m in report["models"].items() if m.get("note")]
+    engines = any("engine" in s for s in report["stages"])  # --engine ray: where each stage ran
     lines += ["## Stages", "", "| stage | rows in | rows out | seconds (model setup) | computed now | from cache | "
-              "no score (reason: rows) |",
-              "|---|---|---|---|---|---|---|"]
+              "no score (reason: rows) |" + (" ran on |" if engines else ""),
+              "|---|---|---|---|---|---|---|" + ("---|" if engines else "")]
     for s in report["stages"]:
         skipped = ", ".join(f"{k}: {v}" for k, v in s["skipped"].items()) or ""
         setup = f" ({s['model_seconds']:.1f})" if s["model_seconds"] else ""
         torn = s.get("torn_rows", 0)  # rows a killed run had cached in a cut-off journal chunk: computed again
         again = f" ({torn} again: torn cache journal)" if torn > 0 else " (a torn cache journal's chunk again)" if torn else ""
         lines.append(f"| `{s['label']}` | {s['rows_in']} | {s['rows_out']} | {s['seconds']:.2f}{setup} | {s['scored_rows']}"
-                     f"{again} | {s['cached_rows']} | {skipped} |")
+                     f"{again} | {s['cached_rows']} | {skipped} |" + (f" {s.get('engine', '')} |" if engines else ""))
     notes = [(s["label"], n) for s in report["stages"] for n in s.get("notes", [])]
     if notes:
         lines += ["", "## Notes", ""] + [f"- `{label}`: {n}" for label, n in notes]

@@ -699,7 +699,10 @@ class LocalExecutor:
                        evaluation=[self._lazy(p) for p in self._preds(node, "eval")],
                        columns=lambda rows, names: self._recipe_columns(rows, list(names), f"features of {a['label']}"),
                        map_probes=self._probe_map(node))
-        return k.fn(a["params"], env)
+        built = k.fn(a["params"], env)
+        if env.report:  # what a data kernel says of the dataset it built (evolve's counts), for the run report
+            self.model_info[f"{node}:dataset"] = {"label": a["label"], **env.report}
+        return built
 
     def _probe_map(self, node: str):
         """How model node `node` runs independent probe trainings (a `tamis.runtime.probes.ProbeMap`);
