@@ -286,3 +286,19 @@ def test_the_run_report_shows_the_rule_and_the_probes(first_run):
     text = markdown(report)
     assert "probes: 5 (0 from cache), [8] rows each, loss on held-out rows (6 rows)" in text
     assert "fit(linear) on 5 probes: log(loss) = " in text and "·length" in text and "R² = " in text
+
+
+def test_the_run_report_renders_a_datasets_account_and_where_stages_ran():
+    from tamis.report.run_report import markdown
+
+    stage = {"label": "score length", "rows_in": 2, "rows_out": 2, "seconds": 0.1, "model_seconds": 0.0,
+             "scored_rows": 2, "cached_rows": 0, "skipped": {}, "engine": "ray"}
+    report = {"recipe": "r", "pool": "p.jsonl", "pool_load": {"rows_loaded": 2}, "pfm": None, "selected_rows": 1,
+              "seconds": 1.0, "stages": [stage],
+              "models": {"d2:dataset": {"label": "evolve(seeds)", "dataset": "evolve", "summary": "4 seed(s), 1 failed",
+                                        "generated_now": 15, "seconds": 628.8}}}
+    text = markdown(report)
+    assert "| d2:dataset | evolve(seeds): 4 seed(s), 1 failed (15 generated now, 628.8 s) | | |" in text
+    assert "| ran on |" in text and "| 0 |  | ray |" in text
+    del stage["engine"]
+    assert "ran on" not in markdown(report)  # the local engine's report keeps its columns
