@@ -32,6 +32,9 @@ def main() -> None:
     ap.add_argument("--lr", default="0.0005", help="a probe's LoRA learning rate (tiny probes need more than 2e-5)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--only", choices=["instruction_mining", "instructiongpt4"], default=None)
+    ap.add_argument("--igpt4-features", default='["reward", "length"]',
+                    help="InstructionGPT-4's selector features: SmolLM2 never answers the GPT-4 rating prompt with "
+                         "a number, so gpt4_score is left out by default (it is still scored, and null)")
     args = ap.parse_args()
 
     sys.path.insert(0, str(ROOT / "tests"))
@@ -64,7 +67,8 @@ def main() -> None:
     runs = {
         "instruction_mining": ["--param", f"train_file=\"{pool}\"", "--param", f"eval_file=\"{evaluation}\"",
                                "--param", "size=30", "--model", f"MingZhong/unieval-dialog={t5}"],
-        "instructiongpt4": ["--param", f"train_file=\"{pool}\"", "--param", "size=30", "--model", f"gpt-4={smol}"],
+        "instructiongpt4": ["--param", f"train_file=\"{pool}\"", "--param", "size=30", "--model", f"gpt-4={smol}",
+                            "--param", f"features={args.igpt4_features}"],
     }
     for recipe, extra in runs.items():
         if args.only and recipe != args.only:

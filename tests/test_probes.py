@@ -139,6 +139,13 @@ def test_selfattn_row_prediction_is_the_reference_repeat_trick():
     assert sel.predict(pl.DataFrame({"f": [0.4], "g": [-1.2]}))[0] == pytest.approx(repeated, rel=1e-5)
 
 
+def test_selfattn_refuses_a_feature_with_no_values():
+    sets, losses = _sets()
+    nulls = [np.column_stack([s[:, 0], np.full(len(s), np.nan)]) for s in sets]  # a judge that never answered
+    with pytest.raises(TamisError, match="'g' have no value on any probe's rows"):
+        fit_selfattn(nulls, losses, ["f", "g"], layers=1, heads=1, epochs=1, lr=0.01, seed=0)
+
+
 def test_selfattn_heads_must_divide_the_features():
     sets, losses = _sets()
     with pytest.raises(TamisError, match="heads=2 must divide"):

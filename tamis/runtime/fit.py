@@ -138,6 +138,10 @@ def fit_selfattn(sets: list[np.ndarray], losses: np.ndarray, features: list[str]
     if heads < 1 or d % heads:
         raise TamisError(f"fit(\"selfattn\"): heads={heads} must divide the number of features ({d})")
     every = np.concatenate(sets)
+    empty = [f for f, seen in zip(features, (~np.isnan(every)).any(axis=0)) if not seen]
+    if empty:  # a network fitted on a column with no values would predict nothing but nulls
+        raise TamisError(f"feature(s) {', '.join(map(repr, empty))} have no value on any probe's rows: the stage that "
+                         "produces them gave every row a null (see its reason column)")
     mean, std = np.nanmean(every, axis=0), np.nanstd(every, axis=0)
     std[~(std > 0)] = 1.0
     label_mean, label_std = float(losses.mean()), float(losses.std()) or 1.0
