@@ -105,6 +105,10 @@ def trained_with(base, key: str, config, train: Callable[[Path], tuple[Any, list
                  "final": str(Path(result.final_path).relative_to(Path(result.out_dir).parent))}))
     path = artifacts.path_for(key)
     summary.update(json.loads((path / "summary.json").read_text()))
+    if summary.get("steps", 0) <= 1 and config.warmup_ratio > 0:  # say it: the model is (nearly) its base
+        summary["note"] = (f"{summary.get('label', 'training')}: {summary.get('steps', 0)} optimizer step(s) on "
+                           f"{summary.get('trained_rows', '?')} row(s); the linear warmup gives the first step learning "
+                           "rate 0, so the model barely moved from its base: lower batch= or raise epochs=")
     final = path / summary["final"]
     if (final / "adapter_config.json").is_file():
         lm = load_causal_lm(base.name, device=cfg.device, dtype=cfg.dtype, adapter=final,
