@@ -176,8 +176,6 @@ def tiny_tagger(tmp_path_factory) -> str:
     replying `tagger_reply(i)` to InsTag's request for pool_small's row i."""
     import json
 
-    import torch
-    import torch.nn.functional as F
 
     from tamis.runtime.judge import tag_conversation, vicuna_v1_1
 
@@ -189,35 +187,7 @@ def tiny_tagger(tmp_path_factory) -> str:
         reply = tok(tagger_reply(i))["input_ids"] + [tok.eos_token_id]
         seqs.append(prompt + reply)
         spans.append((len(prompt), len(prompt) + len(reply)))
-    # one right-padded batch of all rows: a step is one forward (pads come after every reply, so
-    # causal attention never reads them)
-    width = max(map(len, seqs))
-    ids = torch.tensor([q + [tok.eos_token_id] * (width - len(q)) for q in seqs])
-    rows_at = torch.tensor([b for b, (lo, hi) in enumerate(spans) for _ in range(lo, hi)])
-    pos_at = torch.tensor([p for lo, hi in spans for p in range(lo - 1, hi - 1)])
-    targets = ids[rows_at, pos_at + 1]
-    model = make_tiny_gpt2()
-    model.train()
-    torch.manual_seed(0)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    streak = 0
-    for _ in range(1500):
-        hidden = model.transformer(input_ids=ids).last_hidden_state[rows_at, pos_at]
-        logits = model.lm_head(hidden)
-        losses = F.cross_entropy(logits, targets, reduction="none")
-        losses.mean().backward()
-        opt.step()
-        opt.zero_grad()
-        # greedy decoding writes the replies once every reply token is the argmax (teacher forcing
-        # gives the same inputs); ten steps in a row, with a margin, so the last update keeps it
-        streak = streak + 1 if bool((logits.argmax(-1) == targets).all()) else 0
-        if streak >= 10 and losses.max().item() < 0.5:
-            break
-    model.eval()
-    out = tmp_path_factory.mktemp("tiny_tagger")
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return str(out)
+    return _teach_replies(tok, seqs, spans, tmp_path_factory.mktemp("tiny_tagger"))
 
 
 # What the tiny evolver says (DEITA's evolve, one round, pool_small's first three rows): per seed, its
@@ -257,9 +227,6 @@ def evolver_prompts() -> list[tuple[str, str]]:
 def tiny_evolver(tmp_path_factory) -> str:
     """Folder of a tiny chat GPT-2 trained to answer DEITA's evolve and rank prompts for pool_small's first
     three rows with `EVOLVER_REPLIES` (greedy decoding reproduces them)."""
-    import torch
-    import torch.nn.functional as F
-
     tok = make_gpt2_tokenizer()
     tok.chat_template = TINY_CHAT_TEMPLATE
     seqs, spans = [], []
@@ -269,6 +236,17 @@ def tiny_evolver(tmp_path_factory) -> str:
         out = tok(reply, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         seqs.append(ids + out)
         spans.append((len(ids), len(ids) + len(out)))
+    return _teach_replies(tok, seqs, spans, tmp_path_factory.mktemp("tiny_evolver"))
+
+
+def _teach_replies(tok, seqs: list[list[int]], spans: list[tuple[int, int]], out: Path) -> str:
+    """Train the tiny GPT-2 until greedy decoding writes each sequence's reply (`spans`: where each reply
+    lies in its sequence), save it with `tok` in `out`, and return the folder."""
+    import torch
+    import torch.nn.functional as F
+
+    # one right-padded batch of all rows: a step is one forward (pads come after every reply, so
+    # causal attention never reads them)
     width = max(map(len, seqs))
     ids = torch.tensor([q + [tok.eos_token_id] * (width - len(q)) for q in seqs])
     rows_at = torch.tensor([b for b, (lo, hi) in enumerate(spans) for _ in range(lo, hi)])
@@ -286,11 +264,12 @@ def tiny_evolver(tmp_path_factory) -> str:
         losses.mean().backward()
         opt.step()
         opt.zero_grad()
+        # greedy decoding writes the replies once every reply token is the argmax (teacher forcing
+        # gives the same inputs); ten steps in a row, with a margin, so the last update keeps it
         streak = streak + 1 if bool((logits.argmax(-1) == targets).all()) else 0
         if streak >= 10 and losses.max().item() < 0.5:
             break
     model.eval()
-    out = tmp_path_factory.mktemp("tiny_evolver")
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return str(out)
