@@ -309,3 +309,15 @@ def test_the_run_report_renders_a_datasets_account_and_where_stages_ran():
     assert "| ran on |" in text and "| 0 |  | ray |" in text
     del stage["engine"]
     assert "ran on" not in markdown(report)  # the local engine's report keeps its columns
+
+
+def test_the_run_report_counts_evaluation_rows_a_probe_could_not_score():
+    from tamis.report.run_report import markdown
+
+    probes = {"probes": 2, "cached": 0, "evaluation": "held-out rows", "eval_rows": 6, "eval_rows_scored": [4, 5],
+              "losses": [2.0, 2.1], "rows_per_probe": [8]}
+    report = {"recipe": "r", "pool": "p.jsonl", "pool_load": {"rows_loaded": 2}, "pfm": None, "selected_rows": 1,
+              "seconds": 1.0, "stages": [], "models": {"m3:training": probes}}
+    assert "(6 rows, 1–2 of them with no scorable answer" in markdown(report)
+    probes["eval_rows_scored"] = [6]
+    assert "loss on held-out rows (6 rows) |" in markdown(report)

@@ -375,10 +375,8 @@ def _evaluate(cfg: EvalConfig, out_dir: Path, log: Callable[[str], None]) -> Eva
         summary.pop("sample_ids", None)
         if key in on_ray:
             summary.update(cached=False, engine="ray")  # trained in this run, by a Ray task
-        if summary.get("steps", 0) <= 1:  # the warmup schedule gives the first step lr 0
-            notes.append(f"{label} took {summary.get('steps', 0)} optimizer step(s) of {rows.height} rows: with the "
-                         "linear warmup its first step has learning rate 0, so it barely trained; use a smaller "
-                         "--batch or more --epochs")
+        if summary.get("note"):  # e.g. one optimizer step, which the warmup schedule gives lr 0 (--batch, --epochs)
+            notes.append(summary["note"])
         entry = ModelRun(label, name, seed, rows.height, summary)
         score(lm, entry)
         models.append(entry)

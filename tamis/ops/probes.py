@@ -54,7 +54,7 @@ def fit(params: Mapping, env: BuildEnv) -> Built:
     import numpy as np
 
     from tamis.runtime.cache import fingerprint
-    from tamis.runtime.fit import fit_linear, fit_selfattn, subset_means
+    from tamis.runtime.fit import fit_linear, fit_selfattn, member_features, subset_means
     from tamis.runtime.probes import SUBSET, ProbeSet
 
     probes = env.labels[0].get() if env.labels else None
@@ -75,7 +75,7 @@ def fit(params: Mapping, env: BuildEnv) -> Built:
     if params["kind"] == "linear":
         model = fit_linear(subset_means(members, features, names), losses, names, bool(params["log_loss"]))
     else:
-        joined = members.join(features.unique("id", keep="first"), on="id", how="left")
+        joined = member_features(members, features)
         sets = [joined.filter(pl.col(SUBSET) == p.subset).select(names).cast(pl.Float64).to_numpy()
                 for p in probes.probes]
         model = fit_selfattn(sets, losses, names, layers=int(params["layers"]), heads=int(params["heads"]),

@@ -50,8 +50,12 @@ def markdown(report: dict) -> str:
                              f"{m['seconds']} s) | | |")
             elif "losses" in m:  # probes: n models, each labelled by its evaluation loss
                 per = f", {m['seconds_per_probe']} s per probe trained now" if m.get("seconds_per_probe") else ""
+                scored = m.get("eval_rows_scored", [m["eval_rows"]])
+                fewest, most = m["eval_rows"] - max(scored), m["eval_rows"] - min(scored)
+                unscored = (f", {fewest if fewest == most else f'{fewest}–{most}'} of them with no scorable answer "
+                            "(empty, or cut off by max_length), left out of the mean" if most else "")
                 lines.append(f"| {node} | probes: {m['probes']} ({m['cached']} from cache), {m['rows_per_probe']} rows "
-                             f"each, loss on {m['evaluation']} ({m['eval_rows']} rows){per} | | |")
+                             f"each, loss on {m['evaluation']} ({m['eval_rows']} rows{unscored}){per} | | |")
             elif m.get("kind") in ("linear", "selfattn"):
                 lines.append(f"| {node} | fit({m['kind']}) on {m['probes']} probes: {_fit_text(m)} | | |")
             else:

@@ -28,10 +28,15 @@ import polars as pl
 from tamis.errors import TamisError
 
 
+def member_features(members: pl.DataFrame, features: pl.DataFrame) -> pl.DataFrame:
+    """Each (subset, id) membership with that row's features (a row's id looked up once, however often
+    it appears in the features)."""
+    return members.join(features.unique("id", keep="first"), on="id", how="left")
+
+
 def subset_means(members: pl.DataFrame, features: pl.DataFrame, names: list[str]) -> np.ndarray:
     """Each subset's mean of each feature over its rows (nulls left out): an n × f matrix, rows in subset order."""
-    joined = members.join(features.unique("id", keep="first"), on="id", how="left")
-    means = joined.group_by("subset").agg([pl.col(c).cast(pl.Float64).mean() for c in names]).sort("subset")
+    means = member_features(members, features).group_by("subset").agg([pl.col(c).cast(pl.Float64).mean() for c in names]).sort("subset")
     empty = [c for c in names if means[c].null_count()]
     if empty:
         raise TamisError(f"feature(s) {', '.join(map(repr, empty))} have no value on some probe's rows: the fit needs "

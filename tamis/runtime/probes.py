@@ -206,7 +206,8 @@ def run_probes(base: Any, sets: pl.DataFrame, evaluation: pl.DataFrame, params: 
     keys = [job.key for job in jobs]
     done = [p for p in probes if not p.cached]
     info = {"probes": len(probes), "cached": len(probes) - len(done), "evaluation": evaluation_label,
-            "eval_rows": evaluation.height, "losses": [round(p.loss, 6) for p in probes],
+            "eval_rows": evaluation.height, "eval_rows_scored": sorted({p.eval_rows for p in probes}),
+            "losses": [round(p.loss, 6) for p in probes],
             "rows_per_probe": sorted({len(p.ids) for p in probes})}
     if done and all(p.train_seconds is not None for p in done):
         info["seconds_per_probe"] = round(sum(p.train_seconds for p in done) / len(done), 2)

@@ -108,7 +108,7 @@ def trained_with(base, key: str, config, train: Callable[[Path], tuple[Any, list
     if summary.get("steps", 0) <= 1 and config.warmup_ratio > 0:  # say it: the model is (nearly) its base
         summary["note"] = (f"{summary.get('label', 'training')}: {summary.get('steps', 0)} optimizer step(s) on "
                            f"{summary.get('trained_rows', '?')} row(s); the linear warmup gives the first step learning "
-                           "rate 0, so the model barely moved from its base: lower batch= or raise epochs=")
+                           "rate 0, so the model barely moved from its base: use a smaller batch or more epochs")
     final = path / summary["final"]
     if (final / "adapter_config.json").is_file():
         lm = load_causal_lm(base.name, device=cfg.device, dtype=cfg.dtype, adapter=final,
