@@ -29,6 +29,7 @@ vs reference). The last line is one JSON object.
 
     python benchmarks/less_gradients.py --quick         # a few minutes on 2 CPU cores
     python benchmarks/less_gradients.py --rows 256 --dim 8192 --device cuda
+    python benchmarks/less_gradients.py --device cuda --rows 128 --fp64-audit   # + distances from fp64
 """
 
 from __future__ import annotations
@@ -70,20 +71,26 @@ PROJECT_INTERVAL = 16  # collect_grads: project every 16 rows
 # --------------------------------------------------------------------------- the reference
 
 
-def reference_features(lm: LoadedLM, checkpoint: Path, examples, dim: int, adam: bool) -> tuple[np.ndarray, dict]:
-    """collect_grads, row by row (see the module note). Returns ([n, dim] normalised, phase seconds)."""
+def reference_features(lm: LoadedLM, checkpoint: Path, examples, dim: int, adam: bool,
+                       exact_loss: bool = False) -> tuple[np.ndarray, dict]:
+    """collect_grads, row by row (see the module note). Returns ([n, dim] normalised, phase seconds).
+
+    ``exact_loss`` (the fp64 audit's ground truth): the cross-entropy in the model's dtype.
+    transformers' loss casts the logits to fp32 first, which for an fp64 model would round
+    exactly the quantity that decides a confident token's gradient (p - 1)."""
     # TRAK's projector keeps no matrix between calls: every 16-row projection generates it
     # again (BasicProjector; the CUDA one generates it inside its kernel). tamis' process-wide
     # sign cache is therefore off while the reference runs.
     saved = less.SIGN_CACHE_BYTES
     less.SIGN_CACHE_BYTES = 0
     try:
-        return _reference_features(lm, checkpoint, examples, dim, adam)
+        return _reference_features(lm, checkpoint, examples, dim, adam, exact_loss)
     finally:
         less.SIGN_CACHE_BYTES = saved
 
 
-def _reference_features(lm: LoadedLM, checkpoint: Path, examples, dim: int, adam: bool) -> tuple[np.ndarray, dict]:
+def _reference_features(lm: LoadedLM, checkpoint: Path, examples, dim: int, adam: bool,
+                        exact_loss: bool) -> tuple[np.ndarray, dict]:
     dev = lm.device
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     t = {"model": 0.0, "precondition": 0.0, "projection": 0.0}
@@ -110,7 +117,11 @@ def _reference_features(lm: LoadedLM, checkpoint: Path, examples, dim: int, adam
             t0 = time.perf_counter()
             ids = torch.tensor([ex.input_ids], device=dev)
             batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([ex.labels], device=dev)}
-            loss = model(**batch).loss
+            if exact_loss:
+                logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+                loss = F.cross_entropy(logits[0, :-1], batch["labels"][0, 1:], ignore_index=-100)
+            else:
+                loss = model(**batch).loss
             loss.backward()
             g = torch.cat([p.grad.view(-1) for _, p in model.named_parameters() if p.grad is not None])
             sync()
@@ -129,6 +140,59 @@ def _reference_features(lm: LoadedLM, checkpoint: Path, examples, dim: int, adam
             project()
     t["generating"] = projector.seconds_generating
     return F.normalize(torch.cat(projected), dim=1).numpy(), t
+
+
+# --------------------------------------------------------------------------- fp64 audit
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-row |a - b| / |b|."""
+    return np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def fp64_audit(args, lm32: LoadedLM, jobs, ref32: list[np.ndarray], tam32: list[np.ndarray]) -> dict:
+    """How far each fp32 side is from the fp64 value, same checkpoints and rows (untimed).
+
+    The fp64 value ("truth") is the reference loop on the model in fp64 with its
+    cross-entropy in fp64 too. tamis in fp64 against it says whether the two algorithms
+    are the same (they then agree to fp64 rounding); each fp32 side against it says how
+    much of a difference between the fp32 sides is fp32 rounding, and whose. A confident
+    answer token's gradient is a sum of vocabulary terms that nearly cancel (p - 1 against
+    the other p's), so fp32 loses digits there on both sides, in an order each kernel picks.
+    Also tamis in fp32 with the LM head's backward as one matrix product (as autograd's
+    linear backward does it) instead of tamis' blocks of 4096 vocabulary entries.
+    `jobs` and the feature lists are in the same order: the train jobs of every checkpoint,
+    then the target jobs (as the timed loop appends them).
+    """
+    order = [j for j in jobs if j[2]] + [j for j in jobs if not j[2]]
+
+    def tamis(lm: LoadedLM) -> list[np.ndarray]:
+        return [gradient_features(lm, c, ex, dim=args.dim, seed=0, precondition="adam" if adam else "none",
+                                  batch_tokens=args.batch_tokens, progress=False).features for c, ex, adam in order]
+
+    saved = less._VOCAB_BLOCK
+    less._VOCAB_BLOCK = 1 << 30
+    try:
+        one32 = tamis(lm32)
+    finally:
+        less._VOCAB_BLOCK = saved
+    lm = load_causal_lm(args.model or smollm2_asset(), device=args.device, dtype=torch.float64)
+    truth = [reference_features(lm, c, ex, args.dim, adam, exact_loss=True)[0] for c, ex, adam in order]
+    tam64 = tamis(lm)
+    del lm
+    f64 = lambda x: np.concatenate(x).astype(np.float64)  # noqa: E731
+    t = f64(truth)
+    stats = lambda x: {"median": float(np.median(x)), "max": float(np.max(x))}  # noqa: E731
+    out = {
+        "tamis_fp64_vs_truth": stats(_rel(f64(tam64), t)),
+        "reference_fp32_vs_truth": stats(_rel(f64(ref32), t)),
+        "tamis_fp32_vs_truth": stats(_rel(f64(tam32), t)),
+        "tamis_fp32_one_head_product_vs_truth": stats(_rel(f64(one32), t)),
+        "tamis_fp32_one_head_product_vs_reference_fp32": stats(_rel(f64(one32), f64(ref32))),
+    }
+    print("fp64 audit (per-row relative difference, median / max):\n"
+          + "\n".join(f"  {k}: {v['median']:.2e} / {v['max']:.2e}" for k, v in out.items()), flush=True)
+    return out
 
 
 # --------------------------------------------------------------------------- main
@@ -156,6 +220,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true",
                     help="16 rows, 4 targets, warmup on 4, r=8 on q/v, dim 1024, max_length 256")
     ap.add_argument("--data", type=Path, default=None, help="a JSONL file of rows instead of the packaged ShareGPT")
+    ap.add_argument("--fp64-audit", action="store_true",
+                    help="after the timed run, recompute both sides' features with the model in fp64 (untimed) and "
+                         "report how far each fp32 side is from its fp64 value, and the two fp64 sides from each other")
     args = ap.parse_args(argv)
     if args.quick:
         args.rows, args.targets, args.warmup_rows, args.dim, args.max_length = 16, 4, 4, 1024, 256
@@ -165,6 +232,10 @@ def main(argv: list[str] | None = None) -> dict:
     lm = load_causal_lm(args.model or smollm2_asset(), device=args.device, dtype="fp32")
     info = machine(dtype=dtype_name(lm.dtype), device=str(lm.device))
     print(machine_line(info), flush=True)
+    if lm.device.type == "cuda":  # fp32 matmuls must be IEEE fp32 here, not TF32
+        print(f"CUDA fp32 matmul: allow_tf32={torch.backends.cuda.matmul.allow_tf32}, "
+              f"precision={torch.get_float32_matmul_precision()}; cuDNN allow_tf32={torch.backends.cudnn.allow_tf32}",
+              flush=True)
     # Rows whose prompt leaves room for an answer within max_length (others have no feature).
     want = args.warmup_rows + args.rows + args.targets
     pool = rows_file(args.data, 4 * want) if args.data else sharegpt_first_turns(4 * want)
@@ -225,6 +296,8 @@ def main(argv: list[str] | None = None) -> dict:
                     tam_t["generating"] += s.seconds_generating
                     batches += s.batches
                     padded += s.padded_tokens
+        audit = (fp64_audit(args, lm, jobs, ref_train + ref_target, tam_train + tam_target)
+                 if args.fp64_audit else None)
 
     ref_all = np.concatenate(ref_train + ref_target)
     tam_all = np.concatenate(tam_train + tam_target)
@@ -253,6 +326,8 @@ def main(argv: list[str] | None = None) -> dict:
         "speedup": round(t_ref / t_tam, 2), "model_phase_speedup": round(ref_t["model"] / max(tam_t["model"], 1e-9), 2),
         "max_rel_diff": rel, "influence_spearman": rho,
     }
+    if audit is not None:
+        result["fp64_audit"] = audit
     print(json.dumps(result))
     return result
 

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.candidates, args.anchors = 6, 8
 
     lm = load_causal_lm(args.model or smollm2_asset(), device=args.device, dtype="fp32")
-    info = machine(dtype=dtype_name(lm.dtype))
+    info = machine(dtype=dtype_name(lm.dtype), device=str(lm.device))
     print(machine_line(info))
     n = args.candidates + args.anchors
     rows = rows_file(args.rows, n) if args.rows else sharegpt_first_turns(n)
