@@ -37,7 +37,7 @@ def test_fingerprint_is_canonical_and_sensitive() -> None:
     assert fingerprint({"x": 1}) != fingerprint({"x": "1"})
     assert len(fingerprint(a)) == 32 and int(fingerprint(a), 16) >= 0
     # a literal, so a change in canonicalisation (which would orphan every cache) is caught
-    assert fingerprint({"k": [1, "é", None]}) == "9912c68214a64d7aed6c1c27c9282152"
+    assert fingerprint({"k": [1, "é", None]}) == "71b941a2e8c892066d2fca5106ff16c1"  # tamis-cache-v2
 
 
 def test_fingerprint_refuses_unstable_objects() -> None:
@@ -634,16 +634,29 @@ def test_cached_rows_on_frames_equals_the_row_by_row_version(tmp_path: Path, no_
         assert new_counts[0] > 0 and new_counts[0] + new_counts[1] == distinct
 
 
-def test_row_content_hashes_equal_json_dumps_row_by_row() -> None:
-    import hashlib
+def test_row_content_hashes_are_the_documented_xxh3_scheme(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The row key, recomputed here from its documentation (tamis.runtime.rowhash) with the
+    xxhash package: each field's XXH3-128 in hex ("-" for null; JSON text for a non-string
+    value), then XXH3-128 of "name=hex|name=hex|…". The column-wise (plugin) path and the
+    row-by-row fallback give it for every row, text full of JSON escapes and astral characters
+    included."""
     import json
     import random
 
+    import xxhash
+
+    from tamis.runtime import rowhash
+
+    def field(v: object) -> str:
+        if v is None:
+            return "-"
+        text = v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+        return xxhash.xxh3_128(text.encode("utf-8")).hexdigest()
+
     def reference(frame: pl.DataFrame) -> list[str]:
         present = [c for c in ("instruction", "input", "output", "messages") if c in frame.columns]
-        texts = [json.dumps(r, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
-                 for r in frame.select(present).iter_rows()]
-        return [hashlib.blake2b(t.encode("utf-8"), digest_size=16).hexdigest() for t in texts]
+        return [xxhash.xxh3_128("|".join(f"{c}={field(v)}" for c, v in zip(present, row)).encode()).hexdigest()
+                for row in frame.select(present).iter_rows()]
 
     rng = random.Random(3)
     alphabet = [chr(i) for i in range(0x30)] + list('"\\/ab é中😀\u2028\u2029\x7f\ufeff\U0010ffff')
@@ -654,14 +667,21 @@ def test_row_content_hashes_equal_json_dumps_row_by_row() -> None:
     n = 3000
     frame = pl.DataFrame({c: [text() for _ in range(n)] for c in ("instruction", "input", "output")},
                          schema={c: pl.String for c in ("instruction", "input", "output")})
-    assert row_content_hashes(frame) == reference(frame)
     nulls = pl.DataFrame({"instruction": ["a", "b"], "input": [None, None], "output": ["x", "y"]})  # input: Null type
-    assert row_content_hashes(nulls) == reference(nulls)
-    chat = pl.DataFrame({"instruction": ["q"], "messages": [[{"from": "human", "value": 'hi\n"'}]]})
-    assert row_content_hashes(chat) == reference(chat)
-    # a literal, so a change in the row text (which would orphan every cached score) is caught
+    chat = pl.DataFrame({"instruction": ["q", "q"], "messages": [[{"from": "human", "value": 'hi\n"'}], None]})
+    assert rowhash._plugin() is not None  # the column-wise path is the one under test first
+    for f in (frame, nulls, chat):
+        assert row_content_hashes(f) == reference(f)
+    assert rowhash.row_hashes(frame, ["instruction", "input", "output"], chunk=7).to_list() == reference(frame)
+    monkeypatch.setattr(rowhash, "_plugin", lambda: None)  # a Polars the plugin was not built for
+    for f in (frame.head(300), nulls, chat):
+        assert row_content_hashes(f) == reference(f)
+    # the same texts under other columns are another row
+    assert row_content_hashes(pl.DataFrame({"instruction": ["a"], "output": ["b"]})) != \
+        row_content_hashes(pl.DataFrame({"instruction": ["a"], "input": ["b"]}))
+    # a literal, so a change in the row key (which would orphan every cached score) is caught
     assert row_content_hashes(pl.DataFrame({"instruction": ["q"], "input": [""], "output": ["a\n\"b\""]})) == \
-        ["7b47ff45f874f03310d3c6e345b88cda"]
+        ["9f24c765211b08a00b953065f44f7789"]
 
 
 # --------------------------------------------------------------------------- resume at scale: torn journals, in-order reads

@@ -156,6 +156,21 @@ def test_a_conversion_no_run_would_use_is_marked(cache, tmp_path):
     assert notes[str(first)] == notes[str(second)] == "unused: its GGUF file is gone"
 
 
+def test_a_score_entry_of_an_earlier_cache_format_is_marked(cache):
+    from tamis.runtime.cache import CACHE_FORMAT
+
+    scores = by_kind(listing(cache), "score")
+    assert all(not (e["note"] or "").startswith("unused") for e in scores)  # written by this version
+    meta_file = Path(scores[0]["path"]) / "key.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta["cache_format"] == CACHE_FORMAT and "cache_format" not in scores[0]["what"]
+    del meta["cache_format"]  # as tamis-cache-v1 wrote it (blake2b row keys: no run looks them up)
+    meta_file.write_text(json.dumps(meta))
+    notes = {e["path"]: e["note"] for e in by_kind(listing(cache), "score")}
+    assert notes[scores[0]["path"]] == f"unused: written in cache format tamis-cache-v1, this version reads {CACHE_FORMAT}"
+    assert not (notes[scores[1]["path"]] or "").startswith("unused")
+
+
 def test_loading_a_conversion_counts_as_a_use(cache):
     (conversion,) = by_kind(listing(cache), "model conversion")
     folder = Path(conversion["path"])

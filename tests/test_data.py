@@ -909,8 +909,15 @@ def test_vectorised_content_ids_match_content_id(monkeypatch: pytest.MonkeyPatch
         "".join(rng.choice(specials + list("abc ")) for _ in range(rng.randint(0, 12))) for _ in range(200)]
     frame = pl.DataFrame({"instruction": texts, "input": texts[::-1], "output": texts[1:] + texts[:1]})
     expected = [content_id(a, b, c) for a, b, c in frame.iter_rows()]
-    monkeypatch.setattr(data, "_CHUNK", 7)  # several chunks
+    from tamis.runtime import rowhash
+
+    monkeypatch.setattr(rowhash, "CHUNK", 7)  # several chunks
     assert data.content_ids(frame).to_list() == expected
+    # the definition: the first 16 hex digits of XXH3-128 over "instruction=…|input=…|output=…"
+    import xxhash
+
+    h = lambda t: xxhash.xxh3_128(t.encode()).hexdigest()  # noqa: E731
+    assert content_id("q", "", "a") == h(f"instruction={h('q')}|input={h('')}|output={h('a')}")[:16]
     # repeated rows without ids: made unique in file order, as the per-record path does
     twice = pl.concat([frame.head(3), frame.head(3)]).with_columns(pl.lit(None, dtype=pl.String).alias("id"))
     ids, renamed = data._assign_ids(twice.select("id", "instruction", "input", "output"))

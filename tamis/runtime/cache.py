@@ -46,6 +46,7 @@ from tamis.runtime.outputs import atomic_dir, fsync_dir, fsync_file
 from tamis.errors import TamisError
 
 __all__ = [
+    "CACHE_FORMAT",
     "ArtifactCache",
     "Cache",
     "CacheError",
@@ -59,7 +60,8 @@ __all__ = [
     "row_content_keys",
 ]
 
-_VERSION = "tamis-cache-v1"  # bump when the meaning of cached bytes changes
+_VERSION = "tamis-cache-v2"  # bump when the meaning of cached bytes or of a row key changes (v2: XXH3 row keys)
+CACHE_FORMAT = _VERSION
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SHARD = re.compile(r"^shard-(\d+)(?:-[0-9a-f]+)?\.parquet$")
 _JOURNAL = re.compile(r"^shard-(\d+)\.journal$")
@@ -141,24 +143,14 @@ def row_content_hashes(frame: pl.DataFrame, columns: Sequence[str] = CONTENT_COL
 
 
 def row_content_keys(frame: pl.DataFrame, columns: Sequence[str] = CONTENT_COLUMNS) -> pl.Series:
-    """`row_content_hashes` as a String series named ``id`` (the executor's resume path): the blake2b-128
-    of each row's JSON text, the text written by Polars, the digests turned to hex by one table lookup."""
-    from tamis.runtime.data import blake2b_digests, hashed_rows, hex_strings
+    """`row_content_hashes` as a String series named ``id`` (the executor's resume path): each row's
+    XXH3-128 row hash over the content columns present (`tamis.runtime.rowhash`), column-wise."""
+    from tamis.runtime.rowhash import row_hashes
 
     present = [c for c in columns if c in frame.columns]
     if not present:
         raise CacheError(f"frame has none of the content columns {list(columns)}")
-    if all(frame.schema[c] in (pl.String, pl.Null) for c in present):
-        digests = hashed_rows(frame, present, 16)
-    else:  # a non-string content column (a conversation's `messages`): row by row
-        encode = _ROW_JSON.encode
-        digests = blake2b_digests([encode(row).encode("utf-8") for row in frame.select(present).iter_rows()], 16)
-    return hex_strings(digests, "id")
-
-
-# json.dumps(row, ensure_ascii=False, separators=(",", ":"), sort_keys=True), without building an
-# encoder per call: the row text that content hashes have always been computed from
-_ROW_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    return row_hashes(frame, present, "id")
 
 
 def data_fingerprint(frame: pl.DataFrame, columns: Sequence[str] | None = None) -> str:
@@ -168,11 +160,12 @@ def data_fingerprint(frame: pl.DataFrame, columns: Sequence[str] | None = None) 
     missing = [c for c in cols if c not in frame.columns]
     if missing:
         raise CacheError(f"frame lacks columns {missing}")
+    from tamis.runtime.rowhash import CHUNK, row_hashes
+
     digest = hashlib.blake2b(digest_size=16)
     digest.update(json.dumps([_VERSION, cols]).encode("utf-8"))
-    for row in frame.select(cols).iter_rows():
-        digest.update(json.dumps(row, ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode("utf-8"))
-        digest.update(b"\n")
+    for start in range(0, frame.height, CHUNK):  # each row's hash, in order (column-wise, no row objects)
+        digest.update("".join(row_hashes(frame.slice(start, CHUNK), cols).to_list()).encode("ascii"))
     return digest.hexdigest()
 
 
@@ -620,7 +613,7 @@ class ScoreCache:
 
         meta = self.key_dir(key) / "key.json"
         if not meta.exists():
-            write_json(what, meta)
+            write_json({**what, "cache_format": _VERSION}, meta)  # `tamis cache list` flags other formats
 
     def clear(self, key: str) -> None:
         """Forget every shard and journal of `key` (e.g. after a scorer bug fix that kept its key)."""

@@ -405,7 +405,7 @@ def _score_what(meta: Any, names: dict[str, str]) -> tuple[str, Kind]:
     if not isinstance(meta, dict):
         return "scores (no key.json)", "score"
     scorer = str(meta.get("scorer", meta.get("op", "?")))
-    params = ", ".join(f"{k}={v}" for k, v in meta.items() if k not in ("op", "scorer", "model", "plugin"))
+    params = ", ".join(f"{k}={v}" for k, v in meta.items() if k not in ("op", "scorer", "model", "plugin", "cache_format"))
     what = f"{scorer}({params})" if params else scorer
     if meta.get("model"):
         fp = str(meta["model"])
@@ -444,8 +444,14 @@ def _entry(area: str, item: Path, names: dict[str, str], index: dict[str, str], 
     if item.is_symlink() or not item.is_dir():
         return CacheEntry("other", rel, item, "not a tamis entry (file or link)", None, size, last)
     if area == "scores":
-        what, kind = _score_what(_read_json(item / "key.json"), names)
+        from tamis.runtime.cache import CACHE_FORMAT
+
+        meta = _read_json(item / "key.json")
+        what, kind = _score_what(meta, names)
         count, note = _score_rows(item) if rows else (None, "")
+        if isinstance(meta, dict) and meta.get("cache_format") != CACHE_FORMAT:
+            old = meta.get("cache_format", "tamis-cache-v1")
+            note = "; ".join(filter(None, [f"unused: written in cache format {old}, this version reads {CACHE_FORMAT}", note]))
         return CacheEntry(kind, rel, item, what, count, size, last, note)
     if area == "models":
         # Loads of a conversion are not recorded (tamis.runtime.models is outside the cache), but every

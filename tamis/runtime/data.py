@@ -38,8 +38,8 @@ Why the care:
   ShareGPT V3 file is) still yields every complete record, with the truncation
   reported instead of a failure.
 * **Ids are stable**: a record's own ``id`` when it has one (duplicates made unique
-  deterministically: ``x``, ``x#2``, ...), else a short blake2b hash of the row's
-  content — identical across runs and machines, so score caches keyed by id survive
+  deterministically: ``x``, ``x#2``, ...), else a short hash of the row's
+  content (XXH3, `tamis.runtime.rowhash`) — identical across runs and machines, so score caches keyed by id survive
   reruns.
 * Inputs are only ever opened read-only.
 * **Valid pools never become Python dicts.** Alpaca-style pools in every format are
@@ -55,11 +55,9 @@ import codecs
 import csv
 import functools
 import gzip
-import hashlib
 import io
 import itertools
 import json
-import operator
 import re
 from collections import Counter
 from contextlib import contextmanager
@@ -71,6 +69,7 @@ from typing import Any, Iterable, Iterator, Literal, Mapping
 import polars as pl
 
 from tamis.errors import DataError, RowProblem, TamisError
+from tamis.runtime.rowhash import row_hashes, text_hash
 
 __all__ = [
     "CANONICAL_COLUMNS",
@@ -1129,9 +1128,9 @@ def _all_pair_rows(messages: list[dict[str, str]], rid: str | None, shown: str) 
 
 
 def content_id(instruction: str, input: str, output: str) -> str:
-    """A short, stable id from a row's content (16 hex chars of blake2b)."""
-    payload = json.dumps([instruction, input, output], ensure_ascii=False, separators=(",", ":"))
-    return hashlib.blake2b(payload.encode("utf-8"), digest_size=8).hexdigest()
+    """A short, stable id from a row's content: the first 16 hex digits of its row hash
+    over instruction, input and output (`tamis.runtime.rowhash`)."""
+    return text_hash((("instruction", instruction), ("input", input), ("output", output)))[:16]
 
 
 class _IdAssigner:
@@ -1758,7 +1757,6 @@ _COERCED_BODY = r"-?[0-9][0-9.eE+\-]*|true|false|\[[\s\S]*\]|\{[\s\S]*\}"
 _COERCED = f"^(?:{_COERCED_BODY})$"
 _TEXT = ("instruction", "input", "output")
 _CONVERSATION = ("messages", "conversations")
-_CHUNK = 1 << 15  # rows per content-id batch: ~14 MB of payload at Alpaca's sizes
 _MANY_LOOKALIKES = 1000  # JSONL rows whose text looks like a coerced value, above which the bytes are asked
 
 
@@ -2205,86 +2203,25 @@ def _fast_json(path: Path, opts: _Options, limit: int | None, window: _Window) -
 # ------------------------------------------------------------------ ids, vectorised
 
 
-def json_array_bytes(frame: pl.DataFrame, columns: Iterable[str]) -> pl.Series:
-    """Each row's ``json.dumps([col1, col2, ...], ensure_ascii=False, separators=(",", ":"))`` as UTF-8
-    (a Binary series), for string (or all-null) columns: null is ``null``, strings carry JSON's mandatory
-    escapes only. Written by Polars' own JSON encoder (one pass per column, escapes identical to
-    Python's, tested), never row by row."""
-    parts: list[pl.Expr] = [pl.lit("[")]
-    for i, name in enumerate(columns):
-        if i:
-            parts.append(pl.lit(","))
-        encoded = pl.struct(pl.col(name).cast(pl.String).alias("v")).struct.json_encode()  # {"v":"…"} or {"v":null}
-        parts.append(encoded.str.strip_prefix('{"v":').str.strip_suffix("}"))
-    parts.append(pl.lit("]"))
-    return frame.select(pl.concat_str(parts).cast(pl.Binary).alias("payload")).to_series()
-
-
-def blake2b_digests(payloads: Iterable[bytes], size: int) -> Any:
-    """blake2b(digest_size=`size`) of each payload, as an n × size uint8 array: one C call chain per row
-    (no Python frame in between), the digests joined once."""
-    import numpy as np
-
-    hasher = functools.partial(hashlib.blake2b, digest_size=size)
-    joined = b"".join(map(operator.methodcaller("digest"), map(hasher, payloads)))
-    return np.frombuffer(joined, dtype=np.uint8).reshape(-1, size)
-
-
-def hex_strings(digests: Any, name: str = "id") -> pl.Series:
-    """The lowercase hex of each row of an n × k uint8 array, as a String series (one table lookup)."""
-    width = digests.shape[1] * 2
-    return pl.Series(name, _HEX_PAIRS()[digests].view(f"S{width}").ravel(), dtype=pl.String)
-
-
-def hashed_rows(frame: pl.DataFrame, columns: Iterable[str], size: int, chunk: int | None = None) -> Any:
-    """`blake2b_digests` of `json_array_bytes(frame, columns)`, `chunk` rows at a time (bounded memory)."""
-    import numpy as np
-
-    columns, chunk = list(columns), chunk or _CHUNK
-    out = np.empty((frame.height, size), dtype=np.uint8)
-    for offset in range(0, frame.height, chunk):
-        part = frame.slice(offset, chunk)
-        out[offset : offset + part.height] = blake2b_digests(json_array_bytes(part, columns).to_list(), size)
-    return out
-
-
 def content_ids(frame: pl.DataFrame) -> pl.Series:
-    """`content_id` of every row of a frame with string instruction/input/output (no
-    nulls), built column-wise: Polars writes each row's JSON payload, and only the
-    hashing is a call per row (blake2b from C, no Python frame in between)."""
-    return _content_ids(frame)[0]
-
-
-def _content_ids(frame: pl.DataFrame) -> tuple[pl.Series, Any]:
-    """(hex ids, the digests as an n×8 uint8 array)."""
-    digests = hashed_rows(frame, _TEXT, 8, _CHUNK)
-    return hex_strings(digests), digests
-
-
-@functools.lru_cache(maxsize=1)
-def _HEX_PAIRS() -> Any:
-    """uint16 lookup table: byte value → its two lowercase hex digits (ASCII, in memory order)."""
-    import numpy as np
-
-    return np.frombuffer(b"".join(f"{i:02x}".encode() for i in range(256)), dtype=np.uint16)
+    """`content_id` of every row of a frame with string instruction/input/output (no nulls),
+    column-wise (`row_hashes`)."""
+    return row_hashes(frame, _TEXT, "id").str.slice(0, 16)
 
 
 def _assign_ids(canon: pl.DataFrame) -> tuple[pl.Series, int]:
     """Own ids where given, content ids elsewhere, repeats made unique as _IdAssigner does."""
-    import numpy as np
-
     missing = canon["id"].is_null()
     n_missing = missing.sum()
-    if n_missing == canon.height:  # no own ids (Alpaca): repeats are repeated digests
-        base, digests = _content_ids(canon)
-        keys = np.sort(digests.view("<u8").ravel())  # 8 bytes a row, not a hash table of strings
-        repeated = bool((keys[1:] == keys[:-1]).any())
+    if n_missing == canon.height:  # no own ids (Alpaca)
+        base = content_ids(canon)
     else:
         base = canon["id"]
         if n_missing:
             base = base.clone().scatter(missing.arg_true(), content_ids(canon.filter(missing)))
-        repeated = base.is_duplicated().any()
-    if not repeated:
+    # Polars' 64-bit hash of each id first (a third of the CPU of comparing strings); only a
+    # repeated hash, a repeated id or a collision, asks the strings themselves.
+    if not base.hash().is_duplicated().any() or not base.is_duplicated().any():
         return base, 0
     ids = _IdAssigner()
     unique = [ids.assign({"id": b}) for b in base.to_list()]
