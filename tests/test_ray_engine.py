@@ -66,7 +66,8 @@ def test_cheap_recipe_same_selection_and_scores(tmp_path):
 
 @pytest.mark.slow  # an actor loads a model several times: ~20-30 s on 2 cores
 def test_ifd_with_a_real_model_same_scores_cache_written_by_workers(tiny_gpt2_dir, tmp_path):
-    local, on_ray, ex = _both(IFD, tmp_path, pfm=tiny_gpt2_dir, dtype="fp32", chunk_rows=3)
+    # the driver's path (path 2); the streamed one: test_a_model_scorer_streams_…
+    local, on_ray, ex = _both(IFD, tmp_path, RayOptions(stream=False), pfm=tiny_gpt2_dir, dtype="fp32", chunk_rows=3)
     assert on_ray.selected["id"].to_list() == local.selected["id"].to_list()
     assert on_ray.scores["id"].equals(local.scores["id"])
     for col in ("ifd", "ifd_cond", "ifd_direct"):
@@ -78,10 +79,43 @@ def test_ifd_with_a_real_model_same_scores_cache_written_by_workers(tiny_gpt2_di
     # one shard per 3-row batch, written by the actor (the driver wrote none: its writer never opened)
     assert len(_shards(tmp_path / "ray")) == 3
     again = RayExecutor(compile_text(IFD).graph, RunConfig(pool=str(POOL_SMALL), pfm=tiny_gpt2_dir, dtype="fp32",
-                                                           cache_dir=str(tmp_path / "ray"), progress=False)).run()
+                                                           cache_dir=str(tmp_path / "ray"), progress=False),
+                        RayOptions(stream=False)).run()
     stage = _stage(again, "score ifd")
     assert (stage.cached_rows, stage.scored_rows) == (8, 0)
     assert again.scores.equals(on_ray.scores)
+
+
+@pytest.mark.slow  # two engines, an actor loading the model: ~20-30 s on 2 cores
+def test_a_model_scorer_streams_with_the_cache_written_by_its_actors(tiny_gpt2_dir, tmp_path):
+    cfg = dict(pool=str(POOL_SMALL), pfm=tiny_gpt2_dir, dtype="fp32", chunk_rows=3, progress=False)
+    local = LocalExecutor(compile_text(IFD).graph, RunConfig(cache_dir=str(tmp_path / "local"), **cfg)).run()
+    ex = RayExecutor(compile_text(IFD).graph, RunConfig(cache_dir=str(tmp_path / "ray"), **cfg))
+    on_ray = ex.run()
+    assert ex.fallback is None and not isinstance(on_ray.selected, pl.DataFrame)  # the driver never held the pool
+    assert on_ray.selected.to_polars()["id"].to_list() == local.selected["id"].to_list()
+    scores = on_ray.scores.to_polars()
+    assert scores["id"].equals(local.scores["id"])
+    for col in ("ifd", "ifd_cond", "ifd_direct"):
+        a, b = local.scores[col], scores[col]
+        assert a.is_null().equals(b.is_null())
+        assert b.drop_nulls().to_list() == pytest.approx(a.drop_nulls().to_list(), rel=1e-6, abs=1e-7)
+    plan = next(p for p in ex.ray_stages if p.get("kernel") == "ifd")
+    assert plan["workers"] == "1 actor(s)" and (plan["rows"], plan["cached_rows"]) == (8, 0) and "pfm" in plan["model"]
+    assert [s.engine for s in on_ray.stages] == ["ray"] * len(local.stages)
+    # one shard per 3-row batch, written by the actor, under the local engine's keys (same stage key, same row keys)
+    ray_shards, local_shards = _shards(tmp_path / "ray"), _shards(tmp_path / "local")
+    assert len(ray_shards) == 3 and {p.parent.name for p in ray_shards} == {p.parent.name for p in local_shards}
+    assert sorted(pl.concat([pl.read_parquet(p) for p in ray_shards])["id"]) == \
+        sorted(pl.concat([pl.read_parquet(p) for p in local_shards])["id"])
+    # a rerun, even on the local engine's cache, finds every row and starts no actor
+    for cache in ("ray", "local"):
+        again_ex = RayExecutor(compile_text(IFD).graph, RunConfig(cache_dir=str(tmp_path / cache), **cfg))
+        again = again_ex.run()
+        stage = _stage(again, "score ifd")
+        assert (stage.cached_rows, stage.scored_rows) == (8, 0)
+        assert next(p for p in again_ex.ray_stages if p.get("kernel") == "ifd")["workers"] == "none (every row cached)"
+        assert again.selected.to_polars()["id"].to_list() == local.selected["id"].to_list()
 
 
 def test_judge_recipe_same_ratings(tiny_judge, tmp_path):
@@ -139,7 +173,8 @@ def test_a_killed_actor_is_restarted_and_the_result_is_unchanged(tiny_gpt2_dir, 
     load_plugin_file(plugin)
     text = "score ifd_killed_once using pfm | rank | top 50%"
     cfg = dict(pool=str(POOL_SMALL), pfm=tiny_gpt2_dir, dtype="fp32", chunk_rows=3, progress=False)
-    on_ray = RayExecutor(compile_text(text).graph, RunConfig(cache_dir=str(tmp_path / "ray"), **cfg)).run()
+    on_ray = RayExecutor(compile_text(text).graph, RunConfig(cache_dir=str(tmp_path / "ray"), **cfg),
+                         RayOptions(stream=False)).run()
     assert mark.exists()  # an actor did die mid-run
     import os
 
@@ -168,7 +203,8 @@ def letters_gated(rows, model, field):
 
 
 @pytest.mark.slow  # an actor loads a model several times: ~20-30 s on 2 cores
-def test_a_failed_run_resumes_rescoring_nothing_finished(tiny_gpt2_dir, tmp_path):
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_failed_run_resumes_rescoring_nothing_finished(tiny_gpt2_dir, tmp_path, stream):
     ids = pl.read_ndjson(POOL_SMALL)["id"]
     gate = tmp_path / "gate"
     gate.write_text("stop")
@@ -178,17 +214,21 @@ def test_a_failed_run_resumes_rescoring_nothing_finished(tiny_gpt2_dir, tmp_path
     text = "score letters_gated using pfm | rank | top 3"
     cfg = RunConfig(pool=str(POOL_SMALL), pfm=tiny_gpt2_dir, dtype="fp32", chunk_rows=3, progress=False,
                     cache_dir=str(tmp_path / "c"))
+    opts = RayOptions(stream=stream)  # the driver's path, or the streamed one (lookups and writes on the workers)
     with pytest.raises(RayEngineError, match="letters_gated.*the run was stopped here"):
-        RayExecutor(compile_text(text).graph, cfg).run()
+        RayExecutor(compile_text(text).graph, cfg, opts).run()
     gate.unlink()
-    resumed = RayExecutor(compile_text(text).graph, cfg).run()
+    ex = RayExecutor(compile_text(text).graph, cfg, opts)
+    resumed = ex.run()
+    assert isinstance(resumed.selected, pl.DataFrame) != stream  # streamed: the selection stays on the workers
     stage = _stage(resumed, "score letters_gated")
     # the batches before the failing one were cached by the worker; only the rest was scored again
     assert stage.cached_rows >= 3 and stage.cached_rows + stage.scored_rows == 8 and stage.scored_rows >= 2
-    again = RayExecutor(compile_text(text).graph, cfg).run()
+    again = RayExecutor(compile_text(text).graph, cfg, opts).run()
     assert (_stage(again, "score letters_gated").cached_rows, _stage(again, "score letters_gated").scored_rows) == (8, 0)
     pool = pl.read_ndjson(POOL_SMALL)
-    assert again.scores["letters_gated"].to_list() == [float(sum(c.isalpha() for c in t)) for t in pool["output"]]
+    scores = again.scores if isinstance(again.scores, pl.DataFrame) else again.scores.to_polars()
+    assert scores["letters_gated"].to_list() == [float(sum(c.isalpha() for c in t)) for t in pool["output"]]
 
 
 def test_cli_engine_ray_writes_the_same_selection(tmp_path):
@@ -401,5 +441,10 @@ def test_explain_engine_ray_says_which_path_and_what_the_driver_holds(tmp_path):
     assert "engine ray (streamed: the driver never holds the pool)" in out
     assert "read by Ray Data" in out and "positions and keys only" in out and "pct gathers" in out
     out = runner.invoke(app, ["explain", "instruction_mining", "--engine", "ray"]).output
-    assert "the driver's path: `score reward using encoder(" in out and "uses a model" in out
+    assert "the driver's path: `score predict using fit(linear)" in out and "uses a model trained on the run's data" in out
     assert "probes: one Ray task each" in out
+    model = tmp_path / "model.tamis"
+    model.write_text("score ifd using pfm with max_length=128 | rank | top 10%\n", encoding="utf-8")
+    out = runner.invoke(app, ["explain", str(model), "--engine", "ray"]).output
+    assert "engine ray (streamed" in out and "Ray actor pool" in out and "built on the driver for its fingerprint" in out
+    assert "score cache looked up block by block" in out

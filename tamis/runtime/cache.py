@@ -294,6 +294,16 @@ class ScoreCache:
             hits = stored.join(wanted_frame, on="id", how="semi")
         return hits
 
+    def stored(self, key: str, schema: Mapping[str, pl.DataType] | None = None) -> pl.DataFrame:
+        """Every stored result of `key` (``id`` plus the result columns, checked as in `lookup`), each id
+        once (later rows win), in no particular order: what a distributed lookup joins against."""
+        stored = self._read_all(key, schema, last_only=False)
+        if stored is None:
+            return pl.DataFrame(schema={"id": pl.String, **(schema or {})})
+        if stored["id"].n_unique() != stored.height:
+            stored = stored.unique(subset="id", keep="last", maintain_order=False)
+        return stored
+
     def align(self, key: str, ids: Iterable[str] | pl.Series, schema: Mapping[str, pl.DataType], *,
               distinct: bool = False) -> tuple[pl.DataFrame, pl.Series]:
         """The stored results lined up with `ids` (which may repeat): a frame with one row per

@@ -211,9 +211,7 @@ class RayExecutor(LocalExecutor):
             from tamis.runtime.ray_models import recipe_for
 
             recipe = recipe_for(self, model_node)
-            gpus = self._gpus_per_actor(k, model_node)
-            size = self.ray.concurrency or (max(1, int(ray.cluster_resources().get("GPU", 0))) if gpus else 1)
-            memory = _memory(k, batch, size)
+            gpus, size, memory = _gpus_and_actors(self, k, model_node)
             artifacts = str(self.cache.artifacts.root)
             ds = ds.map_batches(_ScoreActor, fn_constructor_args=(spec, recipe, artifacts, bool(gpus)),
                                 batch_format="pyarrow", batch_size=batch, compute=ray.data.ActorPoolStrategy(size=size),
@@ -259,6 +257,16 @@ class RayExecutor(LocalExecutor):
         if not wants or self.cfg.device == "cpu" or not ray.cluster_resources().get("GPU"):
             return 0
         return 1
+
+
+def _gpus_and_actors(ex: "RayExecutor", k: Kernel, model_node: str) -> tuple[float, int, int | None]:
+    """An actor pool's shape: GPUs per actor, actors (--concurrency, else one per GPU, else one), and the
+    Ray memory to reserve per actor for a batch of --checkpoint-rows rows."""
+    import ray
+
+    gpus = ex._gpus_per_actor(k, model_node)
+    size = ex.ray.concurrency or (max(1, int(ray.cluster_resources().get("GPU", 0))) if gpus else 1)
+    return gpus, size, _memory(k, max(1, ex.cfg.chunk_rows), size)
 
 
 def _memory(k: Kernel, batch: int, actors: int) -> int | None:
@@ -328,19 +336,24 @@ def _score_batch(batch, spec: _BatchSpec):
     return _score(spec, spec.call, batch, {})
 
 
+def _actor_call(spec: _BatchSpec, recipe, artifacts_root: str, gpu: bool) -> ScoreCall:
+    """The stage's call with its model built on this actor (once), on the actor's GPU or its CPU."""
+    from tamis.runtime.ray_models import build
+
+    options = spec.call.options
+    if gpu and options.device.startswith("cuda:"):  # Ray gives the actor its GPU as cuda:0
+        options = replace(options, device="cuda")
+    if not gpu and options.device == "auto":
+        options = replace(options, device="cpu")
+    return replace(spec.call, model=build(recipe, options, artifacts_root), options=options)
+
+
 class _ScoreActor:
     """A Ray actor: builds its stage's model once, then scores batch after batch."""
 
     def __init__(self, spec: _BatchSpec, recipe, artifacts_root: str, gpu: bool) -> None:
-        from tamis.runtime.ray_models import build
-
-        options = spec.call.options
-        if gpu and options.device.startswith("cuda:"):  # Ray gives the actor its GPU as cuda:0
-            options = replace(options, device="cuda")
-        if not gpu and options.device == "auto":
-            options = replace(options, device="cpu")
         self.spec = spec
-        self.call = replace(spec.call, model=build(recipe, options, artifacts_root), options=options)
+        self.call = _actor_call(spec, recipe, artifacts_root, gpu)
         self.caches: dict = {}
 
     def __call__(self, batch):

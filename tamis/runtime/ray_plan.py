@@ -42,7 +42,14 @@ def _streamed(g: nx.DiGraph, n: str) -> str:
     op = a["op"]
     if op == "score":
         k = node_kernel(a)
-        return f"Ray tasks (map_batches, {k.resources.cpus:g} CPU each); nothing gathered"
+        model = next((p for p, _, d in g.in_edges(n, data=True) if d["flow"] == "model"), None)
+        cached = ("; the score cache looked up block by block (the driver reads the key's cached ids and values "
+                  "once and ships them through the object store), each scored batch written to it by its worker"
+                  if k.cached else "")
+        if model is None:
+            return f"Ray tasks (map_batches, {k.resources.cpus:g} CPU each); nothing gathered{cached}"
+        return (f"Ray actor pool (map_batches; `{g.nodes[model]['label']}` built on the driver for its fingerprint, "
+                f"then once per actor; --concurrency actors); nothing gathered{cached}")
     aggs = sorted({c for c in calls_of(a.get("expr")) if c in ("pct", "zscore", "minmax")})
     stats = ""
     if aggs:

@@ -35,9 +35,12 @@ import polars as pl
 from tamis.dsl import ast
 from tamis.ops.kernel import kernel_for
 from tamis.runtime.executor import RANK_KEY, STAGES, RunResult, ScoreCall, StageReport, _size_rows
+from tamis.runtime.ray_models import SELF_CONTAINED
 from tamis.runtime.ray_pool import POS, NeedsDriver, pool_spec, read_pool
 
 ALIVE = "⟨alive⟩"  # still in the recipe's frame (not dropped by a `where` or `top`)
+TODO = "⟨todo⟩"  # a scoring stage's rows to compute (alive, and not in the score cache)
+ROWKEY = "⟨row key⟩"  # a row's score-cache key (its content hash), beside it during a cached stage
 ORDER = "⟨order⟩"  # the selection's order (a `top`'s rank), else POS
 INTERNAL = (POS, ALIVE, ORDER, RANK_KEY)
 AGGREGATES = ("pct", "zscore", "minmax")
@@ -55,15 +58,20 @@ def stream_plan(g: nx.DiGraph) -> list[str]:
     for n in ops:
         a = g.nodes[n]
         flows = {d["flow"]: p for p, _, d in g.in_edges(n, data=True)}
-        if "model" in flows:
-            raise NeedsDriver(f"`{a['label']}` uses a model (only cheap row-wise scorers stream)")
-        if flows.get("data") != prev or set(flows) - {"data"}:
+        if "model" in flows and (g.nodes[flows["model"]].get("ctor") not in SELF_CONTAINED
+                                 or any(True for _ in g.in_edges(flows["model"]))):
+            raise NeedsDriver(f"`{a['label']}` uses a model trained on the run's data (only models built from "
+                              "their files alone stream)")
+        if flows.get("data") != prev or set(flows) - {"data", "model"}:
             raise NeedsDriver(f"`{a['label']}` reads another dataset or selection")
         op, p = a["op"], a["params"]
         if op == "score":
             k = kernel_for("scorer", p["scorer"])
-            if k is None or k.mode != "rowwise" or k.cached or k.scored_inputs or p.get("target"):
-                raise NeedsDriver(f"`{a['label']}` is not a cheap row-wise scorer (model, cache or all rows)")
+            if k is None or k.mode != "rowwise" or k.scored_inputs or p.get("target"):
+                raise NeedsDriver(f"`{a['label']}` is not a row-wise scorer (it scores all rows at once, or other "
+                                  "scores are its input)")
+        elif "model" in flows:
+            raise NeedsDriver(f"`{a['label']}` ({op}) runs on the driver")
         elif op in ("let", "where", "rank", "topk"):
             _aggregates(a.get("expr"), a["label"])
             if p.get("per") is not None:
@@ -152,9 +160,11 @@ class StreamRun:
             return self._stages(bar, spec, started, t0)
 
     def _stages(self, bar, spec, started: float, t0: float) -> RunResult:
+        import ray
+
         from tamis.runtime.data import LoadReport
         from tamis.runtime.executor import check_pool_fields
-        from tamis.runtime.ray_engine import _ship_plugin_code
+        from tamis.runtime.ray_engine import RayEngineError, _cause, _ship_plugin_code
 
         ex = self.ex
         ds, n = read_pool(spec, ex.cfg.limit)
@@ -174,15 +184,17 @@ class StreamRun:
             bar.set_description(f"ray: {a['label'][:40]}")
             t0 = time.perf_counter()
             report = StageReport(node, a["label"], alive, 0, 0.0)
-            ds = getattr(self, f"_op_{a['op']}")(a, ds, report).materialize()
+            try:
+                ds = getattr(self, f"_op_{a['op']}")(a, ds, report).materialize()
+            except ray.exceptions.RayError as err:
+                raise RayEngineError(f"`{a['label']}` failed on a Ray worker: {_cause(err)}") from None
             alive = _count_alive(ds)
             report.rows_out, report.seconds = alive, time.perf_counter() - t0
-            if a["op"] == "score":
-                report.scored_rows = report.rows_in
             ex.stages.append(report)
             bar.update(1)
-            ex.ray_stages.append({"stage": a["label"], "kernel": a["params"].get("scorer", a["op"]), "rows": report.rows_in,
-                                  "workers": "tasks", "where": "ray"})
+            if a["op"] != "score":  # a score stage records its own plan (tasks or actors, cached rows)
+                ex.ray_stages.append({"stage": a["label"], "kernel": a["op"], "rows": report.rows_in,
+                                      "workers": "tasks", "where": "ray"})
         cols = [c for c in ds.schema().names if c not in INTERNAL]
         selected = RayFrame(ds, ORDER if ORDER in ds.schema().names else POS, cols, alive, only_alive=True)
         scores = RayFrame(ds, POS, ["id", *self.recorded], n, only_alive=False)
@@ -194,21 +206,67 @@ class StreamRun:
 
     # ---- row-wise stages -------------------------------------------------------------
     def _op_score(self, a, ds, report):
+        """A row-wise scorer: Ray tasks, or an actor pool building the stage's model once per actor. A
+        cached kernel's rows are looked up in the score cache block by block first (the driver reads the
+        key's cached ids and values once: no pool text), and each scoring batch is written to the cache by
+        its worker, so a killed run resumes with every finished batch."""
+        import ray
         from dataclasses import replace
 
         from tamis.dsl import registry as reg
+        from tamis.runtime.cache import fingerprint
+        from tamis.runtime.ray_engine import _BatchSpec, _gpus_and_actors
 
+        ex = self.ex
         p = a["params"]
         k = kernel_for("scorer", p["scorer"])
         spec = reg.SCORERS[p["scorer"]]
         params = {q.name: p[q.name] for q in spec.params if q.name in p}
         main = next(iter(a["columns_out"]))
         names = {col: main + suffix for col, suffix in k.names.items()}
-        call = ScoreCall(k, None, params, replace(self.ex.cfg.options(), progress=False))
-        schema = k.result_schema(None, params)
+        model_node = ex._model_of(report.node)
+        model = None
+        if model_node is not None:  # built on the driver for its fingerprint (the cache key) and the actors' recipe
+            ex._frames.setdefault("data:pool", pl.DataFrame())  # a model built from its files never reads the pool
+            model = ex._stage_model(report.node, report)
+        schema = k.result_schema(model, params)
+        call = ScoreCall(k, None, params, replace(ex.cfg.options(), progress=False))
         self.recorded += [n for n in names.values() if n not in self.recorded]
-        return ds.map_batches(_score_batch, fn_kwargs={"call": call, "schema": schema, "names": names},
-                              batch_format="pyarrow", num_cpus=k.resources.cpus)
+        key = None
+        if k.cached and not ex.cache.disabled:
+            semantic = k.cache_key(params, getattr(model, "fingerprint", None))
+            key = fingerprint(semantic)
+            ex.cache.scores.describe(key, semantic)
+            cached = ex.cache.scores.stored(key, schema)  # ids and values only (40 B + 8 B a value per row)
+            ds = ds.map_batches(_lookup_batch, fn_kwargs={"cached": ray.put(cached), "schema": schema, "names": names},
+                                batch_format="pyarrow", batch_size=None).materialize()
+        else:
+            ds = ds.map_batches(_all_todo, batch_format="pyarrow", batch_size=None).materialize()
+        todo = _count(ds, TODO)
+        report.cached_rows, report.scored_rows = report.rows_in - todo, todo
+        plan = {"stage": a["label"], "node": report.node, "kernel": k.name, "rows": todo, "where": "ray",
+                "cached_rows": report.cached_rows}
+        if todo:
+            bspec = _BatchSpec(call, schema, str(ex.cache.scores.root) if key else None, key, ex.cfg.checkpoint_seconds)
+            if model_node is None:
+                ds = ds.map_batches(_score_batch, fn_kwargs={"spec": bspec, "names": names}, batch_format="pyarrow",
+                                    num_cpus=k.resources.cpus)
+                plan["workers"] = "tasks"
+            else:
+                from tamis.runtime.ray_models import recipe_for
+
+                recipe = recipe_for(ex, model_node)
+                gpus, size, memory = _gpus_and_actors(ex, k, model_node)
+                ds = ds.map_batches(_StreamScoreActor, fn_constructor_args=(bspec, names, recipe,
+                                                                            str(ex.cache.artifacts.root), bool(gpus)),
+                                    batch_format="pyarrow", batch_size=max(1, ex.cfg.chunk_rows),
+                                    compute=ray.data.ActorPoolStrategy(size=size), num_cpus=k.resources.cpus,
+                                    num_gpus=gpus, **({"memory": memory} if memory else {}))
+                plan.update(workers=f"{size} actor(s)", gpus_per_actor=gpus, model=recipe.describe())
+        else:
+            plan["workers"] = "none (every row cached)"
+        ex.ray_stages.append(plan)
+        return ds.map_batches(_drop, fn_kwargs={"cols": [TODO, ROWKEY]}, batch_format="pyarrow")
 
     def _op_let(self, a, ds, report):
         name = a["params"]["name"]
@@ -319,12 +377,91 @@ def _keyed_count(batch):
     return {"n": [int((f[ALIVE] & f[RANK_KEY].is_not_null()).sum())]}
 
 
-def _score_batch(batch, call: ScoreCall, schema: dict, names: dict):
+def _count(ds, flag: str) -> int:
+    return int(sum(r["n"] for r in ds.map_batches(_flag_count, fn_kwargs={"flag": flag}, batch_format="pyarrow",
+                                                  batch_size=None).take_all()))
+
+
+def _flag_count(batch, flag: str):
+    return {"n": [int(pl.from_arrow(batch)[flag].sum())]}
+
+
+def _drop(batch, cols: list[str]):
+    return pl.from_arrow(batch).drop(cols, strict=False).to_arrow()
+
+
+def _all_todo(batch):
+    return pl.from_arrow(batch).with_columns(pl.col(ALIVE).alias(TODO)).to_arrow()
+
+
+def _lookup_batch(batch, cached, schema: dict, names: dict):
+    """A block's alive rows: their row keys, and their values where the score cache has them (one join
+    against the key's cached rows, shipped once through the object store); TODO marks the rest."""
+    import ray
+
+    from tamis.runtime.cache import row_content_keys
+
     frame = pl.from_arrow(batch)
-    rows = frame.filter(pl.col(ALIVE))
-    got = call(rows) if rows.height else {c: [] for c in schema}
-    cols = pl.DataFrame([rows[POS], *[pl.Series(names[c], got[c], dtype=t) for c, t in schema.items()]])
-    return frame.join(cols, on=POS, how="left", maintain_order="left").to_arrow()
+    alive = frame.filter(pl.col(ALIVE))
+    keys = row_content_keys(alive).alias(ROWKEY) if alive.height else pl.Series(ROWKEY, [], dtype=pl.String)
+    got = pl.DataFrame([alive[POS], keys])
+    table = ray.get(cached)
+    if table.height:
+        hit = table.select(pl.col("id").alias(ROWKEY), *[pl.col(c).alias(names[c]) for c in schema],
+                           pl.lit(True).alias("⟨hit⟩"))
+        got = got.join(hit, on=ROWKEY, how="left", maintain_order="left")
+    else:
+        got = got.with_columns(*[pl.lit(None, dtype=t).alias(names[c]) for c, t in schema.items()],
+                               pl.lit(None, dtype=pl.Boolean).alias("⟨hit⟩"))
+    got = got.with_columns(pl.col("⟨hit⟩").is_null().alias(TODO)).drop("⟨hit⟩")
+    out = frame.join(got, on=POS, how="left", maintain_order="left")
+    return out.with_columns(pl.col(TODO).fill_null(False)).to_arrow()
+
+
+def _score_rows(spec, call: ScoreCall, names: dict, batch, caches: dict):
+    """Score a batch's TODO rows; with a cache key, write them to the score cache (one shard per batch,
+    each content once); every row keeps its other values (cached ones included)."""
+    frame = pl.from_arrow(batch)
+    rows = frame.filter(pl.col(TODO))
+    if rows.height == 0:  # every block gets the stage's columns (null here), as scoring ones do
+        return frame.with_columns(*[pl.lit(None, dtype=t).alias(names[c]) for c, t in spec.schema.items()
+                                    if names[c] not in frame.columns]).to_arrow()
+    got = call(rows.drop([c for c in (*INTERNAL, TODO, ROWKEY) if c in rows.columns]))
+    cols = [pl.Series(c, got[c], dtype=t) for c, t in spec.schema.items()]
+    if spec.cache_key is not None:
+        from tamis.runtime.cache import ScoreCache
+
+        out = pl.DataFrame([rows[ROWKEY].rename("id"), *cols]).unique("id", keep="first", maintain_order=True)
+        scores = caches.setdefault("scores", ScoreCache(spec.cache_root))
+        with scores.writer(spec.cache_key, sync_seconds=spec.sync_seconds) as writer:
+            writer.put(out, check=False)  # a killed worker loses only its batch in flight
+    computed = pl.DataFrame([rows[POS], *[c.alias(names[c.name]) for c in cols]])
+    named = list(computed.columns[1:])
+    if named[0] in frame.columns:  # a cached stage: values of the rows it found are already there
+        merged = frame.join(computed, on=POS, how="left", maintain_order="left", suffix="⟨new⟩")
+        return merged.with_columns(*[pl.coalesce(pl.col(c + "⟨new⟩"), pl.col(c)).alias(c) for c in named]
+                                   ).drop([c + "⟨new⟩" for c in named]).to_arrow()
+    return frame.join(computed, on=POS, how="left", maintain_order="left").to_arrow()
+
+
+def _score_batch(batch, spec, names: dict):
+    """A Ray task: a kernel without a model."""
+    return _score_rows(spec, spec.call, names, batch, {})
+
+
+class _StreamScoreActor:
+    """A Ray actor: builds its stage's model once (checked against the driver's fingerprint), then scores
+    batch after batch."""
+
+    def __init__(self, spec, names: dict, recipe, artifacts_root: str, gpu: bool) -> None:
+        from tamis.runtime.ray_engine import _actor_call
+
+        self.spec, self.names = spec, names
+        self.call = _actor_call(spec, recipe, artifacts_root, gpu)
+        self.caches: dict = {}
+
+    def __call__(self, batch):
+        return _score_rows(self.spec, self.call, self.names, batch, self.caches)
 
 
 def _columns(frame: pl.DataFrame, made) -> pl.DataFrame:
