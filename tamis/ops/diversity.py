@@ -29,21 +29,24 @@ def _embeddings(rows, model, options: ExecOptions):
                             pooling=sampler_embedding(model)[1]["pooling"])
 
 
-@kernel("sampler", "repr_filter", mode="global", resources=_EMB, scored_inputs={EMBEDDINGS: sampler_embedding})
+@kernel("sampler", "repr_filter", mode="global", resources=_EMB, scored_inputs={EMBEDDINGS: sampler_embedding},
+        reads=())
 def repr_filter(rows, model, budget: int, threshold: float, options: ExecOptions) -> list[int]:
     from tamis.runtime import samplers
 
     return samplers.repr_filter(_embeddings(rows, model, options), budget, threshold)
 
 
-@kernel("sampler", "facility_location", mode="global", resources=_EMB, scored_inputs={EMBEDDINGS: sampler_embedding})
+@kernel("sampler", "facility_location", mode="global", resources=_EMB, scored_inputs={EMBEDDINGS: sampler_embedding},
+        reads=())
 def facility_location(rows, model, budget: int, metric: str, options: ExecOptions) -> list[int]:
     from tamis.runtime import samplers
 
     return samplers.facility_location(_embeddings(rows, model, options), budget, metric)
 
 
-@kernel("sampler", "kcenter", mode="global", resources=_EMB, scored_inputs={EMBEDDINGS: sampler_embedding})
+@kernel("sampler", "kcenter", mode="global", resources=_EMB, scored_inputs={EMBEDDINGS: sampler_embedding},
+        reads=())
 def kcenter(rows, model, budget: int, options: ExecOptions) -> list[int]:
     from tamis.runtime import samplers
 

@@ -93,6 +93,9 @@ class Kernel:
     # samplers: columns the engine fills before the call with a scorer's values, computed through
     # the score cache ({column: model -> (scorer name, its parameters)}), e.g. the candidates' embeddings
     scored_inputs: Mapping[str, Callable[[Any], tuple[str, dict[str, Any]]]] = field(default_factory=dict)
+    # global kernels: the columns of their rows they read besides the scored inputs (() for a sampler of
+    # embeddings alone); None: any column, so the Ray engine hands them the whole frame on the driver
+    reads: tuple[str, ...] | None = None
 
     def result_schema(self, model: Any, params: Mapping[str, Any]) -> dict[str, pl.DataType]:
         """The result columns' types for this model: the declared ones, or what `schema_for` says."""

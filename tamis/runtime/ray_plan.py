@@ -50,6 +50,13 @@ def _streamed(g: nx.DiGraph, n: str) -> str:
             return f"Ray tasks (map_batches, {k.resources.cpus:g} CPU each); nothing gathered{cached}"
         return (f"Ray actor pool (map_batches; `{g.nodes[model]['label']}` built on the driver for its fingerprint, "
                 f"then once per actor; --concurrency actors); nothing gathered{cached}")
+    if op == "diverse":
+        k = node_kernel(a)
+        model = next((p for p, _, d in g.in_edges(n, data=True) if d["flow"] == "model"), None)
+        inputs = ", ".join(c.strip("⟨⟩") + "s" for c in k.scored_inputs) or "nothing"
+        by = f" (`{g.nodes[model]['label']}`'s actor pool, through the score cache)" if model else ""
+        return (f"{inputs} computed on Ray{by}; the driver gathers positions, ranking keys and {inputs} of the "
+                "candidates (≈ 4 B per dimension a row) and runs the sampler; its picks go back as a top's do")
     aggs = sorted({c for c in calls_of(a.get("expr")) if c in ("pct", "zscore", "minmax")})
     stats = ""
     if aggs:

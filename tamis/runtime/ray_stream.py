@@ -58,10 +58,9 @@ def stream_plan(g: nx.DiGraph) -> list[str]:
     for n in ops:
         a = g.nodes[n]
         flows = {d["flow"]: p for p, _, d in g.in_edges(n, data=True)}
-        if "model" in flows and (g.nodes[flows["model"]].get("ctor") not in SELF_CONTAINED
-                                 or any(True for _ in g.in_edges(flows["model"]))):
+        if "model" in flows and not _from_files(g, flows["model"]):
             raise NeedsDriver(f"`{a['label']}` uses a model trained on the run's data (only models built from "
-                              "their files alone stream)")
+                              "their files stream)")
         if flows.get("data") != prev or set(flows) - {"data", "model"}:
             raise NeedsDriver(f"`{a['label']}` reads another dataset or selection")
         op, p = a["op"], a["params"]
@@ -70,6 +69,12 @@ def stream_plan(g: nx.DiGraph) -> list[str]:
             if k is None or k.mode != "rowwise" or k.scored_inputs or p.get("target"):
                 raise NeedsDriver(f"`{a['label']}` is not a row-wise scorer (it scores all rows at once, or other "
                                   "scores are its input)")
+        elif op == "diverse":
+            k = kernel_for("sampler", p["sampler"])
+            if k is None or k.reads is None or p.get("per") is not None:
+                raise NeedsDriver(f"`{a['label']}` reads more of its candidates than ranking keys and embeddings, "
+                                  "or works per group")
+            topped = True  # a selection in its own order, as `top` makes one
         elif "model" in flows:
             raise NeedsDriver(f"`{a['label']}` ({op}) runs on the driver")
         elif op in ("let", "where", "rank", "topk"):
@@ -96,6 +101,16 @@ def stream_plan(g: nx.DiGraph) -> list[str]:
         raise NeedsDriver("a `rank` with no `top` after it (a full sort)")
     assert all(g.nodes[n]["op"] in STAGES for n in ops)
     return ops
+
+
+def _from_files(g: nx.DiGraph, model: str) -> bool:
+    """Whether a model node is built from model files alone (pfm, hf, api, encoder; a proxy standing in
+    with one of them), so each actor can build it again: nothing trained on the run's data."""
+    a = g.nodes[model]
+    preds = [p for p, _, d in g.in_edges(model, data=True)]
+    if a.get("ctor") in SELF_CONTAINED:
+        return not preds
+    return a.get("ctor") == "proxy" and bool(preds) and all(_from_files(g, p) for p in preds)
 
 
 def _aggregates(e: ast.Expr | None, label: str) -> list[ast.Call]:
@@ -174,6 +189,9 @@ class StreamRun:
         check_pool_fields(ex.g, _schema(ds), ex.cfg.pool)
         ex.pool_size = n
         ex._order = self.ops
+        # the driver never holds the pool: the models that stream are built from their files (`_from_files`)
+        # and never read it, so their build environment gets an empty frame in its place
+        ex._frames["data:pool"] = pl.DataFrame()
         _ship_plugin_code()
         ex.ray_stages.append({"stage": "pool", "kernel": "read", "rows": n, "workers": "tasks", "where": "ray",
                               "seconds": round(time.perf_counter() - t0, 3)})
@@ -206,45 +224,53 @@ class StreamRun:
 
     # ---- row-wise stages -------------------------------------------------------------
     def _op_score(self, a, ds, report):
-        """A row-wise scorer: Ray tasks, or an actor pool building the stage's model once per actor. A
-        cached kernel's rows are looked up in the score cache block by block first (the driver reads the
-        key's cached ids and values once: no pool text), and each scoring batch is written to the cache by
-        its worker, so a killed run resumes with every finished batch."""
-        import ray
-        from dataclasses import replace
-
         from tamis.dsl import registry as reg
-        from tamis.runtime.cache import fingerprint
-        from tamis.runtime.ray_engine import _BatchSpec, _gpus_and_actors
+        from tamis.runtime.executor import _histogram
 
-        ex = self.ex
         p = a["params"]
         k = kernel_for("scorer", p["scorer"])
         spec = reg.SCORERS[p["scorer"]]
         params = {q.name: p[q.name] for q in spec.params if q.name in p}
         main = next(iter(a["columns_out"]))
         names = {col: main + suffix for col, suffix in k.names.items()}
+        self.recorded += [n for n in names.values() if n not in self.recorded]
+        ds = self._scored(ds, report, k, params, names, a["label"]).materialize()
+        values = _gather(ds, [main])[main]  # the score's values (8 B a row), for the report's histogram
+        report.histogram = _histogram(values) if values.dtype.is_numeric() else None
+        return ds
+
+    def _scored(self, ds, report, k, params: dict, names: dict, label: str):
+        """`ds` with scorer `k`'s columns (renamed by `names`) for the alive rows: Ray tasks, or an actor
+        pool building the stage's model once per actor. A cached kernel's rows are looked up in the score
+        cache block by block first (the driver reads the key's cached ids and values once: no pool text),
+        and each scoring batch is written to the cache by its worker, so a killed run resumes with every
+        finished batch."""
+        import ray
+        from dataclasses import replace
+
+        from tamis.runtime.cache import fingerprint
+        from tamis.runtime.ray_engine import _BatchSpec, _gpus_and_actors
+
+        ex = self.ex
         model_node = ex._model_of(report.node)
         model = None
         if model_node is not None:  # built on the driver for its fingerprint (the cache key) and the actors' recipe
-            ex._frames.setdefault("data:pool", pl.DataFrame())  # a model built from its files never reads the pool
             model = ex._stage_model(report.node, report)
         schema = k.result_schema(model, params)
         call = ScoreCall(k, None, params, replace(ex.cfg.options(), progress=False))
-        self.recorded += [n for n in names.values() if n not in self.recorded]
         key = None
         if k.cached and not ex.cache.disabled:
             semantic = k.cache_key(params, getattr(model, "fingerprint", None))
             key = fingerprint(semantic)
             ex.cache.scores.describe(key, semantic)
-            cached = ex.cache.scores.stored(key, schema)  # ids and values only (40 B + 8 B a value per row)
+            cached = ex.cache.scores.stored(key, schema)  # ids and values only (40 B + the values a row)
             ds = ds.map_batches(_lookup_batch, fn_kwargs={"cached": ray.put(cached), "schema": schema, "names": names},
                                 batch_format="pyarrow", batch_size=None).materialize()
         else:
             ds = ds.map_batches(_all_todo, batch_format="pyarrow", batch_size=None).materialize()
         todo = _count(ds, TODO)
         report.cached_rows, report.scored_rows = report.rows_in - todo, todo
-        plan = {"stage": a["label"], "node": report.node, "kernel": k.name, "rows": todo, "where": "ray",
+        plan = {"stage": label, "node": report.node, "kernel": k.name, "rows": todo, "where": "ray",
                 "cached_rows": report.cached_rows}
         if todo:
             bspec = _BatchSpec(call, schema, str(ex.cache.scores.root) if key else None, key, ex.cfg.checkpoint_seconds)
@@ -267,6 +293,50 @@ class StreamRun:
             plan["workers"] = "none (every row cached)"
         ex.ray_stages.append(plan)
         return ds.map_batches(_drop, fn_kwargs={"cols": [TODO, ROWKEY]}, batch_format="pyarrow")
+
+    def _op_diverse(self, a, ds, report):
+        """A sampler over the alive rows: their embeddings computed (and cached) on Ray as a score stage
+        computes them, then only positions, ranking keys and embeddings gathered to the driver, in the
+        order the local engine's frame has them; the sampler runs there and its picks go back as `top`'s
+        do."""
+        import ray
+
+        from tamis.dsl import registry as reg
+        from tamis.runtime.executor import call_sampler
+
+        ex = self.ex
+        p = a["params"]
+        spec = reg.SAMPLERS[p["sampler"]]
+        k = kernel_for("sampler", p["sampler"])
+        budget = _size_rows(p["budget"], ex.pool_size)
+        model = ex._stage_model(report.node, report) if ex._model_of(report.node) else None
+        made: list[str] = []
+        for column, needs in k.scored_inputs.items():  # e.g. the candidates' embeddings, through the score cache
+            name, sparams = needs(model)
+            sk = kernel_for("scorer", name)
+            names = {col: column + suffix for col, suffix in sk.names.items()}
+            made += [n for n in names.values() if n != column]
+            ds = self._scored(ds, report, sk, sparams, names, a["label"]).materialize()
+        have = ds.schema().names
+        keys = [c for c in (ORDER, RANK_KEY) if c in have]
+        cand = _gather(ds, [POS, *keys, *k.scored_inputs, *k.reads])
+        if ORDER in have:  # after a top: the top's order
+            cand = cand.sort(ORDER)
+        elif RANK_KEY in have:  # after a rank: its order, ties in pool order, null keys last (the local sort)
+            cand = cand.sort([RANK_KEY, POS], descending=[self.desc, False], nulls_last=True)
+        if spec.needs_ranked and RANK_KEY in have:  # it visits in rank order: unranked rows are no candidates
+            keyed = cand.filter(pl.col(RANK_KEY).is_not_null())
+            if keyed.height < cand.height:
+                report.notes.append(f"{cand.height - keyed.height} row(s) with a null ranking key are never visited")
+            cand = keyed
+        params = {q.name: p[q.name] for q in spec.params if q.name != "budget" and q.name in p}
+        keep = call_sampler(k, cand.drop(POS, *keys), model, budget, params, ex.cfg.options())
+        picked = cand[keep].select(POS, pl.int_range(len(keep), dtype=pl.Int64).alias(ORDER))
+        ex.ray_stages.append({"stage": a["label"], "node": report.node, "kernel": k.name, "rows": cand.height,
+                              "workers": "driver", "where": "driver (positions, ranking keys and "
+                              + ", ".join(c.strip("⟨⟩") for c in k.scored_inputs) + " of the candidates)"})
+        ds = ds.map_batches(_pick, fn_kwargs={"picked": ray.put(picked)}, batch_format="pyarrow")
+        return ds.map_batches(_drop, fn_kwargs={"cols": [*k.scored_inputs, *made]}, batch_format="pyarrow")
 
     def _op_let(self, a, ds, report):
         name = a["params"]["name"]
@@ -375,6 +445,15 @@ def _alive_count(batch):
 def _keyed_count(batch):
     f = pl.from_arrow(batch)
     return {"n": [int((f[ALIVE] & f[RANK_KEY].is_not_null()).sum())]}
+
+
+def _gather(ds, cols: list[str]) -> pl.DataFrame:
+    """Columns `cols` of the alive rows, gathered to the driver (in no particular order)."""
+    parts = [pl.from_arrow(b) for b in ds.map_batches(_rows_of, fn_kwargs={"alive": True, "cols": cols},
+                                                      batch_format="pyarrow").iter_batches(batch_size=None,
+                                                                                           batch_format="pyarrow")]
+    empty = pl.from_arrow(ds.schema().base_schema.empty_table()).select(cols)
+    return pl.concat([empty, *parts], how="vertical_relaxed")
 
 
 def _count(ds, flag: str) -> int:
