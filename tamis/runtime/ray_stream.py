@@ -486,11 +486,11 @@ def _lookup_batch(batch, cached, schema: dict, names: dict):
     got = pl.DataFrame([alive[POS], keys])
     table = ray.get(cached)
     if table.height:
-        hit = table.select(pl.col("id").alias(ROWKEY), *[pl.col(c).alias(names[c]) for c in schema],
+        hit = table.select(pl.col("id").alias(ROWKEY), *[pl.col(c).alias(names[c]) for c in schema if c in names],
                            pl.lit(True).alias("⟨hit⟩"))
         got = got.join(hit, on=ROWKEY, how="left", maintain_order="left")
     else:
-        got = got.with_columns(*[pl.lit(None, dtype=t).alias(names[c]) for c, t in schema.items()],
+        got = got.with_columns(*[pl.lit(None, dtype=t).alias(names[c]) for c, t in schema.items() if c in names],
                                pl.lit(None, dtype=pl.Boolean).alias("⟨hit⟩"))
     got = got.with_columns(pl.col("⟨hit⟩").is_null().alias(TODO)).drop("⟨hit⟩")
     out = frame.join(got, on=POS, how="left", maintain_order="left")
@@ -504,7 +504,7 @@ def _score_rows(spec, call: ScoreCall, names: dict, batch, caches: dict):
     rows = frame.filter(pl.col(TODO))
     if rows.height == 0:  # every block gets the stage's columns (null here), as scoring ones do
         return frame.with_columns(*[pl.lit(None, dtype=t).alias(names[c]) for c, t in spec.schema.items()
-                                    if names[c] not in frame.columns]).to_arrow()
+                                    if c in names and names[c] not in frame.columns]).to_arrow()
     got = call(rows.drop([c for c in (*INTERNAL, TODO, ROWKEY) if c in rows.columns]))
     cols = [pl.Series(c, got[c], dtype=t) for c, t in spec.schema.items()]
     if spec.cache_key is not None:
@@ -514,7 +514,8 @@ def _score_rows(spec, call: ScoreCall, names: dict, batch, caches: dict):
         scores = caches.setdefault("scores", ScoreCache(spec.cache_root))
         with scores.writer(spec.cache_key, sync_seconds=spec.sync_seconds) as writer:
             writer.put(out, check=False)  # a killed worker loses only its batch in flight
-    computed = pl.DataFrame([rows[POS], *[c.alias(names[c.name]) for c in cols]])
+    # the stage's columns (a kernel may store more in the cache than the stage shows: `names` says which)
+    computed = pl.DataFrame([rows[POS], *[c.alias(names[c.name]) for c in cols if c.name in names]])
     named = list(computed.columns[1:])
     if named[0] in frame.columns:  # a cached stage: values of the rows it found are already there
         merged = frame.join(computed, on=POS, how="left", maintain_order="left", suffix="⟨new⟩")
