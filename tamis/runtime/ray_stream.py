@@ -266,24 +266,24 @@ class StreamRun:
             cached = ex.cache.scores.stored(key, schema)  # ids and values only (40 B + the values a row)
             ds = ds.map_batches(_lookup_batch, fn_kwargs={"cached": ray.put(cached), "schema": schema, "names": names},
                                 batch_format="pyarrow", batch_size=None).materialize()
-        else:
-            ds = ds.map_batches(_all_todo, batch_format="pyarrow", batch_size=None).materialize()
-        todo = _count(ds, TODO)
+        # rows to score: those the lookup did not find, else every alive row (no extra pass over the data)
+        flag = TODO if key is not None else ALIVE
+        todo = _count(ds, TODO) if key is not None else report.rows_in
         report.cached_rows, report.scored_rows = report.rows_in - todo, todo
         plan = {"stage": label, "node": report.node, "kernel": k.name, "rows": todo, "where": "ray",
                 "cached_rows": report.cached_rows}
         if todo:
             bspec = _BatchSpec(call, schema, str(ex.cache.scores.root) if key else None, key, ex.cfg.checkpoint_seconds)
             if model_node is None:
-                ds = ds.map_batches(_score_batch, fn_kwargs={"spec": bspec, "names": names}, batch_format="pyarrow",
-                                    num_cpus=k.resources.cpus)
+                ds = ds.map_batches(_score_batch, fn_kwargs={"spec": bspec, "names": names, "flag": flag},
+                                    batch_format="pyarrow", num_cpus=k.resources.cpus)
                 plan["workers"] = "tasks"
             else:
                 from tamis.runtime.ray_models import recipe_for
 
                 recipe = recipe_for(ex, model_node)
                 gpus, size, memory = _gpus_and_actors(ex, k, model_node)
-                ds = ds.map_batches(_StreamScoreActor, fn_constructor_args=(bspec, names, recipe,
+                ds = ds.map_batches(_StreamScoreActor, fn_constructor_args=(bspec, names, flag, recipe,
                                                                             str(ex.cache.artifacts.root), bool(gpus)),
                                     batch_format="pyarrow", batch_size=max(1, ex.cfg.chunk_rows),
                                     compute=ray.data.ActorPoolStrategy(size=size), num_cpus=k.resources.cpus,
@@ -292,6 +292,8 @@ class StreamRun:
         else:
             plan["workers"] = "none (every row cached)"
         ex.ray_stages.append(plan)
+        if key is None:
+            return ds
         return ds.map_batches(_drop, fn_kwargs={"cols": [TODO, ROWKEY]}, batch_format="pyarrow")
 
     def _op_diverse(self, a, ds, report):
@@ -469,10 +471,6 @@ def _drop(batch, cols: list[str]):
     return pl.from_arrow(batch).drop(cols, strict=False).to_arrow()
 
 
-def _all_todo(batch):
-    return pl.from_arrow(batch).with_columns(pl.col(ALIVE).alias(TODO)).to_arrow()
-
-
 def _lookup_batch(batch, cached, schema: dict, names: dict):
     """A block's alive rows: their row keys, and their values where the score cache has them (one join
     against the key's cached rows, shipped once through the object store); TODO marks the rest."""
@@ -497,11 +495,12 @@ def _lookup_batch(batch, cached, schema: dict, names: dict):
     return out.with_columns(pl.col(TODO).fill_null(False)).to_arrow()
 
 
-def _score_rows(spec, call: ScoreCall, names: dict, batch, caches: dict):
-    """Score a batch's TODO rows; with a cache key, write them to the score cache (one shard per batch,
-    each content once); every row keeps its other values (cached ones included)."""
+def _score_rows(spec, call: ScoreCall, names: dict, batch, caches: dict, flag: str):
+    """Score a batch's rows marked by `flag` (TODO after a cache lookup, else ALIVE); with a cache key,
+    write them to the score cache (one shard per batch, each content once); every row keeps its other
+    values (cached ones included)."""
     frame = pl.from_arrow(batch)
-    rows = frame.filter(pl.col(TODO))
+    rows = frame.filter(pl.col(flag))
     if rows.height == 0:  # every block gets the stage's columns (null here), as scoring ones do
         return frame.with_columns(*[pl.lit(None, dtype=t).alias(names[c]) for c, t in spec.schema.items()
                                     if c in names and names[c] not in frame.columns]).to_arrow()
@@ -524,24 +523,24 @@ def _score_rows(spec, call: ScoreCall, names: dict, batch, caches: dict):
     return frame.join(computed, on=POS, how="left", maintain_order="left").to_arrow()
 
 
-def _score_batch(batch, spec, names: dict):
+def _score_batch(batch, spec, names: dict, flag: str):
     """A Ray task: a kernel without a model."""
-    return _score_rows(spec, spec.call, names, batch, {})
+    return _score_rows(spec, spec.call, names, batch, {}, flag)
 
 
 class _StreamScoreActor:
     """A Ray actor: builds its stage's model once (checked against the driver's fingerprint), then scores
     batch after batch."""
 
-    def __init__(self, spec, names: dict, recipe, artifacts_root: str, gpu: bool) -> None:
+    def __init__(self, spec, names: dict, flag: str, recipe, artifacts_root: str, gpu: bool) -> None:
         from tamis.runtime.ray_engine import _actor_call
 
-        self.spec, self.names = spec, names
+        self.spec, self.names, self.flag = spec, names, flag
         self.call = _actor_call(spec, recipe, artifacts_root, gpu)
         self.caches: dict = {}
 
     def __call__(self, batch):
-        return _score_rows(self.spec, self.call, self.names, batch, self.caches)
+        return _score_rows(self.spec, self.call, self.names, batch, self.caches, self.flag)
 
 
 def _columns(frame: pl.DataFrame, made) -> pl.DataFrame:
