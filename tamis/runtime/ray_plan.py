@@ -63,6 +63,10 @@ def _streamed(g: nx.DiGraph, n: str) -> str:
         stats = "; " + ", ".join({"pct": "pct gathers its argument's values (8 B/row) and sends them back sorted",
                                   "zscore": "zscore from per-block moments (a few numbers a block)",
                                   "minmax": "minmax from per-block min/max"}[c] for c in aggs)
+    if op == "rank" and not any(g.nodes[m]["op"] in ("top", "topk", "diverse") for m in nx.descendants(g, n)
+                                if g.nodes[m]["kind"] == "op"):
+        return ("Ray tasks (the ranking key per batch); no top after it: the whole order made on the driver from "
+                f"positions and keys (16 B/row){stats}")
     if op in ("top", "topk"):
         return ("Ray tasks: each block's best rows, then a merge on the driver of positions and keys only "
                 f"(≤ 16 B/row of the blocks' candidates){stats}")

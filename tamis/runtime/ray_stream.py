@@ -17,8 +17,10 @@ statistics, ranking keys and positions:
 
 Rows are never dropped from the dataset: `where` and `top` clear a row's ALIVE flag, so the scores of
 every pool row stay in one dataset (null past the stage that dropped the row, as the local engine's).
-Anything else (a model, the score cache, samplers, dedup, per-group operators, a `rank` with no `top`
-after it) raises NeedsDriver at plan time, and the engine runs the driver's path instead.
+A `rank` with no `top` after it gets its whole order from positions and keys gathered to the driver
+(16 B a row). Anything else (a model trained on the run's data, a sampler that may read any column,
+dedup, per-group operators) raises NeedsDriver at plan time, and the engine runs the driver's path
+instead.
 """
 
 from __future__ import annotations
@@ -97,8 +99,6 @@ def stream_plan(g: nx.DiGraph) -> list[str]:
     out = next(p for p, _, d in g.in_edges(g.graph["output"], data=True) if d["flow"] == "data")
     if out != prev:
         raise NeedsDriver("the output is not the last operator")
-    if ranked and not topped:
-        raise NeedsDriver("a `rank` with no `top` after it (a full sort)")
     assert all(g.nodes[n]["op"] in STAGES for n in ops)
     return ops
 
@@ -213,6 +213,8 @@ class StreamRun:
             if a["op"] != "score":  # a score stage records its own plan (tasks or actors, cached rows)
                 ex.ray_stages.append({"stage": a["label"], "kernel": a["op"], "rows": report.rows_in,
                                       "workers": "tasks", "where": "ray"})
+        if RANK_KEY in ds.schema().names and ORDER not in ds.schema().names:  # a `rank` with no `top` after it
+            ds = self._whole_order(ds).materialize()
         cols = [c for c in ds.schema().names if c not in INTERNAL]
         selected = RayFrame(ds, ORDER if ORDER in ds.schema().names else POS, cols, alive, only_alive=True)
         scores = RayFrame(ds, POS, ["id", *self.recorded], n, only_alive=False)
@@ -384,6 +386,18 @@ class StreamRun:
         self.ex.ray_stages.append({"stage": a["label"], "kernel": "top-k merge", "rows": got.height,
                                    "workers": "driver", "where": "driver (positions and keys only)"})
         return ds.map_batches(_pick, fn_kwargs={"picked": ray.put(picked)}, batch_format="pyarrow")
+
+    def _whole_order(self, ds):
+        """A `rank` with no `top` after it: the whole ranking. Positions and keys only (16 B a row) are
+        gathered and sorted on the driver as the local engine's stable sort sorts (nulls last, ties in
+        pool order), and each row's place goes back to it as a top's picks do (every row stays)."""
+        import ray
+
+        got = _gather(ds, [POS, RANK_KEY]).sort([RANK_KEY, POS], descending=[self.desc, False], nulls_last=True)
+        order = got.select(POS, pl.int_range(pl.len(), dtype=pl.Int64).alias(ORDER))
+        self.ex.ray_stages.append({"stage": "the ranking's whole order", "kernel": "sort", "rows": got.height,
+                                   "workers": "driver", "where": "driver (positions and keys only)"})
+        return ds.map_batches(_pick, fn_kwargs={"picked": ray.put(order)}, batch_format="pyarrow")
 
     # ---- aggregates ------------------------------------------------------------------
     def _bound(self, a, ds) -> tuple[ast.Expr, list[tuple[str, str, ast.Expr, Any]]]:
