@@ -376,6 +376,8 @@ STREAMED = [
     "score length | let z = zscore(length) + pct(length) + minmax(length) | where z > 0.5 | rank by z | top 25",
     "score length | rank | top 20 | where length > 30",
     "score length | rank by length asc | where length > 30",  # a rank with no top: the whole order
+    "score length | rank by length desc | top 3 per category",  # per group: keys and group values gathered
+    "score length | rank by length asc | where length > 20 | top 4 per category",  # ties broken by position
 ]
 
 
@@ -402,8 +404,9 @@ def test_cheap_recipes_stream_through_ray_data_with_the_same_selection(cheap_poo
         assert b.drop_nulls().to_list() == pytest.approx(a.drop_nulls().to_list(), rel=1e-12, abs=1e-12)
     assert [(s.label, s.rows_in, s.rows_out) for s in on_ray.stages] == \
         [(s.label, s.rows_in, s.rows_out) for s in local.stages]
-    top = next(s for s in ex.ray_stages if s["kernel"] in ("top-k merge", "sort"))  # a top's merge, or a whole order
-    assert top["where"].startswith("driver (positions and keys only)")
+    # a top's merge, a whole order, or a per-group top: positions and keys (and group values) only
+    top = next(s for s in ex.ray_stages if s["kernel"] in ("top-k merge", "sort", "per-group top"))
+    assert top["where"].startswith("driver (positions")
     if fmt == "parquet":  # written by the workers, in order, into one file
         on_ray.selected.write_parquet(tmp_path / "sel.parquet")
         assert pl.read_parquet(tmp_path / "sel.parquet").equals(want)
@@ -448,10 +451,10 @@ def test_what_the_streamed_path_cannot_do_falls_back_to_the_driver(cheap_pool, t
     assert [s.engine for s in on_ray.stages] == ["ray", "ray", "driver", "driver"]  # scorers on Ray, the rest here
     with pytest.raises(Exception, match="row 6: field 'output': empty output"):  # the loader names the row
         RayExecutor(compile_text(text).graph, RunConfig(pool=str(bad), progress=False, no_cache=True)).run()
-    ex = RayExecutor(compile_text("score length | rank | top 3 per category").graph,
+    ex = RayExecutor(compile_text("dedup exact | score length | rank | top 3").graph,
                      RunConfig(pool=str(cheap_pool["jsonl"]), progress=False, no_cache=True))
     ex.run()
-    assert "per group" in ex.fallback
+    assert "runs on the driver" in ex.fallback
 
 
 def test_explain_engine_ray_says_which_path_and_what_the_driver_holds(tmp_path):

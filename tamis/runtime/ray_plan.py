@@ -67,6 +67,9 @@ def _streamed(g: nx.DiGraph, n: str) -> str:
                                 if g.nodes[m]["kind"] == "op"):
         return ("Ray tasks (the ranking key per batch); no top after it: the whole order made on the driver from "
                 f"positions and keys (16 B/row){stats}")
+    if op in ("top", "topk") and a["params"].get("per") is not None:
+        return ("Ray tasks (the ranking key per batch); positions, keys and group values gathered (a few bytes a "
+                f"row) and the local per-group rule applied on the driver{stats}")
     if op in ("top", "topk"):
         return ("Ray tasks: each block's best rows, then a merge on the driver of positions and keys only "
                 f"(≤ 16 B/row of the blocks' candidates){stats}")

@@ -81,7 +81,7 @@ def stream_plan(g: nx.DiGraph) -> list[str]:
             raise NeedsDriver(f"`{a['label']}` ({op}) runs on the driver")
         elif op in ("let", "where", "rank", "topk"):
             _aggregates(a.get("expr"), a["label"])
-            if p.get("per") is not None:
+            if p.get("per") is not None and op != "topk":
                 raise NeedsDriver(f"`{a['label']}` works per group")
             if op == "rank":
                 if ranked or topped:
@@ -90,8 +90,8 @@ def stream_plan(g: nx.DiGraph) -> list[str]:
             if op == "topk":
                 topped = True
         elif op == "top":
-            if "per" in p or topped:
-                raise NeedsDriver(f"`{a['label']}` works per group, or after another top")
+            if topped:
+                raise NeedsDriver(f"`{a['label']}` comes after another top")
             topped = True
         else:
             raise NeedsDriver(f"`{a['label']}` ({op}) runs on the driver")
@@ -365,6 +365,8 @@ class StreamRun:
         """The distributed top-k: each block's best `want` (position, key), merged on the driver."""
         import ray
 
+        if a["params"].get("per") is not None:
+            return self._top_per_group(a, ds, report)
         want = _size_rows(a["params"]["size"], self.ex.pool_size)
         ranked = RANK_KEY in ds.schema().names
         parts = [pl.from_arrow(b) for b in ds.map_batches(_block_top, fn_kwargs={"want": want, "desc": self.desc,
@@ -385,6 +387,29 @@ class StreamRun:
                                     "key (a skipped score, or an expression over one) are never picked")
         self.ex.ray_stages.append({"stage": a["label"], "kernel": "top-k merge", "rows": got.height,
                                    "workers": "driver", "where": "driver (positions and keys only)"})
+        return ds.map_batches(_pick, fn_kwargs={"picked": ray.put(picked)}, batch_format="pyarrow")
+
+    def _top_per_group(self, a, ds, report):
+        """`top N per G`: positions, ranking keys and group values of the alive rows gathered (the group
+        column's values, not the rows), put in pick order as the local frame is, and the local engine's
+        own per-group rule (`_per_group`: quotas, each group's first rows) applied to them there."""
+        import ray
+
+        p = a["params"]
+        ranked = RANK_KEY in ds.schema().names
+        cand = _gather(ds, [POS, *([RANK_KEY] if ranked else []), p["per"]])
+        if ranked:  # rank order, ties in pool order; rows without a key are never picked, as locally
+            cand = cand.sort([RANK_KEY, POS], descending=[self.desc, False], nulls_last=True)
+            keyed = cand.filter(pl.col(RANK_KEY).is_not_null())
+            if keyed.height < cand.height:
+                report.notes.append(f"{cand.height - keyed.height} row(s) with a null ranking key "
+                                    "(a skipped score, or an expression over one) are never picked")
+            cand = keyed
+        else:
+            cand = cand.sort(POS)
+        picked = self.ex._per_group(p, cand, report).select(POS, pl.int_range(pl.len(), dtype=pl.Int64).alias(ORDER))
+        self.ex.ray_stages.append({"stage": a["label"], "kernel": "per-group top", "rows": cand.height,
+                                   "workers": "driver", "where": "driver (positions, keys and group values only)"})
         return ds.map_batches(_pick, fn_kwargs={"picked": ray.put(picked)}, batch_format="pyarrow")
 
     def _whole_order(self, ds):
