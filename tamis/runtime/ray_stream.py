@@ -266,7 +266,9 @@ class StreamRun:
             key = fingerprint(semantic)
             ex.cache.scores.describe(key, semantic)
             cached = ex.cache.scores.stored(key, schema)  # ids and values only (40 B + the values a row)
-            ds = ds.map_batches(_lookup_batch, fn_kwargs={"cached": ray.put(cached), "schema": schema, "names": names},
+            # as Arrow: the object store hands each block task the same buffers (zero-copy), not a pickle
+            ds = ds.map_batches(_lookup_batch, fn_kwargs={"cached": ray.put(cached.to_arrow()), "schema": schema,
+                                                          "names": names},
                                 batch_format="pyarrow", batch_size=None).materialize()
         # rows to score: those the lookup did not find, else every alive row (no extra pass over the data)
         flag = TODO if key is not None else ALIVE
@@ -521,7 +523,7 @@ def _lookup_batch(batch, cached, schema: dict, names: dict):
     alive = frame.filter(pl.col(ALIVE))
     keys = row_content_keys(alive).alias(ROWKEY) if alive.height else pl.Series(ROWKEY, [], dtype=pl.String)
     got = pl.DataFrame([alive[POS], keys])
-    table = ray.get(cached)
+    table = pl.from_arrow(ray.get(cached))
     if table.height:
         hit = table.select(pl.col("id").alias(ROWKEY), *[pl.col(c).alias(names[c]) for c in schema if c in names],
                            pl.lit(True).alias("⟨hit⟩"))
