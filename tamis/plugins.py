@@ -22,7 +22,7 @@ import sys
 import traceback
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import polars as pl
 
@@ -317,9 +317,12 @@ def _finite(v: Any, i: int, reasons: list, name: str, file: str) -> float | None
 
 
 def sampler(name: str, *, model: str | None = None, params: Mapping[str, Any] | None = None, doc: str = "",
-            needs_ranked: bool = False, resources: Resources | None = None) -> Callable[[Callable], Callable]:
+            needs_ranked: bool = False, resources: Resources | None = None,
+            reads: Sequence[str] | None = None) -> Callable[[Callable], Callable]:
     """Register a sampler: ``fn(rows, model, budget, **params) -> positions of the rows to keep``
-    (in the order picked, at most `budget`). `needs_ranked`: it visits rows in rank order."""
+    (in the order picked, at most `budget`). `needs_ranked`: it visits rows in rank order. `reads`: the
+    only columns of `rows` it reads; then the Ray engine gathers just those (the rows stay on its
+    workers) and `rows` holds only them. Left out, it may read any column, and runs on the driver's path."""
     def wrap(fn: Callable) -> Callable:
         file, digest = _source_of(fn)
         what = f"sampler {name!r}"
@@ -340,7 +343,7 @@ def sampler(name: str, *, model: str | None = None, params: Mapping[str, Any] | 
         previous = reg.SAMPLERS.get(name)
         reg.SAMPLERS[name] = spec
         register(Kernel("sampler", name, _named(run, fn), mode="global", resources=resources or Resources(), source=file,
-                        source_hash=digest), replace=True)
+                        source_hash=digest, reads=tuple(reads) if reads is not None else None), replace=True)
         _remember("sampler", name, file, lambda: _restore(reg.SAMPLERS, name, previous))
         return fn
     return wrap

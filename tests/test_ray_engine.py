@@ -412,6 +412,37 @@ def test_cheap_recipes_stream_through_ray_data_with_the_same_selection(cheap_poo
         assert pl.read_parquet(tmp_path / "sel.parquet").equals(want)
 
 
+_SAMPLER = '''
+import tamis
+
+
+@tamis.sampler("longest_each_letter", reads=["length", "instruction"])
+def longest_each_letter(rows, model, budget):
+    """The first row (in the frame's order) of each instruction's first letter, up to the budget."""
+    assert rows.columns == ["length", "instruction"]  # only what it declared reached it
+    seen, keep = set(), []
+    for i, text in enumerate(rows["instruction"].to_list()):
+        if text[:1] not in seen and len(keep) < budget:
+            seen.add(text[:1])
+            keep.append(i)
+    return keep
+'''
+
+
+def test_a_plugin_sampler_that_declares_its_columns_streams(cheap_pool, tmp_path):
+    plugin = tmp_path / "sampler.py"
+    plugin.write_text(_SAMPLER, encoding="utf-8")
+    load_plugin_file(plugin)
+    text = "score length | rank by length desc | diverse longest_each_letter(budget=5) | where length > 10"
+    cfg = dict(pool=str(cheap_pool["jsonl"]), progress=False, no_cache=True)
+    local = LocalExecutor(compile_text(text).graph, RunConfig(**cfg)).run()
+    ex = RayExecutor(compile_text(text).graph, RunConfig(**cfg))
+    on_ray = ex.run()
+    assert ex.fallback is None and not isinstance(on_ray.selected, pl.DataFrame)
+    assert on_ray.selected.to_polars()["id"].to_list() == local.selected["id"].to_list()
+    assert next(p for p in ex.ray_stages if p["kernel"] == "longest_each_letter")["where"].startswith("driver (positions")
+
+
 @pytest.mark.slow  # four runs through the CLI, two writes through Ray Data each: ~30 s on 2 loaded cores
 def test_the_cli_writes_the_same_files_through_ray_data(cheap_pool, tmp_path):
     recipe = tmp_path / "r.tamis"

@@ -384,7 +384,9 @@ class LocalExecutor:
         inputs = k.scored_inputs  # e.g. the candidates' embeddings, through the score cache
         for column, needs in inputs.items():
             frame = frame.with_columns(self._scored_input(needs(model), model, frame, report).alias(column))
-        keep = call_sampler(k, frame, model, budget, params, self.cfg.options())
+        # a sampler that declares what it reads gets only that, under every engine (the Ray engine gathers just it)
+        rows = frame if k.reads is None else frame.select(*inputs, *k.reads)
+        keep = call_sampler(k, rows, model, budget, params, self.cfg.options())
         return frame[keep].drop(list(inputs))
 
     def _op_normalize(self, n, a, frame, report):
