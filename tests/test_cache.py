@@ -684,6 +684,14 @@ def test_row_content_hashes_are_the_documented_xxh3_scheme(monkeypatch: pytest.M
         ["9f24c765211b08a00b953065f44f7789"]
 
 
+def test_a_plugin_that_cannot_load_is_said_once_and_the_hashes_stay(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tamis.runtime import rowhash
+
+    monkeypatch.setitem(sys.modules, "polars_hash", None)  # as a plugin built for another Polars fails
+    with pytest.warns(RuntimeWarning, match="polars-hash: it does not load .* computed row by row with xxhash"):
+        assert rowhash._plugin.__wrapped__() is None
+
+
 # --------------------------------------------------------------------------- resume at scale: torn journals, in-order reads
 
 

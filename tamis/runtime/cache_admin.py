@@ -405,7 +405,8 @@ def _score_what(meta: Any, names: dict[str, str]) -> tuple[str, Kind]:
     if not isinstance(meta, dict):
         return "scores (no key.json)", "score"
     scorer = str(meta.get("scorer", meta.get("op", "?")))
-    params = ", ".join(f"{k}={v}" for k, v in meta.items() if k not in ("op", "scorer", "model", "plugin", "cache_format"))
+    params = ", ".join(f"{k}={v}" for k, v in meta.items()
+                       if k not in ("op", "scorer", "model", "plugin", "cache_format"))
     what = f"{scorer}({params})" if params else scorer
     if meta.get("model"):
         fp = str(meta["model"])
@@ -451,7 +452,8 @@ def _entry(area: str, item: Path, names: dict[str, str], index: dict[str, str], 
         count, note = _score_rows(item) if rows else (None, "")
         if isinstance(meta, dict) and meta.get("cache_format") != CACHE_FORMAT:
             old = meta.get("cache_format", "tamis-cache-v1")
-            note = "; ".join(filter(None, [f"unused: written in cache format {old}, this version reads {CACHE_FORMAT}", note]))
+            unused = f"unused: written in cache format {old}, this version reads {CACHE_FORMAT}"
+            note = "; ".join(filter(None, [unused, note]))
         return CacheEntry(kind, rel, item, what, count, size, last, note)
     if area == "models":
         # Loads of a conversion are not recorded (tamis.runtime.models is outside the cache), but every

@@ -42,7 +42,7 @@ def _streamed(g: nx.DiGraph, n: str) -> str:
     op = a["op"]
     if op == "score":
         k = node_kernel(a)
-        model = next((p for p, _, d in g.in_edges(n, data=True) if d["flow"] == "model"), None)
+        model = _model_node(g, n)
         cached = ("; the score cache looked up block by block (the driver reads the key's cached ids and values "
                   "once and ships them through the object store), each scored batch written to it by its worker"
                   if k.cached else "")
@@ -52,7 +52,7 @@ def _streamed(g: nx.DiGraph, n: str) -> str:
                 f"then once per actor; --concurrency actors); nothing gathered{cached}")
     if op == "diverse":
         k = node_kernel(a)
-        model = next((p for p, _, d in g.in_edges(n, data=True) if d["flow"] == "model"), None)
+        model = _model_node(g, n)
         inputs = ", ".join(c.strip("⟨⟩") + "s" for c in k.scored_inputs) or "nothing"
         by = f" (`{g.nodes[model]['label']}`'s actor pool, through the score cache)" if model else ""
         return (f"{inputs} computed on Ray{by}; the driver gathers positions, ranking keys and {inputs} of the "
@@ -74,6 +74,11 @@ def _streamed(g: nx.DiGraph, n: str) -> str:
         return ("Ray tasks: each block's best rows, then a merge on the driver of positions and keys only "
                 f"(≤ 16 B/row of the blocks' candidates){stats}")
     return f"Ray tasks (map_batches; Polars per batch); nothing gathered{stats}"
+
+
+def _model_node(g: nx.DiGraph, n: str) -> str | None:
+    """The model node operator `n` uses (`using M`), if any."""
+    return next((p for p, _, d in g.in_edges(n, data=True) if d["flow"] == "model"), None)
 
 
 def calls_of(e) -> list[str]:
@@ -99,7 +104,7 @@ def _where(g: nx.DiGraph, n: str) -> str:
     op = a["op"]
     k = node_kernel(a)
     if op == "score" and k is not None and k.mode == "rowwise":
-        model = next((p for p, _, d in g.in_edges(n, data=True) if d["flow"] == "model"), None)
+        model = _model_node(g, n)
         cols = len(k.schema) or 1
         back = f"gathers ids + {cols} column(s), ≈{KEY_BYTES + VALUE_BYTES * cols} B/row"
         cached = "; workers write the score cache, one shard per batch" if k.cached else ""

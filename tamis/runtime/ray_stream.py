@@ -236,14 +236,19 @@ class StreamRun:
         main = next(iter(a["columns_out"]))
         names = {col: main + suffix for col, suffix in k.names.items()}
         self.recorded += [n for n in names.values() if n not in self.recorded]
-        ds = self._scored(ds, report, k, params, names, a["label"]).materialize()
+        ds = self._scored(ds, report, k, params, names, a["label"], self._model(report)).materialize()
         values = _gather(ds, [main])[main]  # the score's values (8 B a row), for the report's histogram
         report.histogram = _histogram(values) if values.dtype.is_numeric() else None
         return ds
 
-    def _scored(self, ds, report, k, params: dict, names: dict, label: str):
+    def _model(self, report):
+        """The stage's model, built on the driver (its fingerprint keys the cache, its recipe goes to the
+        actors; the time is the stage's model_seconds), or None."""
+        return self.ex._stage_model(report.node, report) if self.ex._model_of(report.node) else None
+
+    def _scored(self, ds, report, k, params: dict, names: dict, label: str, model):
         """`ds` with scorer `k`'s columns (renamed by `names`) for the alive rows: Ray tasks, or an actor
-        pool building the stage's model once per actor. A cached kernel's rows are looked up in the score
+        pool building the stage's model (`model`, built on the driver) once per actor. A cached kernel's rows are looked up in the score
         cache block by block first (the driver reads the key's cached ids and values once: no pool text),
         and each scoring batch is written to the cache by its worker, so a killed run resumes with every
         finished batch."""
@@ -255,9 +260,6 @@ class StreamRun:
 
         ex = self.ex
         model_node = ex._model_of(report.node)
-        model = None
-        if model_node is not None:  # built on the driver for its fingerprint (the cache key) and the actors' recipe
-            model = ex._stage_model(report.node, report)
         schema = k.result_schema(model, params)
         call = ScoreCall(k, None, params, replace(ex.cfg.options(), progress=False))
         key = None
@@ -305,8 +307,6 @@ class StreamRun:
         computes them, then only positions, ranking keys and embeddings gathered to the driver, in the
         order the local engine's frame has them; the sampler runs there and its picks go back as `top`'s
         do."""
-        import ray
-
         from tamis.dsl import registry as reg
         from tamis.runtime.executor import call_sampler
 
@@ -315,21 +315,21 @@ class StreamRun:
         spec = reg.SAMPLERS[p["sampler"]]
         k = kernel_for("sampler", p["sampler"])
         budget = _size_rows(p["budget"], ex.pool_size)
-        model = ex._stage_model(report.node, report) if ex._model_of(report.node) else None
+        model = self._model(report)
         made: list[str] = []
         for column, needs in k.scored_inputs.items():  # e.g. the candidates' embeddings, through the score cache
             name, sparams = needs(model)
             sk = kernel_for("scorer", name)
             names = {col: column + suffix for col, suffix in sk.names.items()}
             made += [n for n in names.values() if n != column]
-            ds = self._scored(ds, report, sk, sparams, names, a["label"]).materialize()
+            ds = self._scored(ds, report, sk, sparams, names, a["label"], model).materialize()
         have = ds.schema().names
         keys = [c for c in (ORDER, RANK_KEY) if c in have]
         cand = _gather(ds, [POS, *keys, *k.scored_inputs, *k.reads])
         if ORDER in have:  # after a top: the top's order
             cand = cand.sort(ORDER)
-        elif RANK_KEY in have:  # after a rank: its order, ties in pool order, null keys last (the local sort)
-            cand = cand.sort([RANK_KEY, POS], descending=[self.desc, False], nulls_last=True)
+        elif RANK_KEY in have:
+            cand = self._rank_order(cand)
         if spec.needs_ranked and RANK_KEY in have:  # it visits in rank order: unranked rows are no candidates
             keyed = cand.filter(pl.col(RANK_KEY).is_not_null())
             if keyed.height < cand.height:
@@ -337,11 +337,10 @@ class StreamRun:
             cand = keyed
         params = {q.name: p[q.name] for q in spec.params if q.name != "budget" and q.name in p}
         keep = call_sampler(k, cand.drop(POS, *keys), model, budget, params, ex.cfg.options())
-        picked = cand[keep].select(POS, pl.int_range(len(keep), dtype=pl.Int64).alias(ORDER))
         ex.ray_stages.append({"stage": a["label"], "node": report.node, "kernel": k.name, "rows": cand.height,
                               "workers": "driver", "where": "driver (positions, ranking keys and "
                               + ", ".join(c.strip("⟨⟩") for c in k.scored_inputs) + " of the candidates)"})
-        ds = ds.map_batches(_pick, fn_kwargs={"picked": ray.put(picked)}, batch_format="pyarrow")
+        ds = _send_order(ds, cand[keep])
         return ds.map_batches(_drop, fn_kwargs={"cols": [*k.scored_inputs, *made]}, batch_format="pyarrow")
 
     def _op_let(self, a, ds, report):
@@ -365,8 +364,6 @@ class StreamRun:
 
     def _op_top(self, a, ds, report):
         """The distributed top-k: each block's best `want` (position, key), merged on the driver."""
-        import ray
-
         if a["params"].get("per") is not None:
             return self._top_per_group(a, ds, report)
         want = _size_rows(a["params"]["size"], self.ex.pool_size)
@@ -377,11 +374,8 @@ class StreamRun:
                                                               batch_size=None, batch_format="pyarrow")]
         empty = pl.DataFrame(schema={POS: pl.Int64, **({RANK_KEY: pl.Float64} if ranked else {})})
         got = pl.concat([empty, *parts], how="vertical_relaxed")
-        if ranked:
-            got = got.sort([RANK_KEY, POS], descending=[self.desc, False], nulls_last=True)
-        else:
-            got = got.sort(POS)
-        picked = got.head(want).select(POS, pl.int_range(pl.len(), dtype=pl.Int64).alias(ORDER))
+        got = self._rank_order(got) if ranked else got.sort(POS)
+        picked = got.head(want)
         if picked.height < want and ranked:
             unkeyed = report.rows_in - _count_keyed(ds)
             if unkeyed:
@@ -389,19 +383,17 @@ class StreamRun:
                                     "key (a skipped score, or an expression over one) are never picked")
         self.ex.ray_stages.append({"stage": a["label"], "kernel": "top-k merge", "rows": got.height,
                                    "workers": "driver", "where": "driver (positions and keys only)"})
-        return ds.map_batches(_pick, fn_kwargs={"picked": ray.put(picked)}, batch_format="pyarrow")
+        return _send_order(ds, picked)
 
     def _top_per_group(self, a, ds, report):
         """`top N per G`: positions, ranking keys and group values of the alive rows gathered (the group
         column's values, not the rows), put in pick order as the local frame is, and the local engine's
         own per-group rule (`_per_group`: quotas, each group's first rows) applied to them there."""
-        import ray
-
         p = a["params"]
         ranked = RANK_KEY in ds.schema().names
         cand = _gather(ds, [POS, *([RANK_KEY] if ranked else []), p["per"]])
-        if ranked:  # rank order, ties in pool order; rows without a key are never picked, as locally
-            cand = cand.sort([RANK_KEY, POS], descending=[self.desc, False], nulls_last=True)
+        if ranked:  # rows without a key are never picked, as locally
+            cand = self._rank_order(cand)
             keyed = cand.filter(pl.col(RANK_KEY).is_not_null())
             if keyed.height < cand.height:
                 report.notes.append(f"{cand.height - keyed.height} row(s) with a null ranking key "
@@ -409,22 +401,23 @@ class StreamRun:
             cand = keyed
         else:
             cand = cand.sort(POS)
-        picked = self.ex._per_group(p, cand, report).select(POS, pl.int_range(pl.len(), dtype=pl.Int64).alias(ORDER))
         self.ex.ray_stages.append({"stage": a["label"], "kernel": "per-group top", "rows": cand.height,
                                    "workers": "driver", "where": "driver (positions, keys and group values only)"})
-        return ds.map_batches(_pick, fn_kwargs={"picked": ray.put(picked)}, batch_format="pyarrow")
+        return _send_order(ds, self.ex._per_group(p, cand, report))
 
     def _whole_order(self, ds):
         """A `rank` with no `top` after it: the whole ranking. Positions and keys only (16 B a row) are
         gathered and sorted on the driver as the local engine's stable sort sorts (nulls last, ties in
         pool order), and each row's place goes back to it as a top's picks do (every row stays)."""
-        import ray
-
-        got = _gather(ds, [POS, RANK_KEY]).sort([RANK_KEY, POS], descending=[self.desc, False], nulls_last=True)
-        order = got.select(POS, pl.int_range(pl.len(), dtype=pl.Int64).alias(ORDER))
+        got = self._rank_order(_gather(ds, [POS, RANK_KEY]))
         self.ex.ray_stages.append({"stage": "the ranking's whole order", "kernel": "sort", "rows": got.height,
                                    "workers": "driver", "where": "driver (positions and keys only)"})
-        return ds.map_batches(_pick, fn_kwargs={"picked": ray.put(order)}, batch_format="pyarrow")
+        return _send_order(ds, got)
+
+    def _rank_order(self, frame: pl.DataFrame) -> pl.DataFrame:
+        """Rows (POS, RANK_KEY, …) in the rank's order as the local engine's stable sort puts them: by key,
+        ties in pool order, null keys last."""
+        return frame.sort([RANK_KEY, POS], descending=[self.desc, False], nulls_last=True)
 
     # ---- aggregates ------------------------------------------------------------------
     def _bound(self, a, ds) -> tuple[ast.Expr, list[tuple[str, str, ast.Expr, Any]]]:
@@ -497,6 +490,15 @@ def _gather(ds, cols: list[str]) -> pl.DataFrame:
                                                                                            batch_format="pyarrow")]
     empty = pl.from_arrow(ds.schema().base_schema.empty_table()).select(cols)
     return pl.concat([empty, *parts], how="vertical_relaxed")
+
+
+def _send_order(ds, chosen: pl.DataFrame):
+    """`chosen`'s rows (by POS, in the order given) become the selection, in that order; the other rows
+    leave it (their scores stay)."""
+    import ray
+
+    picked = chosen.select(POS, pl.int_range(pl.len(), dtype=pl.Int64).alias(ORDER))
+    return ds.map_batches(_pick, fn_kwargs={"picked": ray.put(picked)}, batch_format="pyarrow")
 
 
 def _count(ds, flag: str) -> int:

@@ -1,6 +1,6 @@
 """Row content hashes: the one definition of content ids and score-cache row keys.
 
-A row's hash (scheme ``SCHEME``) is XXH3-128 twice over:
+A row's hash is XXH3-128 twice over:
 
 1. each field, in the order given, is hashed on its own: XXH3-128 of the field's
    UTF-8 text (a string as it is; any other value as its JSON text,
@@ -11,28 +11,30 @@ A row's hash (scheme ``SCHEME``) is XXH3-128 twice over:
 
 A content id is the first 16 hex digits of the hash over instruction, input and
 output; a cache row key is all 32 over the content columns a frame has. Field names
-are part of the hash, so the same texts under other columns never share a key.
+are part of the hash, so the same texts under other columns never share a key. A
+change to this definition must bump the score cache's format (`tamis.runtime.cache`),
+as this one did (`tamis-cache-v2`).
 
 Why this form: both steps are one native pass per column over a whole frame (the
 `polars-hash` plugin: ~0.7 s of CPU for a million Alpaca rows, where the earlier
 blake2b of each row's JSON text took ~2.5–3.3 s, one Python-level call per row), and
 the scalar definition (`text_hash`, the `xxhash` package, XXH3's reference bindings)
 is a few lines anyone can recompute. Where the plugin cannot load (a Polars it was
-not built for), `row_hashes` computes the same hashes with `xxhash`, row by row.
+not built for), `row_hashes` computes the same hashes with `xxhash`, row by row, and
+says so once.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import warnings
 from typing import Any, Iterable, Sequence
 
 import polars as pl
 import xxhash
 
-__all__ = ["SCHEME", "row_hashes", "text_hash"]
-
-SCHEME = "xxh3-128/v2"  # part of every cache key: changing the definition must change it
+__all__ = ["row_hashes", "text_hash"]
 
 _NULL = "-"
 _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True)
@@ -67,6 +69,11 @@ def _hashes(frame: pl.DataFrame, columns: list[str], name: str) -> pl.Series:
     plugin = _plugin()
     if plugin is None:
         return _row_hashes_by_row(texts, columns, name)
+    return _column_wise(plugin, texts, columns, name)
+
+
+def _column_wise(plugin: Any, texts: pl.DataFrame, columns: list[str], name: str) -> pl.Series:
+    """Both steps of the definition through the plugin, over string columns `texts`."""
     hexed = (_hex(plugin.col(c)).fill_null(pl.lit(_NULL)) for c in columns)
     payload = pl.concat_str([pl.concat_str([pl.lit(f"{c}="), h]) for c, h in zip(columns, hexed)], separator="|")
     return texts.select(payload.alias(name)).select(_hex(plugin.col(name)).alias(name)).to_series()
@@ -92,14 +99,19 @@ def _row_hashes_by_row(texts: pl.DataFrame, columns: list[str], name: str) -> pl
 
 @functools.lru_cache(maxsize=1)
 def _plugin() -> Any:
-    """The `polars-hash` plugin if it loads and agrees with `text_hash` on a probe row, else None."""
+    """The `polars-hash` plugin if it loads and agrees with `text_hash` on a probe row, else None
+    (with a warning: the row-by-row path gives the same hashes, several times slower)."""
+    probe = pl.DataFrame({"a": ["x é🙂"], "b": [None]}, schema={"a": pl.String, "b": pl.String})
     try:
         import polars_hash as plh
 
-        probe = pl.DataFrame({"a": ["x é🙂"], "b": [None]}, schema={"a": pl.String, "b": pl.String})
-        hexed = [_hex(plh.col(c)).fill_null(pl.lit(_NULL)) for c in ("a", "b")]
-        got = probe.select(pl.concat_str([pl.concat_str([pl.lit(f"{c}="), h]) for c, h in zip("ab", hexed)],
-                                         separator="|").alias("p")).select(_hex(plh.col("p"))).item()
-    except Exception:  # noqa: BLE001 - a plugin built for another Polars: the exact row-by-row path
-        return None
-    return plh if got == text_hash([("a", "x é🙂"), ("b", None)]) else None
+        got = _column_wise(plh, probe, ["a", "b"], "p").item()
+    except Exception as err:  # noqa: BLE001 - a plugin built for another Polars
+        why = f"it does not load with Polars {pl.__version__} ({type(err).__name__}: {err})"
+    else:
+        if got == text_hash([("a", "x é🙂"), ("b", None)]):
+            return plh
+        why = "it disagrees with xxhash on a probe row"
+    warnings.warn(f"polars-hash: {why}; row hashes (content ids, cache keys) are computed row by row with "
+                  "xxhash instead: the same values, several times slower", RuntimeWarning, stacklevel=2)
+    return None
