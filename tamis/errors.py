@@ -26,6 +26,14 @@ class Span:
     end: int = 0
 
 
+@dataclass(frozen=True)
+class ParamSpan(Span):
+    """A region of a `--param NAME=VALUE` given on the command line (`text`), not of the recipe: an error
+    there shows that text, so the caret is under the value the user typed."""
+
+    text: str = ""
+
+
 class RecipeError(TamisError):
     """A recipe is wrong: syntax, names, types, composition."""
 

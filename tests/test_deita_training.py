@@ -14,7 +14,7 @@ from tamis.errors import TamisError
 from tamis.runtime.cache import ArtifactCache
 from tamis.runtime.deita_prompts import (COMPLEXITY_METHODS, QUALITY_METHODS, clean_rewrite, enhance_response_prompt,
                                          evolve_instruction_prompt, method_for, parse_rank_scores,
-                                         rank_complexity_prompt, rank_quality_prompt)
+                                         rank_complexity_prompt, rank_quality_prompt, rank_reply_scaffold)
 
 # --------------------------------------------------------------------------- prompts
 
@@ -48,6 +48,13 @@ def test_rank_prompts_show_every_variant_in_one_prompt():
 
 
 # --------------------------------------------------------------------------- parsing the judge
+
+
+def test_the_constrained_rank_reply_is_the_format_the_prompts_ask_for():
+    texts, choices = rank_reply_scaffold(3)
+    assert texts == ("[1] Score: ", "\n[2] Score: ", "\n[3] Score: ") and choices == ("1", "2", "3", "4")
+    reply = "".join(t + c for t, c in zip(texts, "214"))
+    assert parse_rank_scores(reply, 3).scores == [2, 1, 4]
 
 
 @pytest.mark.parametrize("reply, n, scores", [
@@ -189,6 +196,73 @@ def test_evolve_resumes_from_its_journal_after_a_kill(tiny_evolver, tmp_path, mo
     again = ev.evolve_dataset(_seeds(), model, rounds=1, max_tokens=40, artifacts=cache, progress=False,
                               seeds_per_batch=2)
     assert calls == [] and again.generated_now == 0 and again.frame.equals(fresh.frame)
+
+
+def test_constrained_ranking_labels_every_variant_with_the_judges_own_greedy_choice(tiny_evolver, tmp_path):
+    """ranking="constrained": where the judge writes the format unaided, the same scores as free decoding;
+    where it does not ("The second one is better.", a score of 9), still a score 1..n+1, each the argmax of
+    the allowed digits' logits after the reply so far (checked by a cache-free forward of the whole text)."""
+    import torch
+
+    from tamis.runtime.constrained import slot_choice
+    from tamis.runtime.evolve import evolve_dataset
+    from tamis.runtime.templates import render_chat
+
+    model = _evolver(tiny_evolver)
+    free = evolve_dataset(_seeds(), model, rounds=1, max_tokens=40, artifacts=ArtifactCache(tmp_path / "a"),
+                          progress=False)
+    held = evolve_dataset(_seeds(), model, rounds=1, max_tokens=40, artifacts=ArtifactCache(tmp_path / "b"),
+                          progress=False, ranking="constrained")
+    assert held.frame["id"].to_list() == free.frame["id"].to_list()
+    assert held.counts["labels"]["complexity"] == free.counts["labels"]["complexity"]  # all parsed freely too
+    assert held.counts["labels"]["quality"] == {"scored": 6, "null": {}}
+    label = pl.coalesce("complexity_label", "quality_label")
+    f, h = free.frame.with_columns(label.alias("l")), held.frame.with_columns(label.alias("l"))
+    assert h["l"].to_list()[:4] == f["l"].to_list()[:4] == [1, 3, 2, 3]  # complexity: the trained replies
+    assert h.filter(pl.col("seed_id") == "row-0", pl.col("kind") == "quality")["l"].to_list() == [2, 3]
+    assert h["judge_said"][0] == "[1] Score: 1\n[2] Score: 3"
+    # every slot's digit is the argmax over "1".."3" of a whole-text forward
+    tok = model.tokenizer
+    checked = 0
+    for r in h.filter(pl.col("variant") == 0, pl.col("label_reason").is_null()).iter_rows(named=True):
+        chain = h.filter(pl.col("seed_id") == r["seed_id"], pl.col("kind") == r["kind"]).sort("variant")
+        prompt = (rank_complexity_prompt(_queries(chain)) if r["kind"] == "complexity"
+                  else rank_quality_prompt(_seed_query(r), chain["output"].to_list()))
+        head = tok(render_chat(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True),
+                   add_special_tokens=False)["input_ids"]
+        said = r["judge_said"]
+        for k in range(chain.height):
+            before = said[:said.index(f"[{k + 1}] Score: ") + len(f"[{k + 1}] Score: ")]
+            ids, options = slot_choice(tok, before, ["1", "2", "3"])
+            with torch.inference_mode():
+                logits = model.model(input_ids=torch.tensor([head + ids])).logits[0, -1]
+            assert said[len(before)] == "123"[int(torch.argmax(logits[options]))]
+            checked += 1
+    assert checked == 10
+
+
+def _queries(chain: pl.DataFrame) -> list[str]:
+    from tamis.runtime.templates import user_query
+
+    return [user_query(r) for r in chain.iter_rows(named=True)]
+
+
+def _seed_query(r: dict) -> str:
+    from tamis.runtime.templates import user_query
+
+    return user_query(r)
+
+
+def test_constrained_ranking_needs_a_local_judge(tmp_path):
+    from tamis.runtime.api_client import ChatEndpoint
+    from tamis.runtime.evolve import evolve_dataset
+
+    endpoint = ChatEndpoint.__new__(ChatEndpoint)
+    with pytest.raises(TamisError, match="local chat model"):
+        evolve_dataset(_seeds(), endpoint, rounds=1, max_tokens=8, artifacts=ArtifactCache(tmp_path),
+                       ranking="constrained")
+    with pytest.raises(TamisError, match="use 'free' or 'constrained'"):
+        evolve_dataset(_seeds(), endpoint, rounds=1, max_tokens=8, artifacts=ArtifactCache(tmp_path), ranking="x")
 
 
 def test_a_corrupt_journal_entry_is_named(tmp_path):

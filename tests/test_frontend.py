@@ -252,6 +252,21 @@ def test_recipe_parameters_and_aliases_splice_without_copy_paste():
     assert any(g2.nodes[n]["label"] == "hf(gpt2)" for n in g2)
 
 
+def test_param_values_from_the_command_line_are_checked_where_they_were_typed():
+    from tamis.dsl.compile import compile_file
+    from tamis.errors import RecipeError
+
+    with pytest.raises(RecipeError) as info:  # a bad value: the caret is under what the user typed
+        compile_file("ifd", params={"size": "200%"})
+    assert info.value.path == "--param" and str(info.value).splitlines()[1:] == ["  --param size=200%",
+                                                                                "               ^^^^"]
+    with pytest.raises(RecipeError) as info:  # a bare word for a string parameter is that string
+        compile_file("deita", params={"ranking": "constraind"})
+    assert "--param ranking=constraind" in str(info.value) and "did you mean `constrained`" in str(info.value)
+    g = compile_file("deita", params={"ranking": "constrained"}).graph
+    assert [g.nodes[n]["params"]["ranking"] for n in g if g.nodes[n]["label"].startswith("evolve")] == ["constrained"]
+
+
 def test_pool_fields_assumed_then_checked_against_the_pool_schema():
     from tamis.errors import RecipeError
 

@@ -12,7 +12,7 @@ from tamis.dsl.feasibility import Feasibility, measure
 from tamis.dsl.lower import Resolver, builtin_recipe_dir, default_resolver, lower
 from tamis.dsl.parse import parse, parse_params, read_recipe_text
 from tamis.dsl.passes import PASSES, Pass, optimise
-from tamis.errors import RecipeError
+from tamis.errors import ParamSpan, RecipeError
 
 
 @dataclass
@@ -42,6 +42,9 @@ def compile_text(text: str, path: str | None = None, *, resolver: Resolver = def
         try:
             logical = lower(recipe, resolver, pool_fields, values)
         except RecipeError as err:
+            if isinstance(err.span, ParamSpan):  # a --param value's error: show what was typed
+                err.source, err.path = err.span.text, "--param"
+                raise
             raise err.with_source(text, path)
         return Compiled(recipe, logical, optimise(logical, passes))
     except RecursionError:  # the depth check in parse() should make this unreachable; never a traceback

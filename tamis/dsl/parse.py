@@ -13,7 +13,7 @@ from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
 from tamis.dsl import ast
-from tamis.errors import RecipeError, Span
+from tamis.errors import ParamSpan, RecipeError, Span
 
 
 @lru_cache(maxsize=1)
@@ -383,8 +383,24 @@ def parse_params(pairs: dict[str, str]) -> tuple[ast.Kwarg, ...]:
                               hint='write a value as in a recipe: 5%, 1000, "text", true, hf("gpt2")') from None
         if not isinstance(use, ast.Use) or len(use.kwargs) != 1 or use.args:
             raise RecipeError(f"--param {name}={text}: not one value")
-        out.append(use.kwargs[0])
+        out.append(_on_command_line(use.kwargs[0], f"--param {name}={text}"))
     return tuple(out)
+
+
+def _on_command_line(node, text: str):
+    """`node` (parsed from "use _(NAME=VALUE)") with every span moved onto `text` ("--param NAME=VALUE",
+    two characters longer before the name), so errors point at what the user typed."""
+    if isinstance(node, tuple):
+        return tuple(_on_command_line(x, text) for x in node)
+    if not isinstance(node, ast.Node):
+        return node
+    s = node.span
+    update = {"span": ParamSpan(s.line, s.column + 2, s.end_line, s.end_column + 2, s.start + 2, s.end + 2, text)}
+    for field in type(node).model_fields:
+        value = getattr(node, field)
+        if field != "span" and isinstance(value, (ast.Node, tuple)):
+            update[field] = _on_command_line(value, text)
+    return node.model_copy(update=update)
 
 
 def _syntax_error(err: UnexpectedInput, text: str, path: str | None) -> RecipeError:

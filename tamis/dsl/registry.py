@@ -299,7 +299,10 @@ DATA_CTORS: dict[str, DataCtor] = {
         DataCtor("evolve", "an LLM-evolved variant set of a dataset (DEITA's Evol-Instruct data)",
                  (Param("data", "data"), Param("model", "model"),
                   Param("rounds", "count", 4, doc="in-depth evolutions per seed (at most 4: five variants, scored 1-6)"),
-                  Param("max_tokens", "count", 512, doc="longest reply generated (an evolution, a ranking)")),
+                  Param("max_tokens", "count", 512, doc="longest reply generated (an evolution, a ranking)"),
+                  Param("ranking", "string", "free", ("free", "constrained"),
+                        doc="the judge's rank replies: free greedy text, parsed (DEITA's), or held to "
+                            "\"[k] Score: s\" with s the local judge's greedy choice among the scores")),
                  llm_generated=True),
     ]
 }

@@ -32,7 +32,7 @@ def evolve(params: Mapping, env: BuildEnv) -> pl.DataFrame:
     model = env.models[0].get()
     result = evolve_dataset(rows, model, rounds=int(params["rounds"]), max_tokens=int(params.get("max_tokens", 512)),
                             artifacts=env.artifacts, batch_tokens=env.options.batch_tokens,
-                            progress=env.options.progress)
+                            progress=env.options.progress, ranking=str(params.get("ranking", "free")))
     env.report.update({"dataset": "evolve", "summary": describe_counts(result.counts),
                        "generated_now": result.generated_now, "seconds": round(result.seconds, 1)})
     if env.options.progress or result.generated_now:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 __all__ = ["COMPLEXITY_METHODS", "MAX_VARIANTS", "PROMPTS_VERSION", "QUALITY_METHODS", "RankScores",
            "clean_rewrite", "enhance_response_prompt", "evolve_instruction_prompt", "method_for",
-           "parse_rank_scores", "rank_complexity_prompt", "rank_quality_prompt"]
+           "parse_rank_scores", "rank_complexity_prompt", "rank_quality_prompt", "rank_reply_scaffold"]
 
 # --------------------------------------------------------------------------- in-depth evolving (complexity)
 
@@ -124,6 +124,13 @@ def rank_quality_prompt(query: str, responses: list[str]) -> str:
             "[1] Score: 1\n[2] Score: 2\n...\n")
     return (head + f"#Question#: {query}\n#Response List#:\n"
             + "\n".join(f"[{i}] {text}" for i, text in enumerate(responses, 1)) + "\n")
+
+
+def rank_reply_scaffold(n: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The reply both rank prompts ask for, as fixed texts and slots: "[1] Score: ", "\\n[2] Score: ", …, each
+    slot one of "1" … "n+1" (what `evolve(..., ranking="constrained")` holds a local judge to)."""
+    texts = tuple(("" if k == 1 else "\n") + f"[{k}] Score: " for k in range(1, n + 1))
+    return texts, tuple(str(s) for s in range(1, n + 2))
 
 
 @dataclass(frozen=True)

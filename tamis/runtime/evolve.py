@@ -42,7 +42,7 @@ import polars as pl
 from tamis.errors import TamisError
 from tamis.runtime.deita_prompts import (MAX_VARIANTS, PROMPTS_VERSION, clean_rewrite, enhance_response_prompt,
                                          evolve_instruction_prompt, method_for, parse_rank_scores,
-                                         rank_complexity_prompt, rank_quality_prompt)
+                                         rank_complexity_prompt, rank_quality_prompt, rank_reply_scaffold)
 from tamis.runtime.templates import row_text, user_query
 
 __all__ = ["EVOLVED_SCHEMA", "EvolveResult", "evolve_dataset", "generate", "scorer_examples", "scorer_rows", "seed_chains",
@@ -53,6 +53,7 @@ R_TOO_LONG = "prompt longer than the model's context"
 R_NO_RESPONSE = "seed has no response to enhance"
 R_NOTHING_TO_RANK = "no evolved variant to rank against"
 DECODING = "greedy-whole-reply-v1"
+RANKINGS = ("free", "constrained")  # how the judge's rank replies are decoded (see `evolve_dataset`)
 
 EVOLVED_SCHEMA: dict[str, pl.DataType] = {
     "id": pl.String, "seed_id": pl.String, "kind": pl.String, "variant": pl.Int64, "method": pl.String,
@@ -163,9 +164,15 @@ def seed_chains(rows: pl.DataFrame) -> list[_Seed]:
 
 
 def evolve_dataset(seeds: pl.DataFrame, model: Any, *, rounds: int, max_tokens: int, artifacts: Any,
-                   batch_tokens: int | None = None, progress: bool = True,
+                   batch_tokens: int | None = None, progress: bool = True, ranking: str = "free",
                    seeds_per_batch: int = SEEDS_PER_BATCH) -> EvolveResult:
-    """DEITA's evolved, judge-scored variants of `seeds` (see the module note), cached in `artifacts`."""
+    """DEITA's evolved, judge-scored variants of `seeds` (see the module note), cached in `artifacts`.
+
+    `ranking="free"` decodes the judge's rank replies greedily and parses them, as DEITA reads ChatGPT's;
+    `"constrained"` holds a local judge to the "[k] Score: s" format and reads each s as its greedy choice
+    among 1..n+1 (`tamis.runtime.constrained`), so every variant gets a label even from a judge too small to
+    keep the format unaided."""
+    from tamis.runtime.api_client import ChatEndpoint
     from tamis.runtime.cache import data_fingerprint, fingerprint
 
     if rounds < 1:
@@ -174,19 +181,26 @@ def evolve_dataset(seeds: pl.DataFrame, model: Any, *, rounds: int, max_tokens: 
         raise TamisError(f"evolve(..., rounds={rounds}) gives {rounds + 1} variants per seed, which DEITA's ranking "
                          f"prompt scores 1-{rounds + 2}; its scorers read one digit 1-6: use rounds of at most "
                          f"{MAX_VARIANTS - 1}")
+    if ranking not in RANKINGS:
+        raise TamisError(f"evolve(..., ranking={ranking!r}): use {' or '.join(repr(r) for r in RANKINGS)}")
+    if ranking == "constrained" and isinstance(model, ChatEndpoint):
+        raise TamisError("evolve(..., ranking=\"constrained\") reads a local judge's next-token logits; an endpoint "
+                         "gives none: bind the judge to a local chat model (--model NAME=PATH) or use ranking=\"free\"")
     started = time.perf_counter()
     items = seed_chains(seeds)
     cols = [c for c in ("id", "instruction", "input", "output") if c in seeds.columns]
     key = fingerprint({"op": "evolve", "seeds": data_fingerprint(seeds, cols), "model": model.fingerprint,
                        "rounds": rounds, "max_tokens": max_tokens, "prompts": PROMPTS_VERSION, "decoding": DECODING,
-                       "seeds_per_batch": seeds_per_batch})
+                       "ranking": ranking, "seeds_per_batch": seeds_per_batch})
     generated = 0
     if artifacts.exists(key):
         steps = json.loads((artifacts.path_for(key) / "generations.json").read_text(encoding="utf-8"))
     else:
         journal = _Journal(artifacts.path_for(key + ".journal"),
-                           {"op": "evolve", "model": getattr(model, "name", "?"), "seeds": len(items), "rounds": rounds})
-        steps, generated = _run(items, model, rounds, max_tokens, journal, batch_tokens, progress, seeds_per_batch)
+                           {"op": "evolve", "model": getattr(model, "name", "?"), "seeds": len(items), "rounds": rounds,
+                            "ranking": ranking})
+        steps, generated = _run(items, model, rounds, max_tokens, journal, batch_tokens, progress, seeds_per_batch,
+                                ranking)
         with artifacts.building(key) as out:
             (out / "generations.json").write_text(json.dumps(steps, ensure_ascii=False), encoding="utf-8")
             (out / "summary.json").write_text(json.dumps({"op": "evolve", "seeds": len(items), "rounds": rounds,
@@ -201,7 +215,7 @@ def _batches(items: list[_Seed], size: int) -> list[list[_Seed]]:
 
 
 def _run(items: list[_Seed], model: Any, rounds: int, max_tokens: int, journal: _Journal,
-         batch_tokens: int | None, progress: bool, size: int) -> tuple[dict[str, list[dict]], int]:
+         batch_tokens: int | None, progress: bool, size: int, ranking: str) -> tuple[dict[str, list[dict]], int]:
     """Every batch's steps, from the journal where done, generated (and journaled) where not."""
     from tqdm.auto import tqdm
 
@@ -215,8 +229,11 @@ def _run(items: list[_Seed], model: Any, rounds: int, max_tokens: int, journal: 
                 record = journal.read(b, step, ids)
                 if record is None:
                     prompts = step_prompts(batch, step)
-                    replies = generate(model, [p for _, _, p in prompts], max_tokens=max_tokens,
-                                       batch_tokens=batch_tokens, progress=progress, desc=f"evolve {step}")
+                    if step == "rank" and ranking == "constrained":
+                        replies = rank_constrained(model, batch, prompts, progress)
+                    else:
+                        replies = generate(model, [p for _, _, p in prompts], max_tokens=max_tokens,
+                                           batch_tokens=batch_tokens, progress=progress, desc=f"evolve {step}")
                     generated += len(prompts)
                     record = [{"id": s.id} for s in batch]
                     for (i, field_name, _), reply in zip(prompts, replies):
@@ -246,6 +263,19 @@ def step_prompts(batch: list[_Seed], step: str) -> list[tuple[int, str, str]]:
             out.append((i, "response", enhance_response_prompt(s.query, s.responses[-1],
                                                                method_for("quality", s.key, k))))
     return out
+
+
+def rank_constrained(model: Any, batch: list[_Seed], prompts: list[tuple[int, str, str]],
+                     progress: bool) -> list[str | None]:
+    """The rank step's replies held to "[k] Score: s" (`ranking="constrained"`), one slot per variant shown."""
+    from tamis.runtime.constrained import Scaffold, constrained_replies
+
+    scaffolds = []
+    for i, field_name, _ in prompts:
+        chain = batch[i].instructions if field_name == "complexity" else batch[i].responses
+        scaffolds.append(Scaffold(*rank_reply_scaffold(len(chain))))
+    return constrained_replies(model, [[{"role": "user", "content": p}] for _, _, p in prompts], scaffolds,
+                               progress=progress, desc="evolve rank")
 
 
 def _advance(batch: list[_Seed], k: int, record: list[dict], failures: Counter | None = None) -> None:
