@@ -118,6 +118,42 @@ def test_a_model_scorer_streams_with_the_cache_written_by_its_actors(tiny_gpt2_d
         assert again.selected.to_polars()["id"].to_list() == local.selected["id"].to_list()
 
 
+WARMUPS = [  # a warmup trained on a sample of the pool: LESS' random one, Cherry's clustered one
+    'score ifd using warmup(pfm, 50%, lr=1e-3, batch=2) with template="bare", max_length=128 | rank | top 3',
+    'score ifd using warmup(pfm, 4, select="cherry", clusters=2, lr=1e-3, batch=2) with template="bare", '
+    'max_length=128 | where ifd < 10 | rank | top 3',
+]
+
+
+@pytest.mark.slow  # a warmup trained under each engine, actors loading the models: ~40 s on 2 cores
+@pytest.mark.parametrize("text", WARMUPS, ids=["random", "cherry"])
+def test_a_warmup_streams_its_sample_drawn_on_ray_and_trains_the_same_model(tiny_gpt2_dir, tmp_path, text):
+    cfg = dict(pool=str(POOL_SMALL), pfm=tiny_gpt2_dir, dtype="fp32", chunk_rows=3, progress=False)
+    local_ex = LocalExecutor(compile_text(text).graph, RunConfig(cache_dir=str(tmp_path / "local"), **cfg))
+    local = local_ex.run()
+    ex = RayExecutor(compile_text(text).graph, RunConfig(cache_dir=str(tmp_path / "ray"), **cfg))
+    on_ray = ex.run()
+    assert ex.fallback is None and not isinstance(on_ray.selected, pl.DataFrame)  # the driver never held the pool
+    # the same sample, so the same artifact key (the pool's hash digested from the workers' row hashes)
+    assert sorted(p.name for p in (tmp_path / "ray" / "artifacts").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "local" / "artifacts").iterdir())
+    warm = next(v for k, v in on_ray.models.items() if k.endswith(":training"))
+    assert warm["sample_ids"] == next(v for k, v in local.models.items() if k.endswith(":training"))["sample_ids"]
+    kernels = [p["kernel"] for p in ex.ray_stages]
+    assert "row hashes" in kernels and ("cherry embeddings" in kernels) == ("cherry" in text)
+    assert on_ray.selected.to_polars()["id"].to_list() == local.selected["id"].to_list()
+    scores = on_ray.scores.to_polars()
+    for col in ("ifd", "ifd_cond", "ifd_direct"):
+        a, b = local.scores[col], scores[col]
+        assert a.is_null().equals(b.is_null())
+        assert b.drop_nulls().to_list() == pytest.approx(a.drop_nulls().to_list(), rel=1e-5, abs=1e-6)
+    # a rerun finds the warmup in the cache: no sample is drawn, nothing trained
+    again_ex = RayExecutor(compile_text(text).graph, RunConfig(cache_dir=str(tmp_path / "ray"), **cfg))
+    again = again_ex.run()
+    assert [p["kernel"] for p in again_ex.ray_stages if "sample" in p["kernel"] or "cherry" in p["kernel"]] == []
+    assert next(v for k, v in again.models.items() if k.endswith(":training"))["cached"] is True
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_judge_recipe_same_ratings(tiny_judge, tmp_path, stream):
     # AlpaGasus' shape: a judge, a threshold, a rank with no top (streamed: its whole order from positions and keys)
@@ -274,16 +310,19 @@ def test_cli_rejects_an_unknown_engine(tmp_path):
     assert res.exit_code == 1 and "choose local or ray" in res.output
 
 
-def test_explain_engine_ray_says_where_each_operator_runs_and_what_it_gathers():
-    plain = runner.invoke(app, ["explain", "ifd"])
-    on_ray = runner.invoke(app, ["explain", "ifd", "--engine", "ray"])
+def test_explain_engine_ray_says_where_each_operator_runs_and_what_it_gathers(tmp_path):
+    recipe = tmp_path / "dedup_ifd.tamis"  # dedup runs on the driver: the driver's path
+    recipe.write_text("dedup exact | score ifd using pfm with max_length=128 | rank by ifd desc | top 10%\n")
+    plain = runner.invoke(app, ["explain", str(recipe)])
+    on_ray = runner.invoke(app, ["explain", str(recipe), "--engine", "ray"])
     assert plain.exit_code == 0 and on_ray.exit_code == 0
     assert "engine ray" not in plain.output
     assert on_ray.output.startswith(plain.output.rstrip("\n"))
     extra = on_ray.output[len(plain.output.rstrip("\n")):]
-    assert "o3  Ray actor pool" in extra and "built once per actor" in extra and "gathers ids + 4 column(s)" in extra
+    assert "the driver's path: `dedup exact` (dedup) runs on the driver" in extra
+    assert "Ray actor pool" in extra and "built once per actor" in extra and "gathers ids + 4 column(s)" in extra
     assert "workers write the score cache" in extra
-    assert "o5  driver: sorts" in extra
+    assert "driver: sorts" in extra
 
 
 # --------------------------------------------------------------------------- training fan-out
@@ -502,3 +541,6 @@ def test_explain_engine_ray_says_which_path_and_what_the_driver_holds(tmp_path):
     out = runner.invoke(app, ["explain", str(model), "--engine", "ray"]).output
     assert "engine ray (streamed" in out and "Ray actor pool" in out and "built on the driver for its fingerprint" in out
     assert "score cache looked up block by block" in out
+    out = runner.invoke(app, ["explain", "ifd", "--engine", "ray"]).output  # the flagship: its warmup streams
+    assert "engine ray (streamed" in out and "keyed by the pool's row hashes" in out
+    assert "cherry sample drawn from positions and instruction embeddings" in out

@@ -156,6 +156,16 @@ class BuildEnv:
     columns: Callable[[pl.DataFrame, Sequence[str]], pl.DataFrame] | None = None
     # the engine's way of running independent probe trainings (tamis.runtime.probes.ProbeMap); None: in turn, here
     map_probes: Callable[..., Any] | None = None
+    # the pool's content hash (`data_fingerprint`), from an engine that does not hold the pool; None: of `pool`
+    pool_key: Callable[[], str] | None = None
+
+    def pool_fingerprint(self) -> str:
+        """`data_fingerprint` of the whole pool: what keys a model built from the pool (a warmup)."""
+        if self.pool_key is not None:
+            return self.pool_key()
+        from tamis.runtime.cache import data_fingerprint
+
+        return data_fingerprint(self.pool)
 
 
 @dataclass

@@ -106,7 +106,7 @@ def warmup(params: Mapping, env: BuildEnv) -> Built:
         lm, info = train_on(base, env.inputs[0].get(), dict(params), env.artifacts, env.options, label=env.label)
         return _built(env, lm, info)
     lm, info = warm_up(base, env.pool, dict(params), env.artifacts, env.options, label=env.label,
-                       draw_sample=env.inputs[0].get)
+                       draw_sample=env.inputs[0].get, pool_key=env.pool_fingerprint())
     return _built(env, lm, info)
 
 

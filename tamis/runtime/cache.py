@@ -156,16 +156,28 @@ def row_content_keys(frame: pl.DataFrame, columns: Sequence[str] = CONTENT_COLUM
 def data_fingerprint(frame: pl.DataFrame, columns: Sequence[str] | None = None) -> str:
     """A hash of a whole frame's content, in row order: the "data content hash" part of
     a key for things computed from a set as a whole (a warmup model, a trained scorer)."""
-    cols = list(columns) if columns is not None else [c for c in ("id", *CONTENT_COLUMNS) if c in frame.columns]
+    cols = list(columns) if columns is not None else fingerprint_columns(frame.columns)
     missing = [c for c in cols if c not in frame.columns]
     if missing:
         raise CacheError(f"frame lacks columns {missing}")
     from tamis.runtime.rowhash import CHUNK, row_hashes
 
+    # each row's hash, in order (column-wise, no row objects)
+    return hashes_fingerprint(cols, (row_hashes(frame.slice(s, CHUNK), cols) for s in range(0, frame.height, CHUNK)))
+
+
+def fingerprint_columns(names: Sequence[str]) -> list[str]:
+    """The columns `data_fingerprint` hashes by default: the id and the content columns a frame has."""
+    return [c for c in ("id", *CONTENT_COLUMNS) if c in names]
+
+
+def hashes_fingerprint(cols: Sequence[str], parts: Iterable[pl.Series]) -> str:
+    """`data_fingerprint` from the rows' hashes over `cols` (`rowhash.row_hashes`), given in row order as
+    consecutive parts: an engine that hashes its rows elsewhere gets the same key as the whole frame."""
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(json.dumps([_VERSION, cols]).encode("utf-8"))
-    for start in range(0, frame.height, CHUNK):  # each row's hash, in order (column-wise, no row objects)
-        digest.update("".join(row_hashes(frame.slice(start, CHUNK), cols).to_list()).encode("ascii"))
+    digest.update(json.dumps([_VERSION, list(cols)]).encode("utf-8"))
+    for part in parts:
+        digest.update("".join(part.to_list()).encode("ascii"))
     return digest.hexdigest()
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 import networkx as nx
 import numpy as np
@@ -224,6 +224,10 @@ class LocalExecutor:
         self.cfg = cfg
         self.cache = open_cache(cfg.cache_dir, disabled=cfg.no_cache)
         self._frames: dict[str, pl.DataFrame] = {}
+        self._pool_key: str | None = None  # the pool's content hash, once something needs it
+        # how an engine that does not hold the pool makes its hash and the datasets drawn from it (Ray)
+        self._pool_hasher: Callable[[], str] | None = None
+        self._frame_makers: dict[str, Callable[[], pl.DataFrame]] = {}
         self._models: dict[str, Any] = {}
         self.model_info: dict[str, dict] = {}
         self.stages: list[StageReport] = []
@@ -686,7 +690,8 @@ class LocalExecutor:
         if node not in self._frames and self.g.nodes[node]["kind"] == "op":  # a selection, not run yet
             raise TamisError(f"selection `{self.g.nodes[node]['label']}` is used before it is computed")
         if node not in self._frames:
-            self._frames[node] = self._build(node, "data")
+            maker = self._frame_makers.get(node)
+            self._frames[node] = maker() if maker is not None else self._build(node, "data")
         return self._frames[node]
 
     def _build(self, node: str, family: str):
@@ -700,11 +705,20 @@ class LocalExecutor:
                        labels=[self._lazy(p) for p in self._preds(node, "labels")],
                        evaluation=[self._lazy(p) for p in self._preds(node, "eval")],
                        columns=lambda rows, names: self._recipe_columns(rows, list(names), f"features of {a['label']}"),
-                       map_probes=self._probe_map(node))
+                       map_probes=self._probe_map(node), pool_key=self._pool_fingerprint)
         built = k.fn(a["params"], env)
         if env.report:  # what a data kernel says of the dataset it built (evolve's counts), for the run report
             self.model_info[f"{node}:dataset"] = {"label": a["label"], **env.report}
         return built
+
+    def _pool_fingerprint(self) -> str:
+        """The pool's `data_fingerprint`, hashed once a run (an engine that does not hold the pool sets
+        `_pool_key` itself)."""
+        if self._pool_key is None:
+            from tamis.runtime.cache import data_fingerprint
+
+            self._pool_key = self._pool_hasher() if self._pool_hasher else data_fingerprint(self._frames["data:pool"])
+        return self._pool_key
 
     def _probe_map(self, node: str):
         """How model node `node` runs independent probe trainings (a `tamis.runtime.probes.ProbeMap`);

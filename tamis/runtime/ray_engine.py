@@ -338,14 +338,19 @@ def _score_batch(batch, spec: _BatchSpec):
 
 def _actor_call(spec: _BatchSpec, recipe, artifacts_root: str, gpu: bool) -> ScoreCall:
     """The stage's call with its model built on this actor (once), on the actor's GPU or its CPU."""
+    model, options = actor_model(recipe, spec.call.options, artifacts_root, gpu)
+    return replace(spec.call, model=model, options=options)
+
+
+def actor_model(recipe, options, artifacts_root: str, gpu: bool):
+    """(the model of `recipe` built on this actor, the options it runs with): on the actor's GPU or its CPU."""
     from tamis.runtime.ray_models import build
 
-    options = spec.call.options
     if gpu and options.device.startswith("cuda:"):  # Ray gives the actor its GPU as cuda:0
         options = replace(options, device="cuda")
     if not gpu and options.device == "auto":
         options = replace(options, device="cpu")
-    return replace(spec.call, model=build(recipe, options, artifacts_root), options=options)
+    return build(recipe, options, artifacts_root), options
 
 
 class _ScoreActor:

@@ -48,8 +48,8 @@ def _streamed(g: nx.DiGraph, n: str) -> str:
                   if k.cached else "")
         if model is None:
             return f"Ray tasks (map_batches, {k.resources.cpus:g} CPU each); nothing gathered{cached}"
-        return (f"Ray actor pool (map_batches; `{g.nodes[model]['label']}` built on the driver for its fingerprint, "
-                f"then once per actor; --concurrency actors); nothing gathered{cached}")
+        return (_warmup_text(g, model) + f"Ray actor pool (map_batches; `{g.nodes[model]['label']}` built on the "
+                f"driver for its fingerprint, then once per actor; --concurrency actors); nothing gathered{cached}")
     if op == "diverse":
         k = node_kernel(a)
         model = _model_node(g, n)
@@ -74,6 +74,21 @@ def _streamed(g: nx.DiGraph, n: str) -> str:
         return ("Ray tasks: each block's best rows, then a merge on the driver of positions and keys only "
                 f"(≤ 16 B/row of the blocks' candidates){stats}")
     return f"Ray tasks (map_batches; Polars per batch); nothing gathered{stats}"
+
+
+def _warmup_text(g: nx.DiGraph, model: str) -> str:
+    """What a warmup trained on a sample of the pool gathers first (`tamis.runtime.ray_warmup`), or ""."""
+    from tamis.runtime.ray_warmup import warmup_sample_node
+
+    sample = warmup_sample_node(g, model)
+    if sample is None:
+        return ""
+    select = g.nodes[sample]["params"]["select"]
+    drawn = ("ids (≈ 40 B/row)" if select == "random" else
+             "instruction embeddings and perplexities computed by an actor pool (≈ 4 B per dimension a row)")
+    return (f"`{g.nodes[model]['label']}` keyed by the pool's row hashes (≈ 40 B/row gathered); unless cached, its "
+            f"{select} sample drawn from positions and {drawn}, the sampled rows alone gathered whole, and it is "
+            "trained on the driver; then ")
 
 
 def _model_node(g: nx.DiGraph, n: str) -> str | None:

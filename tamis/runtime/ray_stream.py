@@ -18,8 +18,10 @@ statistics, ranking keys and positions:
 Rows are never dropped from the dataset: `where` and `top` clear a row's ALIVE flag, so the scores of
 every pool row stay in one dataset (null past the stage that dropped the row, as the local engine's).
 A `rank` with no `top` after it gets its whole order from positions and keys gathered to the driver
-(16 B a row). Anything else (a model trained on the run's data, a sampler that may read any column,
-dedup, per-group operators) raises NeedsDriver at plan time, and the engine runs the driver's path
+(16 B a row). A model scorer's model is built from its files on each actor, or is a warmup trained on a
+sample of the pool: that sample is drawn on Ray (`tamis.runtime.ray_warmup`) and the warmup trained on the
+driver. Anything else (a model trained on another dataset of the run, a sampler that may read any column,
+dedup, per-group aggregates) raises NeedsDriver at plan time, and the engine runs the driver's path
 instead.
 """
 
@@ -39,6 +41,7 @@ from tamis.ops.kernel import kernel_for
 from tamis.runtime.executor import RANK_KEY, STAGES, RunResult, ScoreCall, StageReport, _size_rows
 from tamis.runtime.ray_models import SELF_CONTAINED
 from tamis.runtime.ray_pool import POS, NeedsDriver, pool_spec, read_pool
+from tamis.runtime.ray_warmup import warmup_sample_node
 
 ALIVE = "⟨alive⟩"  # still in the recipe's frame (not dropped by a `where` or `top`)
 TODO = "⟨todo⟩"  # a scoring stage's rows to compute (alive, and not in the score cache)
@@ -60,9 +63,9 @@ def stream_plan(g: nx.DiGraph) -> list[str]:
     for n in ops:
         a = g.nodes[n]
         flows = {d["flow"]: p for p, _, d in g.in_edges(n, data=True)}
-        if "model" in flows and not _from_files(g, flows["model"]):
+        if "model" in flows and not (_from_files(g, flows["model"]) or warmup_sample_node(g, flows["model"])):
             raise NeedsDriver(f"`{a['label']}` uses a model trained on the run's data (only models built from "
-                              "their files stream)")
+                              "their files, and warmups of them on a sample of the pool, stream)")
         if flows.get("data") != prev or set(flows) - {"data", "model"}:
             raise NeedsDriver(f"`{a['label']}` reads another dataset or selection")
         op, p = a["op"], a["params"]
@@ -158,6 +161,8 @@ class StreamRun:
         self.ex, self.ops = ex, ops
         self.recorded: list[str] = []  # columns of the scores output, in order
         self.desc = False
+        self.ds: Any = None  # the dataset as the current stage receives it (every pool row, flagged)
+        self.pool_columns: list[str] = []  # the pool's own columns (POS aside)
 
     def run(self) -> RunResult:
         from tqdm.auto import tqdm
@@ -189,9 +194,12 @@ class StreamRun:
         check_pool_fields(ex.g, _schema(ds), ex.cfg.pool)
         ex.pool_size = n
         ex._order = self.ops
+        self.pool_columns = [c for c in ds.schema().names if c != POS]
         # the driver never holds the pool: the models that stream are built from their files (`_from_files`)
-        # and never read it, so their build environment gets an empty frame in its place
+        # and never read it, so their build environment gets an empty frame in its place; a warmup's key and
+        # sample come from Ray (`ray_warmup`), when its kernel asks for them
         ex._frames["data:pool"] = pl.DataFrame()
+        self._warmups()
         _ship_plugin_code()
         ex.ray_stages.append({"stage": "pool", "kernel": "read", "rows": n, "workers": "tasks", "where": "ray",
                               "seconds": round(time.perf_counter() - t0, 3)})
@@ -202,6 +210,7 @@ class StreamRun:
             bar.set_description(f"ray: {a['label'][:40]}")
             t0 = time.perf_counter()
             report = StageReport(node, a["label"], alive, 0, 0.0)
+            self.ds = ds
             try:
                 ds = getattr(self, f"_op_{a['op']}")(a, ds, report).materialize()
             except ray.exceptions.RayError as err:
@@ -223,6 +232,17 @@ class StreamRun:
         load.fields = {k: str(v) for k, v in _schema(ds).items() if k not in ("id", "instruction", "input", "output")
                        and k not in INTERNAL and k not in self.recorded}
         return RunResult(selected, scores, ex.stages, load.to_dict(), ex.model_info, time.perf_counter() - started)
+
+    def _warmups(self) -> None:
+        """Warmups of the run's models draw their sample and hash the pool on Ray (`ray_warmup`)."""
+        from tamis.runtime import ray_warmup
+
+        ex = self.ex
+        for node in ex.g:
+            sample = warmup_sample_node(ex.g, node) if ex.g.nodes[node]["kind"] == "model" else None
+            if sample is not None:
+                ex._frame_makers[sample] = lambda s=sample: ray_warmup.sample_rows(self, s)
+        ex._pool_hasher = lambda: ray_warmup.pool_key(self)
 
     # ---- row-wise stages -------------------------------------------------------------
     def _op_score(self, a, ds, report):

@@ -12,30 +12,42 @@ import polars as pl
 
 
 def sample_ids(base, pool: pl.DataFrame, params: dict, progress: bool) -> list[str]:
-    from tamis.runtime.warmup_sampling import cherry_subset, random_subset, subset_size
+    from tamis.runtime.warmup_sampling import cherry_subset, random_subset
 
-    size = params["size"]
-    n = subset_size(pool.height, size["fraction"] if "fraction" in size else size["count"])
+    n, clusters, per_cluster = sample_shape(pool.height, params)
     if params["select"] == "random":
         return list(random_subset(pool["id"].to_list(), n, seed=params["seed"]))
-    clusters = max(1, min(params["clusters"], n))  # fewer rows wanted than clusters: one pick per cluster
-    picked = cherry_subset(base, pool, n_clusters=clusters, per_cluster=max(1, n // clusters), seed=0,
+    picked = cherry_subset(base, pool, n_clusters=clusters, per_cluster=per_cluster, seed=CHERRY_KMEANS_SEED,
                            max_length=params["max_length"], progress=progress)
     return [pool["id"][i] for i in picked.indices]
 
 
+CHERRY_KMEANS_SEED = 0  # the reference's KMeans random_state
+
+
+def sample_shape(pool_rows: int, params: dict) -> tuple[int, int, int]:
+    """(rows the warmup sample takes, Cherry's clusters, rows per cluster) for a pool of `pool_rows`."""
+    from tamis.runtime.warmup_sampling import subset_size
+
+    size = params["size"]
+    n = subset_size(pool_rows, size["fraction"] if "fraction" in size else size["count"])
+    clusters = max(1, min(params["clusters"], n))  # fewer rows wanted than clusters: one pick per cluster
+    return n, clusters, max(1, n // clusters)
+
+
 def warm_up(base, pool: pl.DataFrame, params: dict, artifacts, cfg, *, label: str,
-            draw_sample: Callable[[], pl.DataFrame] | None = None) -> tuple[Any, dict]:
+            draw_sample: Callable[[], pl.DataFrame] | None = None, pool_key: str | None = None) -> tuple[Any, dict]:
     """Train (or reuse from the artifact cache) the warmed-up model; return it loaded and a training summary.
 
     `cfg` needs progress, device and dtype; `draw_sample` gives the rows to train on (by
-    default, `sample_ids` of the pool), called only when the model is not cached yet."""
+    default, `sample_ids` of the pool), called only when the model is not cached yet; `pool_key` is
+    the pool's `data_fingerprint` when the caller has it (an engine that does not hold the pool)."""
     from tamis.runtime.cache import data_fingerprint, fingerprint
 
     config = train_config(params)
     # The sample is a deterministic function of the pool, the base model and the parameters,
     # so the key needs no sampling pass: a cached warmup costs nothing on a re-run.
-    key = fingerprint({"op": "warmup", "base": base.fingerprint, "pool": data_fingerprint(pool),
+    key = fingerprint({"op": "warmup", "base": base.fingerprint, "pool": pool_key or data_fingerprint(pool),
                        "sampling": {k: params[k] for k in ("size", "select", "clusters", "seed")},
                        "config": config.to_json()})
 

@@ -55,6 +55,8 @@ __all__ = [
     "CherrySubset",
     "SamplingError",
     "band_and_spread",
+    "cherry_measure",
+    "cherry_pick",
     "cherry_subset",
     "instruction_embeddings_and_perplexity",
     "random_subset",
@@ -159,22 +161,39 @@ def cherry_subset(
     if len(rows) <= n_clusters:
         every = list(range(len(rows)))
         return CherrySubset(every, ids, np.array([], dtype=np.int64), np.array([]), len(rows), "small pool: all rows")
-    texts = [_instruction_text(get_template(template), row, lm.tokenizer, i) for i, row in enumerate(rows)]
-    emb, ppl = instruction_embeddings_and_perplexity(
-        lm, texts, add_special_tokens=get_template(template).add_special_tokens, max_length=max_length,
-        batch_tokens=batch_tokens, progress=progress,
-    )
-    labels = _kmeans(emb, n_clusters, seed, n_init)
-    picked = band_and_spread(labels, ppl, per_cluster, low_percentile, high_percentile)
-    chosen = [i for members in picked.values() for i in members]
+    emb, ppl = cherry_measure(lm, rows, template=template, max_length=max_length, batch_tokens=batch_tokens,
+                              progress=progress)
+    chosen, labels, used = cherry_pick(emb, ppl, n_clusters, per_cluster, seed, n_init, low_percentile, high_percentile)
     return CherrySubset(
         indices=chosen,
         ids=[ids[i] for i in chosen] if ids is not None else None,
         labels=labels,
         perplexity=ppl,
-        n_clusters=len(picked),
+        n_clusters=used,
         rule="clustered",
     )
+
+
+def cherry_measure(lm: LoadedLM, rows: Sequence[Mapping[str, Any]], *, template: str | Template = "alpaca",
+                   max_length: int = 512, batch_tokens: int | None = None, progress: bool = True,
+                   positions: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Steps 1-2 of the module note for some rows (each row on its own, so any split of the pool gives the
+    same values): each instruction's embedding and perplexity. `positions`: the rows' places in the pool,
+    for errors (default 0, 1, …)."""
+    tmpl = get_template(template)
+    where = list(positions) if positions is not None else range(len(rows))
+    texts = [_instruction_text(tmpl, row, lm.tokenizer, i) for i, row in zip(where, rows)]
+    return instruction_embeddings_and_perplexity(lm, texts, add_special_tokens=tmpl.add_special_tokens,
+                                                 max_length=max_length, batch_tokens=batch_tokens, progress=progress)
+
+
+def cherry_pick(emb: np.ndarray, ppl: np.ndarray, n_clusters: int, per_cluster: int, seed: int = 0,
+                n_init: int = 10, low: float = 25, high: float = 75) -> tuple[list[int], np.ndarray, int]:
+    """Steps 3-4 of the module note on every row's embedding and perplexity (in pool order): (the picked
+    positions, grouped by cluster; each row's cluster label; the clusters used)."""
+    labels = _kmeans(emb, n_clusters, seed, n_init)
+    picked = band_and_spread(labels, ppl, per_cluster, low, high)
+    return [i for members in picked.values() for i in members], labels, len(picked)
 
 
 def band_and_spread(
