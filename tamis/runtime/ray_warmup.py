@@ -26,7 +26,7 @@ from typing import Any
 import networkx as nx
 import polars as pl
 
-from tamis.runtime.ray_pool import POS
+from tamis.runtime.ray_pool import POS, batch_frame
 
 HASH = "⟨row hash⟩"
 EMBEDDING = "⟨embedding⟩"
@@ -143,16 +143,16 @@ def _gather_all(ds, schema: dict | None) -> pl.DataFrame:
 def _hash_batch(batch, cols: list[str]):
     from tamis.runtime.rowhash import row_hashes
 
-    frame = pl.from_arrow(batch)
+    frame = batch_frame(batch)
     return pl.DataFrame([frame[POS], row_hashes(frame, cols).alias(HASH)]).to_arrow()
 
 
 def _select(batch, cols: list[str]):
-    return pl.from_arrow(batch).select(cols).to_arrow()
+    return batch_frame(batch).select(cols).to_arrow()
 
 
 def _rows_at(batch, positions: pl.Series | None, cols: list[str]):
-    frame = pl.from_arrow(batch).select(cols)
+    frame = batch_frame(batch).select(cols)
     return (frame if positions is None else frame.filter(pl.col(POS).is_in(positions))).to_arrow()
 
 
@@ -169,7 +169,7 @@ class _CherryActor:
     def __call__(self, batch):
         from tamis.runtime.warmup_sampling import cherry_measure
 
-        frame = pl.from_arrow(batch)
+        frame = batch_frame(batch)
         if frame.height == 0:
             return frame.select(POS).to_arrow()
         rows = frame.drop(POS).to_dicts()  # one batch's rows (--checkpoint-rows), never the pool's
