@@ -494,6 +494,22 @@ def test_semantic_dedup_streams_gathering_positions_ids_and_embeddings(cheap_poo
     assert next(p for p in ex.ray_stages if p["kernel"] == "embedding")["rows"] == 60  # the top's rows only
 
 
+@pytest.mark.slow  # the tiny tagger decodes under each engine: ~30 s on 2 cores
+def test_the_instag_recipe_streams_tags_gathered_normalised_and_sampled(tiny_tagger, tmp_path):
+    from test_instag_recipe import RECIPE
+
+    text = RECIPE.replace("min_freq=1", "min_freq=2")  # the frequency cut drops some tags
+    local, on_ray, ex = _both(text, tmp_path, model_paths={"gpt-4": tiny_tagger}, dtype="fp32")
+    assert ex.fallback is None and not isinstance(on_ray.selected, pl.DataFrame)  # the driver never held the pool
+    got = on_ray.selected.to_polars()
+    assert got.equals(local.selected)  # the normalised tags, in complexity-first's order
+    assert on_ray.scores.to_polars().equals(local.scores)  # the tags as scored, before normalisation
+    assert _stage(on_ray, "normalize").tag_counts == _stage(local, "normalize").tag_counts
+    where = {p["kernel"]: p["where"] for p in reversed(ex.ray_stages) if "node" in p}  # the stages' own plans
+    assert where["normalize"] == "driver (positions and the tags column)"
+    assert where["complexity_first"].startswith("driver (positions")
+
+
 def test_a_plugin_sampler_that_declares_its_columns_streams(cheap_pool, tmp_path):
     plugin = tmp_path / "sampler.py"
     plugin.write_text(_SAMPLER, encoding="utf-8")

@@ -53,7 +53,7 @@ def kcenter(rows, model, budget: int, options: ExecOptions) -> list[int]:
     return samplers.kcenter(_embeddings(rows, model, options), budget)
 
 
-@kernel("sampler", "complexity_first", mode="global")
+@kernel("sampler", "complexity_first", mode="global", reads=lambda p: (p.get("tags", "tags"),))
 def complexity_first(rows, model, budget: int, tags: str) -> list[int]:
     """InsTag: most tags first; a row is added when it brings a tag not yet covered; the covered set
     is reset after each full pass (`tamis.runtime.instag.complexity_first`)."""

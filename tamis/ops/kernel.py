@@ -94,12 +94,17 @@ class Kernel:
     # the score cache ({column: model -> (scorer name, its parameters)}), e.g. the candidates' embeddings
     scored_inputs: Mapping[str, Callable[[Any], tuple[str, dict[str, Any]]]] = field(default_factory=dict)
     # global kernels: the columns of their rows they read besides the scored inputs (() for a sampler of
-    # embeddings alone); None: any column, so the Ray engine hands them the whole frame on the driver
-    reads: tuple[str, ...] | None = None
+    # embeddings alone), or a function of the stage's parameters giving them (a column the recipe names);
+    # None: any column, so the Ray engine hands them the whole frame on the driver
+    reads: tuple[str, ...] | Callable[[Mapping[str, Any]], Sequence[str]] | None = None
 
     def result_schema(self, model: Any, params: Mapping[str, Any]) -> dict[str, pl.DataType]:
         """The result columns' types for this model: the declared ones, or what `schema_for` says."""
         return dict(self.schema_for(model, params)) if self.schema_for else dict(self.schema)
+
+    def columns_read(self, params: Mapping[str, Any]) -> tuple[str, ...] | None:
+        """The columns this global kernel reads for a stage's parameters (see `reads`); None: any."""
+        return tuple(self.reads(params)) if callable(self.reads) else self.reads
 
     @property
     def wants_options(self) -> bool:

@@ -405,17 +405,21 @@ class LocalExecutor:
         for column, needs in inputs.items():
             frame = frame.with_columns(self._scored_input(needs(model), model, frame, report).alias(column))
         # a sampler that declares what it reads gets only that, under every engine (the Ray engine gathers just it)
-        rows = frame if k.reads is None else frame.select(*inputs, *k.reads)
+        reads = k.columns_read(p)
+        rows = frame if reads is None else frame.select(*inputs, *reads)
         keep = call_sampler(k, rows, model, budget, params, self.cfg.options())
         return frame[keep].drop(list(inputs))
 
     def _op_normalize(self, n, a, frame, report):
-        """InsTag's tag normalisation of a tags column, over the rows here: frequency cut, rule,
-        semantic and (optionally) association aggregation; the report gives raw → normalised counts."""
+        column = a["params"]["column"]
+        return frame.with_columns(self._normalized(n, a["params"], frame[column], report))
+
+    def _normalized(self, n: str, p: dict, tags: pl.Series, report: StageReport) -> pl.Series:
+        """InsTag's tag normalisation of a tags column's values (the rows here, in the frame's order):
+        frequency cut, rule, semantic and (optionally) association aggregation; the report gives raw →
+        normalised counts."""
         from tamis.runtime.instag import normalise_tags
 
-        p = a["params"]
-        column = p["column"]
         embed = None
         if self._model_of(n):  # semantic aggregation: embed(tags) with the stage's encoder
             from functools import partial
@@ -426,11 +430,11 @@ class LocalExecutor:
             model = self._stage_model(n, report)
             embed = partial(embeddings.embed, model, progress=False, pooling=sampler_embedding(model)[1]["pooling"])
 
-        result = normalise_tags(frame[column].to_list(), min_freq=p["min_freq"], lower=p["lower"], stem=p["stem"],
+        result = normalise_tags(tags.to_list(), min_freq=p["min_freq"], lower=p["lower"], stem=p["stem"],
                                 embed=embed, threshold=p["threshold"], assoc_threshold=p.get("association"))
         report.tag_counts = dict(result.counts)
         report.notes.append("distinct tags: " + " → ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in result.counts.items()))
-        return frame.with_columns(pl.Series(column, result.rows, dtype=pl.List(pl.String)))
+        return pl.Series(tags.name, result.rows, dtype=pl.List(pl.String))
 
     def _op_dedup(self, n, a, frame, report):
         p = a["params"]

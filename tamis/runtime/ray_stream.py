@@ -78,7 +78,7 @@ def stream_plan(g: nx.DiGraph) -> list[str]:
                                   "scores are its input)")
         elif op == "diverse":
             k = kernel_for("sampler", p["sampler"])
-            if k is None or k.reads is None or p.get("per") is not None:
+            if k is None or k.columns_read(p) is None or p.get("per") is not None:
                 raise NeedsDriver(f"`{a['label']}` reads more of its candidates than ranking keys and embeddings, "
                                   "or works per group")
             topped = True  # a selection in its own order, as `top` makes one
@@ -87,6 +87,8 @@ def stream_plan(g: nx.DiGraph) -> list[str]:
                 raise NeedsDriver(f"`{a['label']}`: {p['method']} dedup runs on the driver")
         elif op == "sample":
             topped = True  # a selection in its own (random) order
+        elif op == "normalize":
+            pass  # the tags column gathered, normalised on the driver, sent back
         elif "model" in flows:
             raise NeedsDriver(f"`{a['label']}` ({op}) runs on the driver")
         elif op in ("let", "where", "rank", "topk"):
@@ -169,6 +171,7 @@ class StreamRun:
         self.recorded: list[str] = []  # columns of the scores output, in order
         self.desc = False
         self.ds: Any = None  # the dataset as the current stage receives it (every pool row, flagged)
+        self.scored_as: dict[str, str] = {}  # a scores column a later stage changed -> where its scored values are
         self.pool_columns: list[str] = []  # the pool's own columns (POS aside)
 
     def run(self) -> RunResult:
@@ -231,13 +234,16 @@ class StreamRun:
                                       "workers": "tasks", "where": "ray"})
         if RANK_KEY in ds.schema().names and ORDER not in ds.schema().names:  # a `rank` with no `top` after it
             ds = self._whole_order(ds).materialize()
-        cols = [c for c in ds.schema().names if c not in INTERNAL]
+        hidden = set(self.scored_as.values())
+        cols = [c for c in ds.schema().names if c not in INTERNAL and c not in hidden]
         selected = RayFrame(ds, ORDER if ORDER in ds.schema().names else POS, cols, alive, only_alive=True)
-        scores = RayFrame(ds, POS, ["id", *self.recorded], n, only_alive=False)
+        scored = ds.map_batches(_restore, fn_kwargs={"scored_as": self.scored_as}, batch_format="pyarrow") \
+            if self.scored_as else ds
+        scores = RayFrame(scored, POS, ["id", *self.recorded], n, only_alive=False)
         load = LoadReport(path=ex.cfg.pool, format=spec.container)
         load.rows_loaded = load.records_read = n
-        load.fields = {k: str(v) for k, v in _schema(ds).items() if k not in ("id", "instruction", "input", "output")
-                       and k not in INTERNAL and k not in self.recorded}
+        load.fields = {k: str(v) for k, v in _schema(ds).items() if k in self.pool_columns
+                       and k not in ("id", "instruction", "input", "output") and k not in self.recorded}
         return RunResult(selected, scores, ex.stages, load.to_dict(), ex.model_info, time.perf_counter() - started)
 
     def _warmups(self) -> None:
@@ -350,7 +356,7 @@ class StreamRun:
             names = {col: column + suffix for col, suffix in sk.names.items()}
             made += [n for n in names.values() if n != column]
             ds = self._scored(ds, report, sk, sparams, names, a["label"], model).materialize()
-        cand, keys = self._candidates(ds, [*k.scored_inputs, *k.reads])
+        cand, keys = self._candidates(ds, [*k.scored_inputs, *k.columns_read(p)])
         if spec.needs_ranked and RANK_KEY in keys:  # it visits in rank order: unranked rows are no candidates
             keyed = cand.filter(pl.col(RANK_KEY).is_not_null())
             if keyed.height < cand.height:
@@ -430,6 +436,25 @@ class StreamRun:
                               "rows": report.rows_in, "workers": "driver", "where": where})
         removed = rows.filter(~pl.Series(result.keep))[POS]
         return ds.map_batches(_remove, fn_kwargs={"removed": ray.put(removed), "cols": list(k.scored_inputs)},
+                              batch_format="pyarrow")
+
+    def _op_normalize(self, a, ds, report):
+        """`normalize tags`: the alive rows' tags (lists of a few short strings, as a score's values)
+        gathered in the frame's order, normalised on the driver by the local engine's own code (an encoder
+        for semantic aggregation built there: it embeds the distinct tags, not the rows), and sent back. The
+        scores output keeps the tags as scored, as locally: the scored values stay in a hidden column."""
+        import ray
+
+        column = a["params"]["column"]
+        cand, _ = self._candidates(ds, [column])
+        new = self.ex._normalized(report.node, a["params"], cand[column], report)
+        hide = column in self.recorded and column not in self.scored_as
+        if hide:
+            self.scored_as[column] = f"⟨scored⟩{column}"
+        self.ex.ray_stages.append({"stage": a["label"], "node": report.node, "kernel": "normalize", "rows": cand.height,
+                                   "workers": "driver", "where": f"driver (positions and the {column} column)"})
+        return ds.map_batches(_replace, fn_kwargs={"values": ray.put(pl.DataFrame([cand[POS], new])),
+                                                   "column": column, "keep_as": self.scored_as[column] if hide else None},
                               batch_format="pyarrow")
 
     def _op_let(self, a, ds, report):
@@ -779,6 +804,24 @@ def _remove(batch, removed, cols: list[str]):
     frame = batch_frame(batch)
     gone = pl.col(POS).is_in(ray.get(removed).implode())
     return frame.with_columns((pl.col(ALIVE) & ~gone).alias(ALIVE)).drop(cols, strict=False).to_arrow()
+
+
+def _replace(batch, values, column: str, keep_as: str | None):
+    """The rows' `column` replaced by `values` (POS, column) where given (the others: null, as dropped rows
+    are); with `keep_as`, the old values first copied there."""
+    import ray
+
+    frame = batch_frame(batch)
+    if keep_as is not None:
+        frame = frame.with_columns(pl.col(column).alias(keep_as))
+    new = ray.get(values)
+    return frame.drop(column).join(new, on=POS, how="left", maintain_order="left").select(frame.columns).to_arrow()
+
+
+def _restore(batch, scored_as: dict):
+    """The scores output's view: each changed column with its values as scored."""
+    frame = batch_frame(batch)
+    return frame.with_columns(*[pl.col(hidden).alias(c) for c, hidden in scored_as.items()]).to_arrow()
 
 
 def _pick(batch, picked):
