@@ -586,3 +586,11 @@ def test_explain_engine_ray_says_which_path_and_what_the_driver_holds(tmp_path):
     out = runner.invoke(app, ["explain", "ifd", "--engine", "ray"]).output  # the flagship: its warmup streams
     assert "engine ray (streamed" in out and "keyed by the pool's row hashes" in out
     assert "cherry sample drawn from positions and instruction embeddings" in out
+    out = runner.invoke(app, ["explain", "instag", "--engine", "ray"]).output
+    assert "engine ray (streamed" in out and "the driver gathers the tags column" in out
+    assert "the driver gathers positions, ranking keys, the tags column of the candidates" in out
+    both = tmp_path / "dedup_sample.tamis"
+    both.write_text("dedup exact | score length | sample 10 per category\n", encoding="utf-8")
+    out = runner.invoke(app, ["explain", str(both), "--engine", "ray"]).output
+    assert "engine ray (streamed" in out and "the texts of the rows sharing a hash" in out
+    assert "positions and category values (8 B/row)" in out

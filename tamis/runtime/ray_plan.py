@@ -53,10 +53,30 @@ def _streamed(g: nx.DiGraph, n: str) -> str:
     if op == "diverse":
         k = node_kernel(a)
         model = _model_node(g, n)
-        inputs = ", ".join(c.strip("⟨⟩") + "s" for c in k.scored_inputs) or "nothing"
+        inputs = ", ".join(c.strip("⟨⟩") + "s" for c in k.scored_inputs)
         by = f" (`{g.nodes[model]['label']}`'s actor pool, through the score cache)" if model else ""
-        return (f"{inputs} computed on Ray{by}; the driver gathers positions, ranking keys and {inputs} of the "
-                "candidates (≈ 4 B per dimension a row) and runs the sampler; its picks go back as a top's do")
+        read = [*([inputs + " (≈ 4 B per dimension a row)"] if inputs else []),
+                *(f"the {c} column" for c in k.columns_read(a["params"]) or ())]
+        return ((f"{inputs} computed on Ray{by}; " if inputs else "") + "the driver gathers positions, ranking keys"
+                + "".join(f", {r}" for r in read) + " of the candidates and runs the sampler; its picks go back as "
+                "a top's do")
+    if op == "dedup" and a["params"]["method"] == "exact":
+        return ("Ray tasks hash each row's normalised text; the driver gathers positions and hashes (≈ 40 B/row), "
+                "then the texts of the rows sharing a hash, and groups those by text; the removed rows leave as a "
+                "where's do")
+    if op == "dedup":
+        model = _model_node(g, n)
+        return (f"embeddings computed on Ray (`{g.nodes[model]['label']}`'s actor pool, through the score cache); the "
+                "driver gathers positions, ids and embeddings (≈ 4 B per dimension a row) and finds the groups; the "
+                "removed rows leave as a where's do")
+    if op == "sample":
+        per = a["params"].get("per")
+        return (f"the driver gathers positions{' and ' + per + ' values' if per else ''} (8 B/row) in the frame's "
+                "order and takes Polars' seeded sample of them; its picks go back as a top's do")
+    if op == "normalize":
+        column = a["params"]["column"]
+        return (f"the driver gathers the {column} column (a few short strings a row), normalises it and sends it "
+                "back")
     aggs = sorted({c for c in calls_of(a.get("expr")) if c in ("pct", "zscore", "minmax")})
     stats = ""
     if aggs:
