@@ -48,6 +48,13 @@ def test_parse_brackets_in_prose_or_explanations_do_not_confuse_it():
 
 
 def test_parse_failures_give_a_reason():
+    # the request shows the format as one object: an answer of unlisted objects is read, each one tag
+    assert parse_tags('```json\n{\n "tag": "JSON-LD",\n "explanation": "x"\n}\n```') == (["JSON-LD"], None)
+    assert parse_tags('{"tag": "coding", "explanation": "a"}\n{"tag": "python", "explanation": "b"}') == \
+        (["coding", "python"], None)
+    assert parse_tags("It's this: {'tag': 'math', 'explanation': 'it\\'s {x}'}") == (["math"], None)
+    assert parse_tags('{"name": "x"}') == (None, "items have no tag")
+    assert parse_tags('Answer: {"tag": "cut off", "explanation": "To add') == (None, "no JSON list found")
     assert parse_tags("") == (None, "empty answer")
     assert parse_tags("I cannot tag this query.") == (None, "no JSON list found")
     truncated = '[{"tag": "translation", "explanation": "English to French"}, {"tag": "formal t'

@@ -30,7 +30,7 @@ def rating(rows, model, prompt: str, max_tokens: int, options: ExecOptions) -> d
 def _tag_key(params) -> dict:
     from tamis.runtime.judge import INSTAG_REQUEST, TAG_DECODING
 
-    return {"decoding": TAG_DECODING, "request": INSTAG_REQUEST, "parse": "instag-json-v1"}
+    return {"decoding": TAG_DECODING, "request": INSTAG_REQUEST, "parse": "instag-json-v2"}  # v2: unlisted objects are read
 
 
 @kernel("scorer", "tags", cached=True, key_params=("prompt", "max_tokens"), key_extra=_tag_key,

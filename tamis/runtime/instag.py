@@ -58,10 +58,12 @@ def parse_tags(text: str) -> tuple[list[str] | None, str | None]:
     The answer should hold a JSON list of {"tag": …, "explanation": …} objects; a list of strings is read as
     the tags themselves. Every `[` outside a string is tried as the list's start (the first few dozen), in
     order, until one parses — as JSON, then JSON without trailing commas, then as a Python literal (single
-    quotes). A list that parses but has no tag goes on to the next `[`. Tags are stripped, empty ones and
-    repeats dropped, order kept; an empty list gives `([], None)`. Reasons: "empty answer", "no JSON list
-    found", "invalid JSON list", "truncated JSON list" (a `[` never closed: the answer was cut off),
-    "items have no tag".
+    quotes). A list that parses but has no tag goes on to the next `[`. With no list of tags, the answer's
+    top-level objects are read instead, each {"tag": …} one tag: the request itself shows the format as one
+    object ({"tag": str, "explanation": str}), and taggers answer with one, or several, unlisted. Tags are
+    stripped, empty ones and repeats dropped, order kept; an empty list gives `([], None)`. Reasons: "empty
+    answer", "no JSON list found", "invalid JSON list", "truncated JSON list" (a `[` never closed: the
+    answer was cut off), "items have no tag".
     """
     try:
         return _parse_tags(text)
@@ -111,9 +113,46 @@ def _parse_tags(text: str) -> tuple[list[str] | None, str | None]:
         tags = _tags_of(value) if isinstance(value, list) else None
         if tags:
             return tags, None
+    objects = [v for v in map(_load, _top_level_objects(text)) if isinstance(v, dict)]
+    tags = _tags_of(objects)
+    if tags:
+        return tags, None
     if empty:
         return [], None
+    if objects and reason == 0:
+        reason = 3  # objects, none with a tag
     return None, _REASONS[reason]
+
+
+def _top_level_objects(text: str) -> list[str]:
+    """The `{…}` spans of the text not nested in another bracket (strings skipped), the first few dozen."""
+    out: list[str] = []
+    depth, start, quote, escaped_at = 0, -1, "", -1
+    for m in _SPECIAL.finditer(text):
+        i, c = m.start(), m.group()
+        if i == escaped_at:
+            continue
+        if quote:
+            if c == "\\":
+                escaped_at = i + 1
+            elif c == quote:
+                quote = ""
+        elif c == '"' or (c == "'" and depth):  # an apostrophe in prose opens no string
+            quote = c
+        elif c in "[{":
+            if depth == 0 and c == "{":
+                start = i
+            depth += 1
+        elif c in "]}" and depth:
+            depth -= 1
+            if depth == 0 and c == "}" and start >= 0:
+                out.append(text[start:i + 1])
+                start = -1
+                if len(out) >= _MAX_STARTS:
+                    break
+            elif depth == 0:
+                start = -1
+    return out
 
 
 _SPECIAL = re.compile(r"[\[\]{}\"'\\]")  # the characters `_closing` looks at
