@@ -301,7 +301,7 @@ class Lowerer:
         for name, decl in declared.items():
             want = _param_kind(decl.value)
             value = given.get(name, decl.value)
-            if span is None and _param_kind(decl.value) == "string" and isinstance(value, ast.Name):
+            if span is None and want == "string" and isinstance(value, ast.Name):
                 value = ast.String(value=value.id, span=value.span)  # --param ranking=constrained: a bare word
             got = _param_kind(value)
             if got != want and got not in _ACCEPTS.get(want, ()):

@@ -221,6 +221,7 @@ class StreamRun:
             t0 = time.perf_counter()
             report = StageReport(node, a["label"], alive, 0, 0.0)
             self.ds = ds
+            planned = len(ex.ray_stages)
             try:
                 ds = getattr(self, f"_op_{a['op']}")(a, ds, report).materialize()
             except ray.exceptions.RayError as err:
@@ -229,7 +230,7 @@ class StreamRun:
             report.rows_out, report.seconds = alive, time.perf_counter() - t0
             ex.stages.append(report)
             bar.update(1)
-            if a["op"] != "score":  # a score stage records its own plan (tasks or actors, cached rows)
+            if len(ex.ray_stages) == planned:  # an operator that gathers records its own plan (what, where)
                 ex.ray_stages.append({"stage": a["label"], "kernel": a["op"], "rows": report.rows_in,
                                       "workers": "tasks", "where": "ray"})
         if RANK_KEY in ds.schema().names and ORDER not in ds.schema().names:  # a `rank` with no `top` after it
@@ -349,13 +350,7 @@ class StreamRun:
         k = kernel_for("sampler", p["sampler"])
         budget = _size_rows(p["budget"], ex.pool_size)
         model = self._model(report)
-        made: list[str] = []
-        for column, needs in k.scored_inputs.items():  # e.g. the candidates' embeddings, through the score cache
-            name, sparams = needs(model)
-            sk = kernel_for("scorer", name)
-            names = {col: column + suffix for col, suffix in sk.names.items()}
-            made += [n for n in names.values() if n != column]
-            ds = self._scored(ds, report, sk, sparams, names, a["label"], model).materialize()
+        ds, made = self._scored_inputs(ds, report, k, model, a["label"])
         cand, keys = self._candidates(ds, [*k.scored_inputs, *k.columns_read(p)])
         if spec.needs_ranked and RANK_KEY in keys:  # it visits in rank order: unranked rows are no candidates
             keyed = cand.filter(pl.col(RANK_KEY).is_not_null())
@@ -368,7 +363,19 @@ class StreamRun:
                               "workers": "driver", "where": "driver (positions, ranking keys and "
                               + ", ".join(c.strip("⟨⟩") for c in k.scored_inputs) + " of the candidates)"})
         ds = _send_order(ds, cand[keep])
-        return ds.map_batches(_drop, fn_kwargs={"cols": [*k.scored_inputs, *made]}, batch_format="pyarrow")
+        return ds.map_batches(_drop, fn_kwargs={"cols": made}, batch_format="pyarrow")
+
+    def _scored_inputs(self, ds, report, k, model, label: str):
+        """`ds` with global kernel `k`'s scored inputs (a sampler's or a dedup's embeddings) computed on Ray as
+        a score stage computes them, through the score cache; and every column that added (to drop after)."""
+        made: list[str] = []
+        for column, needs in k.scored_inputs.items():
+            name, sparams = needs(model)
+            sk = kernel_for("scorer", name)
+            names = {col: column + suffix for col, suffix in sk.names.items()}
+            made += list(names.values())
+            ds = self._scored(ds, report, sk, sparams, names, label, model).materialize()
+        return ds, made
 
     def _candidates(self, ds, cols: list[str]) -> tuple[pl.DataFrame, list[str]]:
         """(POS, the order keys and `cols` of the alive rows, gathered in the order the local engine's frame
@@ -409,6 +416,7 @@ class StreamRun:
         ex = self.ex
         p = a["params"]
         k = kernel_for("dedup", p["method"])
+        made: list[str] = []
         if p["method"] == "exact":
             hashed = ds.map_batches(_text_hash_batch, fn_kwargs={"field": p["field"]}, batch_format="pyarrow")
             cand, _ = self._candidates(hashed, [TEXT_HASH])
@@ -419,12 +427,7 @@ class StreamRun:
             result = dedup.exact(rows["⟨text⟩"])
             where = "driver (positions and text hashes; the texts of rows sharing a hash)"
         else:
-            model = self._model(report)
-            for column, needs in k.scored_inputs.items():  # the embeddings, through the score cache
-                name, sparams = needs(model)
-                sk = kernel_for("scorer", name)
-                ds = self._scored(ds, report, sk, sparams, {c: column + s for c, s in sk.names.items()}, a["label"],
-                                  model).materialize()
+            ds, made = self._scored_inputs(ds, report, k, self._model(report), a["label"])
             rows, _ = self._candidates(ds, ["id", *k.scored_inputs])
             spec = reg.DEDUP_METHODS[p["method"]]
             params = {q.name: p[q.name] for q in spec.params if q.name in p}
@@ -435,7 +438,7 @@ class StreamRun:
         ex.ray_stages.append({"stage": a["label"], "node": report.node, "kernel": f"{p['method']} dedup",
                               "rows": report.rows_in, "workers": "driver", "where": where})
         removed = rows.filter(~pl.Series(result.keep))[POS]
-        return ds.map_batches(_remove, fn_kwargs={"removed": ray.put(removed), "cols": list(k.scored_inputs)},
+        return ds.map_batches(_remove, fn_kwargs={"removed": ray.put(removed), "cols": made},
                               batch_format="pyarrow")
 
     def _op_normalize(self, a, ds, report):
@@ -597,9 +600,10 @@ def _keyed_count(batch):
     return {"n": [int((f[ALIVE] & f[RANK_KEY].is_not_null()).sum())]}
 
 
-def _gather(ds, cols: list[str]) -> pl.DataFrame:
-    """Columns `cols` of the alive rows, gathered to the driver (in no particular order)."""
-    parts = [pl.from_arrow(b) for b in ds.map_batches(_rows_of, fn_kwargs={"alive": True, "cols": cols},
+def _gather(ds, cols: list[str], alive: bool = True) -> pl.DataFrame:
+    """Columns `cols` of the alive rows (`alive=False`: of every row), gathered to the driver (in no particular
+    order)."""
+    parts = [pl.from_arrow(b) for b in ds.map_batches(_rows_of, fn_kwargs={"alive": alive, "cols": cols},
                                                       batch_format="pyarrow").iter_batches(batch_size=None,
                                                                                            batch_format="pyarrow")]
     empty = pl.from_arrow(ds.schema().base_schema.empty_table()).select(cols)

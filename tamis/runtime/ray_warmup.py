@@ -60,11 +60,12 @@ def warmup_sample_node(g: nx.DiGraph, model: str) -> str | None:
 def pool_key(run: Any) -> str:
     """The pool's `data_fingerprint`, from row hashes computed on the workers."""
     from tamis.runtime.cache import fingerprint_columns, hashes_fingerprint
+    from tamis.runtime.ray_stream import _gather
     from tamis.runtime.rowhash import CHUNK
 
     cols = fingerprint_columns(run.pool_columns)
-    got = _gather_all(run.ds.map_batches(_hash_batch, fn_kwargs={"cols": cols}, batch_format="pyarrow"),
-                      {POS: pl.Int64, HASH: pl.String}).sort(POS)
+    got = _gather(run.ds.map_batches(_hash_batch, fn_kwargs={"cols": cols}, batch_format="pyarrow"), [POS, HASH],
+                  alive=False).sort(POS)
     run.ex.ray_stages.append({"stage": "the pool's content hash", "kernel": "row hashes", "rows": got.height,
                               "workers": "tasks", "where": "ray; the driver digests positions and hashes"})
     return hashes_fingerprint(cols, (got[HASH].slice(s, CHUNK) for s in range(0, got.height, CHUNK)))
@@ -72,6 +73,9 @@ def pool_key(run: Any) -> str:
 
 def sample_rows(run: Any, sample: str) -> pl.DataFrame:
     """The warmup sample node `sample`'s rows, drawn as the local engine draws them (module note)."""
+    import numpy as np
+
+    from tamis.runtime.ray_stream import _gather
     from tamis.runtime.warmup import CHERRY_KMEANS_SEED, sample_shape
     from tamis.runtime.warmup_sampling import cherry_pick, random_subset
 
@@ -79,8 +83,7 @@ def sample_rows(run: Any, sample: str) -> pl.DataFrame:
     p = ex.g.nodes[sample]["params"]
     n, clusters, per_cluster = sample_shape(ex.pool_size, p)
     if p["select"] == "random":
-        ids = _gather_all(run.ds.map_batches(_select, fn_kwargs={"cols": [POS, "id"]}, batch_format="pyarrow"),
-                          {POS: pl.Int64, "id": pl.String}).sort(POS)
+        ids = _gather(run.ds, [POS, "id"], alive=False).sort(POS)
         chosen = set(random_subset(ids["id"].to_list(), n, seed=p["seed"]))
         positions = ids.filter(pl.col("id").is_in(chosen))[POS]
         how = "ids"
@@ -88,14 +91,12 @@ def sample_rows(run: Any, sample: str) -> pl.DataFrame:
         positions, how = None, "nothing (a pool no larger than the clusters is taken whole)"
     else:
         measured = _cherry_measures(run, sample, p)
-        import numpy as np
-
         emb = np.asarray(measured[EMBEDDING].to_numpy(), dtype=np.float32)
         picked, _, _ = cherry_pick(emb, measured[PERPLEXITY].to_numpy(), clusters, per_cluster, CHERRY_KMEANS_SEED)
         positions, how = measured[POS][picked], "embeddings and perplexities"
     want = None if positions is None else pl.Series(POS, sorted(positions.to_list()), dtype=pl.Int64)
-    rows = _gather_all(run.ds.map_batches(_rows_at, fn_kwargs={"positions": want, "cols": [POS, *run.pool_columns]},
-                                          batch_format="pyarrow"), None).sort(POS)
+    rows = _gather(run.ds.map_batches(_rows_at, fn_kwargs={"positions": want}, batch_format="pyarrow"),
+                   [POS, *run.pool_columns], alive=False).sort(POS)
     ex.ray_stages.append({"stage": ex.g.nodes[sample]["label"], "kernel": f"{p['select']} sample", "rows": ex.pool_size,
                           "workers": "driver", "where": f"driver (positions and {how}; then the {rows.height} "
                                                         "sampled rows whole)"})
@@ -121,20 +122,18 @@ def _cherry_measures(run: Any, sample: str, p: dict) -> pl.DataFrame:
                             batch_format="pyarrow", batch_size=max(1, ex.cfg.chunk_rows),
                             compute=ray.data.ActorPoolStrategy(size=size), num_gpus=gpus,
                             **({"memory": memory} if memory else {}))
-    got = _gather_all(ds, None).sort(POS)
+    got = _measured(ds).sort(POS)
     ex.ray_stages.append({"stage": ex.g.nodes[sample]["label"], "kernel": "cherry embeddings", "rows": got.height,
                           "workers": f"{size} actor(s)", "gpus_per_actor": gpus, "where": "ray",
                           "model": recipe.describe()})
     return got
 
 
-def _gather_all(ds, schema: dict | None) -> pl.DataFrame:
-    """Every block of `ds` on the driver, as one frame (`schema` for an empty dataset)."""
+def _measured(ds) -> pl.DataFrame:
+    """The Cherry actors' blocks on the driver, as one frame (an empty batch's block, which has no embedding
+    column of a known width, left out)."""
     parts = [pl.from_arrow(b) for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")]
-    parts = [p for p in parts if p.height]
-    if not parts:
-        return pl.DataFrame(schema=schema or {})
-    return pl.concat(parts, how="vertical_relaxed")
+    return pl.concat([p for p in parts if p.height], how="vertical_relaxed")
 
 
 # --------------------------------------------------------------------------- on the workers
@@ -147,12 +146,8 @@ def _hash_batch(batch, cols: list[str]):
     return pl.DataFrame([frame[POS], row_hashes(frame, cols).alias(HASH)]).to_arrow()
 
 
-def _select(batch, cols: list[str]):
-    return batch_frame(batch).select(cols).to_arrow()
-
-
-def _rows_at(batch, positions: pl.Series | None, cols: list[str]):
-    frame = batch_frame(batch).select(cols)
+def _rows_at(batch, positions: pl.Series | None):
+    frame = batch_frame(batch)
     return (frame if positions is None else frame.filter(pl.col(POS).is_in(positions))).to_arrow()
 
 
